@@ -1,0 +1,134 @@
+"""Command line: ``ollama-proxy --config FILE`` (or ``python -m proxy``), --check, --demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import make_app
+from .config import Config, ConfigError, NodeConfig, load_config
+
+log = logging.getLogger("ollama_proxy")
+
+EXIT_INVALID_CONFIG = 2
+DEMO_NODES = 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        if args.listen:
+            host, port = _listen_override(args.listen)
+            config = dataclasses.replace(config, listen_host=host, listen_port=port)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{args.config}: {line}", file=sys.stderr)
+        sys.exit(EXIT_INVALID_CONFIG)
+    if args.check:
+        print(f"{args.config}: valid ({len(config.nodes)} nodes)")
+        return
+    _use_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, demo=args.demo))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ollama-proxy", description="Reverse proxy and load balancer for Ollama servers."
+    )
+    p.add_argument("--config", default="config.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit (0 or 2)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"serve {DEMO_NODES} simulated Ollama nodes instead of the config's nodes "
+        "(for trying the proxy without Ollama; never used unless asked for)",
+    )
+    p.add_argument("--listen", help="host:port to listen on, overriding the config")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _listen_override(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError([f"--listen: must be host:port, got {listen!r}"])
+    return host or "127.0.0.1", int(port)
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop  # optional extra
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: Config, *, demo: bool) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        if demo:
+            config = await _start_demo_fleet(config, stack)
+        runner = web.AppRunner(
+            make_app(config),
+            # Without this aiohttp notices a departed client only at its next write, so a
+            # non-streaming generation would keep its GPU busy to the end for nobody.
+            handler_cancellation=True,
+            access_log=None,
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)
+        await site.start()
+        log.info(
+            "listening on http://%s:%d, %d nodes: %s",
+            config.listen_host,
+            config.listen_port,
+            len(config.nodes),
+            ", ".join(f"{n.name}={n.url}" for n in config.nodes),
+        )
+        await _until_signalled()
+        log.info("stopping")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _start_demo_fleet(config: Config, stack: contextlib.AsyncExitStack) -> Config:
+    from .simnode import SimNode, SimSettings  # only the demo needs it
+
+    nodes = []
+    for i in range(DEMO_NODES):
+        sim = SimNode(
+            SimSettings(resident=["llama3.2:latest"], tokens=40, token_interval=0.05),
+            name=f"demo-{i + 1}",
+        )
+        url = await sim.start()
+        stack.push_async_callback(sim.stop)
+        nodes.append(NodeConfig(url=url, name=sim.name, max_concurrency=2, weight=1.0))
+    log.warning(
+        "DEMO MODE: %d simulated Ollama nodes, not real ones. Their answers are made-up text. "
+        "For real nodes, list them in the config and run without --demo.",
+        DEMO_NODES,
+    )
+    return dataclasses.replace(config, nodes=tuple(nodes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""config.yaml → frozen dataclasses.
+
+Pure: no I/O beyond reading the file, no side effects. Every problem is reported as one line
+that names its dotted path (``nodes[1].url: must start with http:// or https://``), and all of
+them are collected before failing, so an operator fixes a file in one pass. A file with any error
+yields no Config at all: nothing half-configured can start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """An invalid config; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    url: str  # scheme://host:port, no trailing slash
+    name: str
+    max_concurrency: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    interval: float
+    timeout: float
+    rise: int  # consecutive passes that bring a down node back
+    fall: int  # consecutive failures that take an up node out
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_size: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    connect_timeout: float
+    # Between two bytes from a node, not for the whole request: a model load can be silent
+    # for minutes and a long generation can last hours.
+    idle_timeout: float
+    max_attempts: int  # a request goes to at most this many nodes (retries = attempts - 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    nodes: tuple[NodeConfig, ...]
+    health_check: HealthCheckConfig
+    queue: QueueConfig
+    upstream: UpstreamConfig
+    max_body_size: int  # bytes; larger request bodies get 413
+
+
+DEFAULT_LISTEN = "0.0.0.0:11434"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError([f"(file): not valid YAML{line}: {problem}"]) from exc
+    return parse_config({} if data is None else data)
+
+
+def parse_config(data: object) -> Config:
+    """Validate already-parsed YAML; raise ConfigError listing every problem."""
+    r = _Reader()
+    top = r.mapping(data, "")
+    config = _read_config(r, top)
+    if r.errors:
+        raise ConfigError(r.errors)
+    return config
+
+
+def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
+    r.no_unknown_keys(
+        top, "", {"listen", "nodes", "health_check", "queue", "upstream", "max_body_size"}
+    )
+    host, port = _listen(r, top.get("listen", DEFAULT_LISTEN), "listen")
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        nodes=_nodes(r, top.get("nodes")),
+        health_check=_health_check(r, r.mapping(top.get("health_check", {}), "health_check")),
+        queue=_queue(r, r.mapping(top.get("queue", {}), "queue")),
+        upstream=_upstream(r, r.mapping(top.get("upstream", {}), "upstream")),
+        max_body_size=r.size(top.get("max_body_size", DEFAULT_MAX_BODY), "max_body_size"),
+    )
+
+
+def _listen(r: _Reader, value: object, path: str) -> tuple[str, int]:
+    text = r.string(value, path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        r.error(path, 'must be "host:port" with a port from 0 to 65535')
+        return "127.0.0.1", 0
+    return host.strip("[]") or "0.0.0.0", int(port_text)
+
+
+def _nodes(r: _Reader, value: object) -> tuple[NodeConfig, ...]:
+    if value is None:
+        r.error("nodes", "is required: a list of nodes, each with a url")
+        return ()
+    if not isinstance(value, list) or not value:
+        r.error("nodes", "must be a list of at least one node, each with a url")
+        return ()
+    nodes = tuple(_node(r, item, f"nodes[{i}]") for i, item in enumerate(value))
+    seen: dict[str, str] = {}
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            r.error(f"nodes[{i}].name", f"{node.name!r} is already used by {seen[node.name]}")
+        seen.setdefault(node.name, f"nodes[{i}]")
+    return nodes
+
+
+def _node(r: _Reader, value: object, path: str) -> NodeConfig:
+    raw = r.mapping(value, path)
+    r.no_unknown_keys(raw, path, {"url", "name", "max_concurrency", "weight"})
+    url = _node_url(r, raw.get("url"), f"{path}.url")
+    default_name = urlsplit(url).netloc or url
+    name = r.string(raw.get("name", default_name), f"{path}.name")
+    if not name:
+        r.error(f"{path}.name", "must not be empty")
+    return NodeConfig(
+        url=url,
+        name=name,
+        max_concurrency=r.integer(raw.get("max_concurrency", 1), f"{path}.max_concurrency", 1),
+        weight=r.number(raw.get("weight", 1.0), f"{path}.weight", minimum=0.001),
+    )
+
+
+def _node_url(r: _Reader, value: object, path: str) -> str:
+    if value is None:
+        r.error(path, "is required")
+        return ""
+    url = r.string(value, path).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        r.error(path, "must start with http:// or https://")
+    elif not parts.hostname:
+        r.error(path, "must name a host")
+    elif parts.query or parts.fragment:
+        r.error(path, "must not have a query or fragment")
+    else:
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            r.error(path, "has an invalid port")
+    return url
+
+
+def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:
+    p = "health_check"
+    r.no_unknown_keys(raw, p, {"interval", "timeout", "rise", "fall"})
+    return HealthCheckConfig(
+        interval=r.number(raw.get("interval", 5), f"{p}.interval", minimum=0.05),
+        timeout=r.number(raw.get("timeout", 2), f"{p}.timeout", minimum=0.01),
+        rise=r.integer(raw.get("rise", 2), f"{p}.rise", 1),
+        fall=r.integer(raw.get("fall", 3), f"{p}.fall", 1),
+    )
+
+
+def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
+    r.no_unknown_keys(raw, "queue", {"max_size", "timeout"})
+    return QueueConfig(
+        max_size=r.integer(raw.get("max_size", 512), "queue.max_size", 0),
+        timeout=r.number(raw.get("timeout", 300), "queue.timeout", minimum=0.001),
+    )
+
+
+def _upstream(r: _Reader, raw: dict[str, Any]) -> UpstreamConfig:
+    p = "upstream"
+    r.no_unknown_keys(raw, p, {"connect_timeout", "idle_timeout", "max_attempts"})
+    return UpstreamConfig(
+        connect_timeout=r.number(raw.get("connect_timeout", 5), f"{p}.connect_timeout", 0.01),
+        idle_timeout=r.number(raw.get("idle_timeout", 600), f"{p}.idle_timeout", 0.01),
+        max_attempts=r.integer(raw.get("max_attempts", 3), f"{p}.max_attempts", 1),
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_UNITS |= {"kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+class _Reader:
+    """Type checks that record ``path: problem`` and return a harmless stand-in."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, problem: str) -> None:
+        self.errors.append(f"{path or '(top level)'}: {problem}")
+
+    def mapping(self, value: object, path: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        self.error(path, "must be a mapping of keys to values")
+        return {}
+
+    def no_unknown_keys(self, raw: dict[str, Any], path: str, known: set[str]) -> None:
+        for key in raw:
+            if key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.error(where, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def string(self, value: object, path: str) -> str:
+        return self._typed(value, path, str, "must be a string", "")
+
+    def integer(self, value: object, path: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, "must be an integer")
+            return minimum
+        if value < minimum:
+            self.error(path, f"must be at least {minimum}")
+        return value
+
+    def number(self, value: object, path: str, minimum: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(path, "must be a number")
+            return minimum
+        if value < minimum:
+            self.error(path, f"must be at least {minimum:g}")
+        return float(value)
+
+    def size(self, value: object, path: str) -> int:
+        """Bytes, as an integer or a string such as "64MiB"."""
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if match is None or int(match[1]) <= 0:
+            self.error(path, 'must be a positive number of bytes, such as 67108864 or "64MiB"')
+            return 1
+        return int(match[1]) * _UNITS[(match[2] or "").lower()]
+
+    def _typed(self, value: object, path: str, kind: type[T], problem: str, stand_in: T) -> T:
+        if isinstance(value, kind):
+            return value
+        self.error(path, problem)
+        return stand_in
+
+
+__all__ = ["Config", "ConfigError", "HealthCheckConfig", "NodeConfig", "load_config"]

@@ -1,0 +1,87 @@
+"""The proxy's own failure types and the Ollama-shaped bodies clients see for them.
+
+The request path decides on these types, never on aiohttp's exception tree; ``upstream_error``
+is the one place where aiohttp's errors are translated.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """A failure answered by the proxy itself with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return error_response(self.status, self.message, headers=headers)
+
+
+class BadRequest(ProxyError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class BodyTooLarge(ProxyError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the proxy's limit of {limit} bytes")
+
+
+class Unavailable(ProxyError):
+    """503: no node can take the request now; the client may retry after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: int = 1, reason: str = "") -> None:
+        super().__init__(503, message, retry_after=retry_after)
+        self.reason = reason
+
+
+class UpstreamError(Exception):
+    """A node failed to answer; ``kind`` says how (for metrics, retries and logs)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind  # "connect" | "reset" | "timeout" | "broken"
+        self.detail = detail
+
+    @property
+    def may_retry(self) -> bool:
+        """Safe to send elsewhere: the node refused, or dropped the connection before it
+        answered (a stale keep-alive connection, a crash), so nothing reached the client and
+        the node is not generating for it. A timeout may mean the node is still working."""
+        return self.kind in ("connect", "reset")
+
+
+def upstream_error(exc: BaseException, *, before_response: bool) -> UpstreamError:
+    """The one translation of aiohttp/asyncio failures while talking to a node."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return UpstreamError("connect", str(exc) or "could not connect")
+    if isinstance(exc, TimeoutError):
+        return UpstreamError("timeout", str(exc) or "no bytes within the idle timeout")
+    if before_response and isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamError("reset", "connection closed before the node answered")
+    return UpstreamError("broken", str(exc) or type(exc).__name__)
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}, separators=(",", ":")).encode()
+
+
+def error_response(
+    status: int, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(message),
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
+    )

@@ -1,0 +1,216 @@
+"""Every metric the proxy exports, defined once.
+
+Updated once per request (never per streamed chunk). Gauges that mirror live state (in-flight,
+node up, queue depth) are read from the pool at scrape time instead of being kept in step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .errors import ProxyError, Unavailable
+
+if TYPE_CHECKING:
+    from .forward import Exchange
+    from .pool import Node, Pool
+
+# From 1 ms (a cached listing) to tens of minutes (a cold load of a large model, a long
+# generation); prometheus-client's defaults stop at 10 s.
+TTFB_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
+    160,
+    320,
+    640,
+    1280,
+    2560,
+)
+DURATION_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
+    160,
+    320,
+    640,
+    1280,
+    2560,
+    5120,
+    10240,
+)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+
+KNOWN_ENDPOINTS = frozenset(
+    {
+        "/",
+        "/api/version",
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+        "/api/tags",
+        "/api/ps",
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/copy",
+        "/api/delete",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/responses",
+        "/v1/messages",
+    }
+)
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label: known paths as they are, parameters folded, the rest "other"."""
+    if path in KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/api/blobs/"):
+        return "/api/blobs/:digest"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/:model"
+    return "other"
+
+
+class Metrics:
+    def __init__(self, pool: Pool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "ollama_proxy_requests",
+            "Requests answered, by node, endpoint and status code (499: the client left).",
+            ["node", "endpoint", "code"],
+            registry=r,
+        )
+        self.queue_rejected = Counter(
+            "ollama_proxy_queue_rejected",
+            "Requests answered 503 because the queue was full or the wait timed out.",
+            ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "ollama_proxy_retries",
+            "Requests sent again to another node before any byte reached the client.",
+            ["reason"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "ollama_proxy_client_disconnects",
+            "Requests whose client left before the end; the node's request was cancelled.",
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "ollama_proxy_upstream_errors",
+            "Failures talking to a node, by kind (connect, reset, timeout, broken, status_5xx).",
+            ["node", "kind"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "ollama_proxy_time_to_first_byte_seconds",
+            "From the request's arrival to the first body byte from the node.",
+            ["node"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "ollama_proxy_request_duration_seconds",
+            "From the request's arrival to its end.",
+            ["node"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "ollama_proxy_queue_wait_seconds",
+            "Time requests waited in the proxy for a slot.",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        r.register(_PoolCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def request_done(self, ex: Exchange, endpoint: str) -> None:
+        node = ex.node.name if ex.node is not None else ""
+        code = "499" if ex.client_gone else str(ex.status or 500)
+        self.requests.labels(node, endpoint, code).inc()
+        if ex.client_gone:
+            self.client_disconnects.inc()
+        if ex.first_byte is not None:
+            self.ttfb.labels(node).observe(ex.first_byte - ex.started)
+        self.duration.labels(node).observe(time.monotonic() - ex.started)
+
+    def proxy_error(self, exc: ProxyError) -> None:
+        if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
+            self.queue_rejected.labels(exc.reason).inc()
+
+    def upstream_error(self, node: Node, kind: str) -> None:
+        self.upstream_errors.labels(node.name, kind).inc()
+
+    def retry(self, reason: str) -> None:
+        self.retries.labels(reason).inc()
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
+
+
+class _PoolCollector(Collector):
+    """Live state, read from the pool when Prometheus scrapes."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "ollama_proxy_in_flight", "Requests holding a slot on the node now.", labels=["node"]
+        )
+        cap = GaugeMetricFamily(
+            "ollama_proxy_node_max_concurrency", "The node's max_concurrency.", labels=["node"]
+        )
+        up = GaugeMetricFamily(
+            "ollama_proxy_node_up",
+            "1 when the node is healthy and takes requests.",
+            labels=["node"],
+        )
+        for node in self.pool.nodes.values():
+            in_flight.add_metric([node.name], node.in_flight)
+            cap.add_metric([node.name], node.config.max_concurrency)
+            up.add_metric([node.name], 1 if node.up else 0)
+        depth = GaugeMetricFamily(
+            "ollama_proxy_queue_depth", "Requests waiting in the proxy for a slot."
+        )
+        depth.add_metric([], self.pool.queue_depth)
+        yield from (in_flight, cap, up, depth)

@@ -1,0 +1,110 @@
+"""Shared fixtures: simulated Ollama nodes and a proxy in front of them, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import POOL, make_app
+from proxy.config import Config, parse_config
+from proxy.pool import Pool
+from proxy.simnode import SimNode, SimRequest, SimSettings
+
+
+@dataclass
+class Proxy:
+    url: str
+    app: web.Application
+    server: TestServer
+
+    @property
+    def pool(self) -> Pool:
+        return self.app[POOL]
+
+    async def metrics_text(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            return await r.text()
+
+
+StartNodes = Callable[..., Awaitable[list[SimNode]]]
+StartProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def start_nodes() -> AsyncIterator[StartNodes]:
+    """``await start_nodes(n, **settings)``: n simulated nodes, stopped after the test."""
+    started: list[SimNode] = []
+
+    async def start(count: int = 1, **settings: Any) -> list[SimNode]:
+        nodes = []
+        for _ in range(count):
+            node = SimNode(SimSettings(**settings), name=f"sim{len(started)}")
+            await node.start()
+            started.append(node)
+            nodes.append(node)
+        return nodes
+
+    yield start
+    for node in started:
+        await node.stop()
+
+
+def proxy_config(nodes: list[SimNode], caps: list[int] | None = None, **top: Any) -> Config:
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "nodes": [
+            {"url": n.url, "name": n.name, "max_concurrency": (caps or [])[i] if caps else 4}
+            for i, n in enumerate(nodes)
+        ],
+        "health_check": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 2},
+    }
+    for key, value in top.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(data)
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """``await start_proxy(nodes, caps=[...], queue={...})``: a proxy in front of them.
+
+    After the test every slot must be back and the queue empty: a leak fails the test.
+    """
+    servers: list[tuple[TestServer, web.Application]] = []
+
+    async def start(nodes: list[SimNode], **kwargs: Any) -> Proxy:
+        app = make_app(proxy_config(nodes, **kwargs))
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append((server, app))
+        return Proxy(str(server.make_url("")).rstrip("/"), app, server)
+
+    yield start
+    for server, app in servers:
+        await wait_until(lambda app=app: pool_is_idle(app[POOL]), what="slots released")
+        await server.close()
+
+
+def generations(node: SimNode) -> list[SimRequest]:
+    """The requests a node saw, less the proxy's health checks."""
+    return [r for r in node.stats.requests if r.path != "/api/version"]
+
+
+def pool_is_idle(pool: Pool) -> bool:
+    return pool.queue_depth == 0 and all(n.in_flight == 0 for n in pool.nodes.values())
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
+    """For state with no event of its own (the proxy's counters); nodes have ``wait_for``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.005)

@@ -1,0 +1,163 @@
+"""A client that leaves, at any moment, stops the node's work at once and frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.simnode import SimNode
+
+from .conftest import StartNodes, StartProxy, generations, pool_is_idle, wait_until
+
+CANCEL_WITHIN = 0.2  # seconds from the client leaving to the node seeing it
+GENERATE = {"model": "llama3.2", "prompt": "tell me a long story"}
+
+
+async def leave_mid_stream(url: str, node: SimNode) -> None:
+    """Read two chunks, then close the connection as a client that has had enough."""
+    session = aiohttp.ClientSession()
+    try:
+        resp = await session.post(url + "/api/generate", json=GENERATE)
+        await resp.content.readline()
+        await resp.content.readline()
+        assert node.stats.cancelled == 0
+        resp.close()
+    finally:
+        await session.close()
+
+
+async def leave_while_waiting(url: str, body: dict[str, object], started: asyncio.Event) -> None:
+    """Send a request, then give up once ``started`` is set (the response not yet in)."""
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(session.post(url + "/api/generate", json=body))
+        await started.wait()
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+
+async def node_active(node: SimNode) -> asyncio.Event:
+    event = asyncio.Event()
+
+    async def watch() -> None:
+        await node.wait_for(lambda s: s.active >= 1)
+        event.set()
+
+    asyncio.get_running_loop().create_task(watch())
+    return event
+
+
+async def assert_cancelled_quickly(node: SimNode) -> None:
+    await node.wait_for(lambda s: s.cancelled == 1, timeout=CANCEL_WITHIN)
+    assert node.stats.completed == 0
+
+
+@pytest.fixture
+async def slow_node(start_nodes: StartNodes) -> SimNode:
+    (node,) = await start_nodes(1, tokens=200, token_interval=0.02)
+    return node
+
+
+async def test_leaving_mid_stream_cancels_the_node(
+    slow_node: SimNode, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([slow_node])
+    await leave_mid_stream(proxy.url, slow_node)
+    await assert_cancelled_quickly(slow_node)
+    await wait_until(lambda: pool_is_idle(proxy.pool))
+    assert "ollama_proxy_client_disconnects_total 1.0" in await proxy.metrics_text()
+
+
+async def test_leaving_a_non_streaming_request_cancels_the_node(
+    slow_node: SimNode, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([slow_node])
+    await leave_while_waiting(
+        proxy.url, {**GENERATE, "stream": False}, await node_active(slow_node)
+    )
+    await assert_cancelled_quickly(slow_node)
+    await wait_until(lambda: pool_is_idle(proxy.pool))
+
+
+async def test_leaving_during_a_cold_load_cancels_the_node(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, load_delay=5.0)  # headers come only after the load
+    proxy = await start_proxy([node])
+    await leave_while_waiting(proxy.url, GENERATE, await node_active(node))
+    await assert_cancelled_quickly(node)
+
+
+async def test_leaving_the_queue_frees_its_place(
+    slow_node: SimNode, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([slow_node], caps=[1])
+    async with aiohttp.ClientSession() as session:
+        holder = await session.post(proxy.url + "/api/generate", json=GENERATE)
+        queued = asyncio.Event()
+        waiter = asyncio.create_task(leave_while_waiting(proxy.url, GENERATE, queued))
+        await wait_until(lambda: proxy.pool.queue_depth == 1)
+        queued.set()
+        await waiter
+        await wait_until(lambda: proxy.pool.queue_depth == 0)
+        assert len(generations(slow_node)) == 1  # the node never saw the one that left
+        holder.close()
+    await assert_cancelled_quickly(slow_node)
+
+
+# -- the real entry point -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def proxy_process(slow_node: SimNode, tmp_path: Path) -> AsyncIterator[str]:
+    """``python -m proxy --config FILE``, as an operator runs it."""
+    config = tmp_path / "config.yaml"
+    port = free_port()
+    config.write_text(
+        yaml.safe_dump(
+            {"listen": f"127.0.0.1:{port}", "nodes": [{"url": slow_node.url, "name": "slow"}]}
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(20):
+        async for line in process.stderr:  # synchronise on the proxy saying it listens
+            if b"listening on" in line:
+                break
+    # Keep reading its log so that a full pipe never blocks the proxy.
+    drain = asyncio.create_task(process.stderr.read())
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+        await drain
+
+
+async def test_real_entry_point_cancels_streams(slow_node: SimNode, proxy_process: str) -> None:
+    await leave_mid_stream(proxy_process, slow_node)
+    await assert_cancelled_quickly(slow_node)
+
+
+async def test_real_entry_point_cancels_non_streaming(
+    slow_node: SimNode, proxy_process: str
+) -> None:
+    body = {**GENERATE, "stream": False}
+    await leave_while_waiting(proxy_process, body, await node_active(slow_node))
+    await assert_cancelled_quickly(slow_node)

@@ -1,0 +1,287 @@
+"""Bytes, headers and chunk timing pass through unchanged; bad input gets Ollama-shaped errors."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import ollama
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from .conftest import Proxy, StartNodes, StartProxy, generations
+
+GZIPPED = gzip.compress(b'{"models":[]}' * 100)
+
+
+class RawNode:
+    """An upstream that answers fixed bytes and headers and records what it received."""
+
+    def __init__(self) -> None:
+        self.seen_headers: list[dict[str, str]] = []
+        self.seen_bodies: list[bytes] = []
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.server = TestServer(app, host="127.0.0.1")
+        self.url = ""
+        self.name = "raw"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/api/version":  # the proxy's health check
+            return web.json_response({"version": "0.12.6"})
+        self.seen_headers.append(dict(request.headers))
+        self.seen_bodies.append(await request.read())
+        if request.path == "/gzip":
+            return web.Response(
+                body=GZIPPED,
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        response = web.StreamResponse(
+            status=207,
+            reason="Odd But Fine",
+            headers={
+                "Content-Type": "application/x-ndjson",
+                "X-End-To-End": "kept",
+                "Connection": "X-Hop-Reply",
+                "X-Hop-Reply": "dropped",
+                "Set-Cookie": "a=1",
+            },
+        )
+        await response.prepare(request)
+        for part in (b'{"a":1}\n', b'{"b":', b"2}\n", b"\x00\xff raw \r\n"):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def raw_node() -> AsyncIterator[RawNode]:
+    node = RawNode()
+    await node.server.start_server()
+    node.url = str(node.server.make_url("")).rstrip("/")
+    yield node
+    await node.server.close()
+
+
+async def test_bytes_status_and_headers_unchanged(
+    raw_node: RawNode, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([raw_node])  # type: ignore[list-item]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url + "/api/experimental/thing?x=1",
+            data=b"\x01 not json",
+            headers={
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "1",
+                "TE": "trailers",
+                "Proxy-Authorization": "secret",
+                "X-Client": "kept",
+                "Authorization": "Bearer abc",
+            },
+        ) as resp,
+    ):
+        body = await resp.read()
+        assert (resp.status, resp.reason) == (207, "Odd But Fine")
+        assert body == b'{"a":1}\n{"b":2}\n\x00\xff raw \r\n'
+        assert resp.headers["X-End-To-End"] == "kept"
+        assert resp.headers["Set-Cookie"] == "a=1"
+        assert "X-Hop-Reply" not in resp.headers
+    seen = raw_node.seen_headers[-1]
+    assert raw_node.seen_bodies[-1] == b"\x01 not json"
+    assert seen["X-Client"] == "kept" and seen["Authorization"] == "Bearer abc"
+    assert "X-Hop" not in seen and "TE" not in seen and "Proxy-Authorization" not in seen
+    assert seen["Host"] == raw_node.url.removeprefix("http://")
+
+
+async def test_compressed_body_is_not_decompressed(
+    raw_node: RawNode, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([raw_node])  # type: ignore[list-item]
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.get(proxy.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as resp,
+    ):
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert await resp.read() == GZIPPED
+    assert raw_node.seen_headers[-1]["Accept-Encoding"] == "gzip"
+
+
+async def test_root_answers_like_ollama(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(await start_nodes(1))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/") as resp:
+            assert await resp.text() == "Ollama is running"
+        async with session.head(proxy.url + "/") as resp:
+            assert resp.status == 200
+
+
+async def test_unknown_paths_pass_through(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/api/status") as resp:
+        assert resp.status == 404
+        assert await resp.text() == "404 page not found"
+    assert generations(node)[-1].path == "/api/status"
+
+
+async def test_chunks_arrive_at_the_node_cadence(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(await start_nodes(1, tokens=6, token_interval=0.1))
+    arrivals = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}) as r,
+    ):
+        async for line in r.content:
+            arrivals.append((time.monotonic(), json.loads(line)))
+    tokens = [t for t, chunk in arrivals if not chunk["done"]]
+    gaps = [b - a for a, b in itertools.pairwise(tokens)]
+    assert len(tokens) == 6
+    # Each chunk is passed on as it comes, not batched: about 100 ms apart, never together.
+    assert all(0.06 < gap < 0.3 for gap in gaps), gaps
+
+
+async def post_json(proxy: Proxy, path: str, data: bytes) -> tuple[int, dict[str, object]]:
+    body = io.BytesIO(data) if len(data) > 1024 * 1024 else data  # as aiohttp advises
+    async with aiohttp.ClientSession() as session, session.post(proxy.url + path, data=body) as r:
+        assert r.content_type == "application/json"
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/api/generate", b"{not json", 400, "invalid JSON in request body"),
+        ("/api/chat", b"", 400, "missing request body"),
+        ("/api/chat", b"[1, 2]", 400, "request body must be a JSON object"),
+        ("/api/generate", b'{"prompt": "hi"}', 400, "model is required"),
+        ("/v1/chat/completions", b'{"messages": []}', 400, "model is required"),
+        ("/api/embed", b'{"model": "", "input": "x"}', 400, "model is required"),
+    ],
+)
+async def test_bad_input_is_an_ollama_error(
+    start_nodes: StartNodes,
+    start_proxy: StartProxy,
+    path: str,
+    body: bytes,
+    status: int,
+    message: str,
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    got_status, got = await post_json(proxy, path, body)
+    assert got_status == status
+    assert list(got) == ["error"] and str(got["error"]).startswith(message)
+    assert all(r.path != path for r in node.stats.requests)
+
+
+async def test_body_over_limit_is_413(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node], max_body_size=4096)
+    big = json.dumps({"model": "llama3.2", "prompt": "x" * 5000}).encode()
+    status, got = await post_json(proxy, "/api/generate", big)
+    assert status == 413 and "larger than" in str(got["error"])
+    # Just under the limit passes; also when sent chunked, with no Content-Length.
+    small = json.dumps({"model": "llama3.2", "prompt": "x" * 3000, "stream": False}).encode()
+    assert (await post_json(proxy, "/api/generate", small))[0] == 200
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield big
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/api/generate", data=chunks()) as r,
+    ):
+        assert r.status == 413
+
+
+async def test_default_limit_takes_large_images(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    image = "A" * (20 * 1024 * 1024)  # 20 MiB of base64: far over aiohttp's 1 MiB default
+    body = json.dumps({"model": "llama3.2", "prompt": "x", "images": [image], "stream": False})
+    status, _ = await post_json(proxy, "/api/generate", body.encode())
+    assert status == 200
+    assert len(generations(node)[-1].body) == len(body)
+
+
+async def test_node_dying_mid_stream_cannot_look_complete(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, tokens=10, fault="die", fault_after_tokens=2)
+    proxy = await start_proxy([node])
+    lines = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for line in resp.content:
+                lines.append(json.loads(line))
+    assert [chunk.get("response") for chunk in lines[:2]] == ["tok0 ", "tok1 "]
+    assert "error" in lines[-1] and "sim0" in lines[-1]["error"]
+    client = ollama.AsyncClient(host=proxy.url)
+    try:
+        with pytest.raises(ollama.ResponseError, match="failed mid-response"):
+            async for _ in await client.generate("llama3.2", "x", stream=True):
+                pass
+    finally:
+        await client.close()
+
+
+async def test_node_stalling_mid_stream_times_out_as_an_error(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, tokens=10, fault="stall", fault_after_tokens=1)
+    proxy = await start_proxy([node], upstream={"idle_timeout": 0.3})
+    lines = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []}) as resp,
+    ):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for line in resp.content:
+                lines.append(json.loads(line))
+    assert "error" in lines[-1]
+    await node.wait_for(lambda s: s.cancelled == 1)  # the stalled request was closed
+
+
+async def test_sse_stream_broken_gets_an_sse_error_event(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, tokens=10, fault="die", fault_after_tokens=2)
+    proxy = await start_proxy([node])
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    received = b""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/v1/chat/completions", json=body) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+    last_event = received.strip().split(b"\n\n")[-1]
+    assert last_event.startswith(b"data: ") and b'"error"' in last_event
+    assert b"[DONE]" not in received
+
+
+async def test_node_unreachable_is_502_json(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    await node.refuse()
+    status, got = await post_json(proxy, "/api/generate", b'{"model":"llama3.2"}')
+    assert status == 502 and "sim0" in str(got["error"])
