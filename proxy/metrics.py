@@ -10,7 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,6 +25,9 @@ from .errors import ProxyError, Unavailable
 if TYPE_CHECKING:
     from .forward import Exchange
     from .pool import Node, Pool
+
+# The *_created series double the output and no dashboard here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # From 1 ms (a cached listing) to tens of minutes (a cold load of a large model, a long
 # generation); prometheus-client's defaults stop at 10 s.

@@ -285,3 +285,32 @@ async def test_node_unreachable_is_502_json(
     await node.refuse()
     status, got = await post_json(proxy, "/api/generate", b'{"model":"llama3.2"}')
     assert status == 502 and "sim0" in str(got["error"])
+
+
+async def test_head_passes_through(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        async with session.head(proxy.url + "/api/blobs/sha256:abc") as resp:
+            assert resp.status == 404
+        assert generations(node)[-1].method == "HEAD"
+
+
+async def test_blob_upload_is_streamed_to_the_node(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node], max_body_size=1024)  # blobs are not bound by it
+    blob = bytes(range(256)) * 4096  # 1 MiB, binary
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(blob), 65536):
+            yield blob[start : start + 65536]
+
+    url = proxy.url + "/api/blobs/sha256:" + "ab" * 32
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=pieces()) as resp:
+            assert resp.status == 201
+        async with session.head(url) as resp:
+            assert resp.status == 200
+    assert generations(node)[-2].body == blob

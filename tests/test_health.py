@@ -1,0 +1,146 @@
+"""Failing nodes: requests go elsewhere, node_up follows the thresholds, and nodes come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+
+from proxy.simnode import SimNode
+
+from .conftest import Proxy, StartNodes, StartProxy, generations
+
+GENERATE = {"model": "llama3.2", "prompt": "x"}
+
+
+async def generate_ok(session: aiohttp.ClientSession, url: str) -> bool:
+    async with session.post(url + "/api/generate", json=GENERATE) as resp:
+        if resp.status != 200:
+            return False
+        chunks = [json.loads(line) async for line in resp.content]
+        return chunks[-1].get("done") is True and "error" not in chunks[-1]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text, 0 when absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+async def node_up(proxy: Proxy, node: SimNode) -> float:
+    return metric(await proxy.metrics_text(), "ollama_proxy_node_up", node=node.name)
+
+
+async def wait_node_up(proxy: Proxy, node: SimNode, value: float) -> None:
+    async with asyncio.timeout(3):
+        while await node_up(proxy, node) != value:
+            await asyncio.sleep(0.02)  # the metric is scraped, as Prometheus would
+
+
+async def test_refusing_node_costs_no_request(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    good, bad = await start_nodes(2)
+    proxy = await start_proxy([good, bad])
+    await bad.refuse()  # the proxy still believes it is up
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(10)))
+    assert all(results)
+    text = await proxy.metrics_text()
+    assert metric(text, "ollama_proxy_retries_total", reason="connect") >= 1
+    assert metric(text, "ollama_proxy_upstream_errors_total", node=bad.name, kind="connect") >= 1
+    await wait_node_up(proxy, bad, 0)  # passive failures (fall=2) or the next active check
+    await bad.start()
+    await wait_node_up(proxy, bad, 1)
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(4)))
+    assert len(generations(bad)) >= 1  # back in rotation
+
+
+async def test_busy_node_is_retried_elsewhere(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    good, busy = await start_nodes(2)
+    busy.settings.fault = "busy"
+    proxy = await start_proxy([good, busy])
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(10)))
+    assert all(results)
+    assert busy.stats.busy_rejections >= 1
+    text = await proxy.metrics_text()
+    assert metric(text, "ollama_proxy_retries_total", reason="node_busy") == (
+        busy.stats.busy_rejections
+    )
+    assert await node_up(proxy, busy) == 1  # busy is load, not a fault
+
+
+async def test_only_node_busy_passes_its_503_through(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (busy,) = await start_nodes(1, fault="busy")
+    proxy = await start_proxy([busy])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"].startswith("server busy")
+
+
+async def test_node_killed_during_a_run(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    a, b = await start_nodes(2, tokens=4, token_interval=0.01)
+    proxy = await start_proxy([a, b])
+    async with aiohttp.ClientSession() as session:
+        assert all(await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(6))))
+        await a.stop()  # killed between requests: every later request must still succeed
+        after_kill = await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(12)))
+        assert all(after_kill)
+        await wait_node_up(proxy, a, 0)
+        await a.start()
+        await wait_node_up(proxy, a, 1)
+        a.reset_stats()
+        assert all(await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(6))))
+    assert len(generations(a)) >= 1
+
+
+async def test_failing_health_checks_take_a_node_out_and_back(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    a, b = await start_nodes(2)
+    proxy = await start_proxy([a, b])
+    a.settings.health_fail = True
+    await wait_node_up(proxy, a, 0)
+    a.reset_stats()
+    async with aiohttp.ClientSession() as session:
+        assert all(await asyncio.gather(*(generate_ok(session, proxy.url) for _ in range(6))))
+    assert generations(a) == []  # a down node gets no traffic
+    a.settings.health_fail = False
+    await wait_node_up(proxy, a, 1)
+
+
+async def test_passive_failures_never_empty_the_fleet(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, fault="error500")
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+                assert resp.status == 500  # the node's own error, passed through
+    assert await node_up(proxy, node) == 1
+
+
+async def test_read_timeout_is_not_retried(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    # The node got the request and may be generating: sending it elsewhere would double the work.
+    nodes = await start_nodes(2, first_token_delay=2.0)
+    proxy = await start_proxy(nodes, upstream={"idle_timeout": 0.2})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+            assert resp.status == 504
+            assert "did not answer in time" in (await resp.json())["error"]
+    assert sum(len(generations(n)) for n in nodes) == 1
+    await asyncio.gather(*(n.wait_for(lambda s: s.active == 0) for n in nodes))
