@@ -9,11 +9,12 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
-from .app import make_app
+from .app import RUNTIME, Runtime, make_app
 from .config import Config, ConfigError, NodeConfig, load_config
 
 log = logging.getLogger("ollama_proxy")
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     _use_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, demo=args.demo))
+        asyncio.run(_serve(config, Path(args.config), demo=args.demo))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,16 +77,20 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, *, demo: bool) -> None:
+async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if demo:
             config = await _start_demo_fleet(config, stack)
+            config_path = None  # the demo fleet is not in the file: never reload from it
+        app = make_app(config, config_path)
+        runtime = app[RUNTIME]
         runner = web.AppRunner(
-            make_app(config),
+            app,
             # Without this aiohttp notices a departed client only at its next write, so a
             # non-streaming generation would keep its GPU busy to the end for nobody.
             handler_cancellation=True,
-            access_log=None,
+            access_log=None,  # the proxy writes its own, with node, model and tokens
+            shutdown_timeout=1.0,  # the drain below is where requests get their time
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -98,16 +103,36 @@ async def _serve(config: Config, *, demo: bool) -> None:
             len(config.nodes),
             ", ".join(f"{n.name}={n.url}" for n in config.nodes),
         )
-        await _until_signalled()
-        log.info("stopping")
+        await _until_stop_signal(on_hangup=runtime.reload)
+        await _drain(runtime, runner)
 
 
-async def _until_signalled() -> None:
+async def _until_stop_signal(on_hangup: Callable[[], object]) -> None:
+    """Wait for SIGTERM or SIGINT; reload the config on each SIGHUP meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
+
+
+async def _drain(runtime: Runtime, runner: web.AppRunner) -> None:
+    """Fail readiness, stop accepting, let requests in flight finish (bounded), then go."""
+    runtime.shutting_down = True
+    bound = runtime.config.shutdown.drain_timeout
+    log.info("stopping: no new connections; waiting up to %gs for requests in flight", bound)
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # no new requests on kept-alive connections either
+    try:
+        await asyncio.wait_for(runtime.forwarder.idle.wait(), bound)
+    except TimeoutError:
+        log.warning(
+            "%d requests still running after %gs: closing them", runtime.forwarder.active, bound
+        )
+    log.info("stopped")
 
 
 async def _start_demo_fleet(config: Config, stack: contextlib.AsyncExitStack) -> Config:

@@ -1,77 +1,115 @@
-"""make_app(config): wires the pieces together, owns their lifetimes, and lists the routes."""
+"""make_app(config): the running proxy's pieces, their lifetimes, the routes, and reload."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from .config import Config
+from . import admin
+from .config import Config, ConfigError, load_config
 from .forward import Forwarder
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
+from .reload import watch_file
 
-POOL = web.AppKey("pool", Pool)
-HEALTH = web.AppKey("health", Health)
-METRICS = web.AppKey("metrics", Metrics)
-FORWARDER = web.AppKey("forwarder", Forwarder)
+log = logging.getLogger("ollama_proxy")
 
 OLLAMA_ROOT_TEXT = "Ollama is running"
 
 
-def make_app(config: Config) -> web.Application:
+class Runtime:
+    """The running proxy: its current config, live state, and the pieces that serve it."""
+
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.pool = Pool(config.nodes, config.queue)
+        self.metrics = Metrics(self.pool)
+        self.shutting_down = False
+        self._session = _upstream_session()
+        self.health = Health(self.pool, self._session, config.health_check)
+        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self._session, config)
+
+    def reload(self) -> list[str]:
+        """Read the config file again; apply it only if all of it is valid. Returns errors."""
+        if self.config_path is None:
+            return ["the proxy was not started from a config file"]
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("config reload rejected, old config still serving: %s", line)
+            self.metrics.config_reload("failure")
+            return exc.errors
+        self.apply(config)
+        self.metrics.config_reload("success")
+        log.info("config reloaded: %d nodes", len(config.nodes))
+        return []
+
+    def apply(self, config: Config) -> None:
+        if (config.listen_host, config.listen_port) != (
+            self.config.listen_host,
+            self.config.listen_port,
+        ):
+            log.warning("listen changed in the config: it takes effect at the next restart")
+        self.config = config
+        added = self.pool.reconfigure(config.nodes, config.queue)
+        self.health.configure(config.health_check)
+        self.forwarder.configure(config)
+        for node in added:  # they join once they pass a check: check them now
+            asyncio.get_running_loop().create_task(self.health.check(node))
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def make_app(config: Config, config_path: Path | None = None) -> web.Application:
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
-    # Bodies larger than aiohttp's 1 MiB default are normal here (images, long histories);
-    # the proxy answers 413 itself above max_body_size.
-    app = web.Application(client_max_size=config.max_body_size)
-    app[POOL] = pool = Pool(config.nodes, config.queue)
-    app[METRICS] = Metrics(pool)
-    app.cleanup_ctx.append(_lifetime(config))
+    # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
+    app = web.Application(client_max_size=2**62)
+    runtime = app[RUNTIME] = Runtime(config, config_path)
+    app.cleanup_ctx.append(_lifetime)
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/-/healthy", _healthy)
-    app.router.add_get("/-/ready", _ready)
-    app.router.add_route("*", "/{tail:.*}", _forward)
+    admin.add_routes(app.router, runtime)
+    app.router.add_route("*", "/{tail:.*}", runtime.forwarder.handle)
     return app
 
 
-def _lifetime(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        session = _upstream_session(config)
-        health = app[HEALTH] = Health(app[POOL], session, config.health_check)
-        app[FORWARDER] = Forwarder(
-            app[POOL],
-            health,
-            app[METRICS],
-            session,
-            max_attempts=config.upstream.max_attempts,
-            max_body_size=config.max_body_size,
-        )
-        await health.check_all()  # know who is up before the first request
-        checker = asyncio.create_task(health.run(), name="health-checks")
-        yield
-        checker.cancel()
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    await runtime.health.check_all()  # know who is up before the first request
+    tasks = [asyncio.create_task(runtime.health.run(), name="health-checks")]
+    if runtime.config_path is not None and runtime.config.reload.watch:
+        watcher = watch_file(runtime.config_path, lambda: runtime.config.reload.poll_interval)
+        tasks.append(asyncio.create_task(_reload_on_change(runtime, watcher), name="reload"))
+    yield
+    for task in tasks:
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await checker
-        await session.close()
-
-    return lifetime
+            await task
+    await runtime.aclose()
 
 
-def _upstream_session(config: Config) -> aiohttp.ClientSession:
-    timeouts = aiohttp.ClientTimeout(
-        total=None,  # generations last as long as they last; only silence is a failure
-        sock_connect=config.upstream.connect_timeout,
-        sock_read=config.upstream.idle_timeout,
-    )
+async def _reload_on_change(runtime: Runtime, changes: AsyncIterator[None]) -> None:
+    async for _ in changes:
+        runtime.reload()
+
+
+def _upstream_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # limit=0: no hidden connection queue; admission is the pool's job.
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-        timeout=timeouts,
         auto_decompress=False,  # bytes pass unchanged
         cookie_jar=aiohttp.DummyCookieJar(),  # never mix one client's cookies into another's
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -84,18 +122,8 @@ async def _root(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    body = request.app[RUNTIME].metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-async def _healthy(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _ready(request: web.Request) -> web.Response:
-    up = [n.name for n in request.app[POOL].nodes.values() if n.takes_new]
-    return web.json_response({"ready": bool(up), "nodes_up": up}, status=200 if up else 503)
-
-
-async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].handle(request)
+__all__ = ["RUNTIME", "Runtime", "make_app"]

@@ -9,6 +9,7 @@ yields no Config at all: nothing half-configured can start.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +60,30 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # When set, /-/ paths that change or reveal state (/-/nodes, /-/reload, drain) need
+    # "Authorization: Bearer <token>"; /-/healthy and /-/ready stay open for probes.
+    token: str
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_timeout: float  # seconds in-flight requests may run on after SIGTERM
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    enabled: bool
+    format: str  # "text" | "json"
+
+
+@dataclass(frozen=True)
+class ReloadConfig:
+    watch: bool  # reload when the file changes
+    poll_interval: float  # seconds between looks at the file
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -67,6 +92,10 @@ class Config:
     queue: QueueConfig
     upstream: UpstreamConfig
     max_body_size: int  # bytes; larger request bodies get 413
+    admin: AdminConfig
+    shutdown: ShutdownConfig
+    access_log: AccessLogConfig
+    reload: ReloadConfig
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -100,18 +129,18 @@ def parse_config(data: object) -> Config:
 
 
 def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
-    r.no_unknown_keys(
-        top, "", {"listen", "nodes", "health_check", "queue", "upstream", "max_body_size"}
-    )
+    r.no_unknown_keys(top, "", set(_SECTIONS) | {"listen", "nodes", "max_body_size"})
     host, port = _listen(r, top.get("listen", DEFAULT_LISTEN), "listen")
+    nodes = _nodes(r, top.get("nodes"))
+    section = {
+        name: read(r, r.mapping(top.get(name, {}), name)) for name, read in _SECTIONS.items()
+    }
     return Config(
         listen_host=host,
         listen_port=port,
-        nodes=_nodes(r, top.get("nodes")),
-        health_check=_health_check(r, r.mapping(top.get("health_check", {}), "health_check")),
-        queue=_queue(r, r.mapping(top.get("queue", {}), "queue")),
-        upstream=_upstream(r, r.mapping(top.get("upstream", {}), "upstream")),
+        nodes=nodes,
         max_body_size=r.size(top.get("max_body_size", DEFAULT_MAX_BODY), "max_body_size"),
+        **section,
     )
 
 
@@ -205,6 +234,46 @@ def _upstream(r: _Reader, raw: dict[str, Any]) -> UpstreamConfig:
     )
 
 
+def _admin(r: _Reader, raw: dict[str, Any]) -> AdminConfig:
+    r.no_unknown_keys(raw, "admin", {"token"})
+    return AdminConfig(token=r.string(raw.get("token", ""), "admin.token"))
+
+
+def _shutdown(r: _Reader, raw: dict[str, Any]) -> ShutdownConfig:
+    r.no_unknown_keys(raw, "shutdown", {"drain_timeout"})
+    timeout = r.number(raw.get("drain_timeout", 30), "shutdown.drain_timeout", minimum=0)
+    return ShutdownConfig(drain_timeout=timeout)
+
+
+def _access_log(r: _Reader, raw: dict[str, Any]) -> AccessLogConfig:
+    r.no_unknown_keys(raw, "access_log", {"enabled", "format"})
+    fmt = r.string(raw.get("format", "text"), "access_log.format")
+    if fmt not in ("text", "json"):
+        r.error("access_log.format", 'must be "text" or "json"')
+    return AccessLogConfig(
+        enabled=r.boolean(raw.get("enabled", True), "access_log.enabled"), format=fmt
+    )
+
+
+def _reload(r: _Reader, raw: dict[str, Any]) -> ReloadConfig:
+    r.no_unknown_keys(raw, "reload", {"watch", "poll_interval"})
+    return ReloadConfig(
+        watch=r.boolean(raw.get("watch", True), "reload.watch"),
+        poll_interval=r.number(raw.get("poll_interval", 1), "reload.poll_interval", 0.05),
+    )
+
+
+# Sections whose every key has a default: name → reader.
+_SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
+    "health_check": _health_check,
+    "queue": _queue,
+    "upstream": _upstream,
+    "admin": _admin,
+    "shutdown": _shutdown,
+    "access_log": _access_log,
+    "reload": _reload,
+}
+
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _UNITS |= {"kb": 1000, "mb": 1000**2, "gb": 1000**3}
@@ -233,6 +302,9 @@ class _Reader:
 
     def string(self, value: object, path: str) -> str:
         return self._typed(value, path, str, "must be a string", "")
+
+    def boolean(self, value: object, path: str) -> bool:
+        return self._typed(value, path, bool, "must be true or false", False)
 
     def integer(self, value: object, path: str, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -19,16 +19,22 @@ import asyncio
 import io
 import json
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from .accesslog import AccessLog
+from .config import Config
 from .errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError, upstream_error
 from .health import Health
 from .metrics import Metrics, endpoint_label
+from .models import normalize_model
 from .pool import Lease, Node, Pool
+from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
 
 # Inference: these take a slot on the node (a generation or an embedding on its GPU).
 INFERENCE_PATHS = frozenset(
@@ -53,6 +59,9 @@ MODEL_REQUIRED_PATHS = INFERENCE_PATHS | {"/api/show"}
 STREAMED_BODY_PREFIX = "/api/blobs/"
 
 LARGE_BODY = 1024 * 1024
+# Chunks kept for reading the final one; Ollama's final chunk may span several reads when a
+# generate answer carries a long "context".
+TAIL_CHUNKS = 16
 
 # RFC 9110 §7.6.1: meaningful for one connection only; never forwarded, in either direction.
 HOP_BY_HOP = frozenset(
@@ -86,8 +95,12 @@ class Exchange:
     status: int = 0
     attempts: int = 0
     client_gone: bool = False
+    request_id: str = ""
+    client: str = ""
     started: float = field(default_factory=time.monotonic)
+    queue_wait: float = 0.0
     first_byte: float | None = None
+    usage: Usage | None = None
 
 
 class Forwarder:
@@ -97,32 +110,54 @@ class Forwarder:
         health: Health,
         metrics: Metrics,
         session: aiohttp.ClientSession,
-        *,
-        max_attempts: int,
-        max_body_size: int,
+        config: Config,
     ) -> None:
         self.pool = pool
         self.health = health
         self.metrics = metrics
         self.session = session
-        self.max_attempts = max_attempts
-        self.max_body_size = max_body_size
+        self.active = 0  # requests being handled now, for a graceful stop
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take new settings (at start and on reload); requests under way keep theirs."""
+        self.max_attempts = config.upstream.max_attempts
+        self.max_body_size = config.max_body_size
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,  # generations last as long as they last; only silence is a failure
+            sock_connect=config.upstream.connect_timeout,
+            sock_read=config.upstream.idle_timeout,
+        )
+        self.access_log = AccessLog(config.access_log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        exchange = Exchange(request.method, request.path, body=None)
+        ex = Exchange(
+            request.method,
+            request.path,
+            body=None,
+            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16],
+            client=request.remote or "",
+        )
+        self.active += 1
+        self.idle.clear()
         try:
-            await self._read(request, exchange)
-            return await self._forward(request, exchange)
+            await self._read(request, ex)
+            return await self._forward(request, ex)
         except ProxyError as exc:
-            exchange.status = exc.status
+            ex.status = exc.status
             self.metrics.proxy_error(exc)
             return exc.response()
         except (asyncio.CancelledError, ConnectionError):
-            exchange.client_gone = True
-            exchange.status = 499
+            ex.client_gone = True  # not the node's fault: never counted against it
             raise
         finally:
-            self.metrics.request_done(exchange, endpoint_label(request.path))
+            self.metrics.request_done(ex, endpoint_label(request.path))
+            self.access_log.record(ex)
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
 
     # -- read -------------------------------------------------------------------------------
 
@@ -130,12 +165,7 @@ class Forwarder:
         """Buffer the body (bounded) and find its model; streamed uploads stay unread."""
         if request.path.startswith(STREAMED_BODY_PREFIX):
             return
-        if request.content_length is not None and request.content_length > self.max_body_size:
-            raise BodyTooLarge(self.max_body_size)
-        try:
-            ex.body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(self.max_body_size) from None
+        ex.body = await _read_bounded(request, self.max_body_size)
         payload = _json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
         ex.model = _model_of(payload)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
@@ -177,6 +207,7 @@ class Forwarder:
         )
         try:
             upstream = await self._send(request, ex, node)
+            ex.first_byte = time.monotonic()  # the node's status line and headers are in
         except UpstreamError as err:
             self.health.passive_failure(node, err.kind)
             self.metrics.upstream_error(node, err.kind)
@@ -198,6 +229,7 @@ class Forwarder:
         if ex.takes_slot:
             queued_at = time.monotonic()
             lease = await self.pool.acquire(exclude=tried)
+            ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
             return lease
         node = self.pool.any_node(exclude=tried)
@@ -217,6 +249,7 @@ class Forwarder:
                 headers=_request_headers(request),
                 data=data,
                 allow_redirects=False,
+                timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc, before_response=True) from None
@@ -227,32 +260,59 @@ class Forwarder:
         self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         """Pass the node's response through, each chunk as it arrives."""
+        node = ex.node
+        assert node is not None
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         _copy_end_to_end(upstream.headers, response.headers)
         ex.status = upstream.status
         await response.prepare(request)  # the commit point: no retry after this
-        reader = upstream.content
+        # References to the last chunks, for the token counts in the final one: no copies.
+        recent: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        read = upstream.content.readany
         while True:
-            try:
-                chunk = await reader.readany()
+            try:  # only the read: a failed write means the client left, not the node
+                chunk = await read()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 err = upstream_error(exc, before_response=False)
-                assert ex.node is not None
-                self.health.passive_failure(ex.node, err.kind)
-                self.metrics.upstream_error(ex.node, err.kind)
-                await _break_stream(request, response, upstream, ex.node, err)
+                self.health.passive_failure(node, err.kind)
+                self.metrics.upstream_error(node, err.kind)
+                await _break_stream(request, response, upstream, node, err)
                 return response
             if not chunk:
                 break
-            if ex.first_byte is None:
-                ex.first_byte = time.monotonic()
+            recent.append(chunk)
             await response.write(chunk)
-        if ex.node is not None and upstream.status < 500:
-            self.health.passive_success(ex.node)
-        elif ex.node is not None and upstream.status != 503:
-            self.health.passive_failure(ex.node, "status_5xx")
+        self._after_response(ex, node, upstream, recent)
         await response.write_eof()
         return response
+
+    def _after_response(
+        self, ex: Exchange, node: Node, upstream: aiohttp.ClientResponse, tail: deque[bytes]
+    ) -> None:
+        """Once per request, after the last byte: health evidence and token telemetry."""
+        if upstream.status >= 500 and upstream.status != 503:  # 503 is load, not a fault
+            self.health.passive_failure(node, "status_5xx")
+        else:
+            self.health.passive_success(node)
+        if upstream.status == 200 and ex.path in TELEMETRY_PATHS:
+            ex.usage = usage_from_tail(tail, upstream.content_type)
+            if ex.model is not None:
+                model = normalize_model(ex.model)
+                node.resident_models.add(model)  # it just served the model: it is loaded
+                if ex.usage is not None:
+                    node.record_usage(model, ex.usage)
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it passes ``limit`` (announced or sent chunked)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for piece in request.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    return bytes(body)
 
 
 def _json_object(body: bytes, *, strict: bool) -> dict[str, Any] | None:

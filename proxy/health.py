@@ -33,6 +33,9 @@ class Health:
             await asyncio.sleep(self.config.interval)
             await self.check_all()
 
+    def configure(self, config: HealthCheckConfig) -> None:
+        self.config = config  # the running loop reads it at its next turn
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(node) for node in list(self.pool.nodes.values())))
 
@@ -57,14 +60,14 @@ class Health:
         else:
             node.passes_in_row = 0
             node.failures_in_row += 1
-            node.last_error = reason
+            node.record_error(reason)
             if node.up and (first or node.failures_in_row >= self.config.fall):
                 self._set_up(node, False, reason)
 
     def passive_failure(self, node: Node, kind: str) -> None:
         node.passes_in_row = 0
         node.failures_in_row += 1
-        node.last_error = f"request failed: {kind}"
+        node.record_error(f"request failed: {kind}")
         others_up = any(n.up for n in self.pool.nodes.values() if n is not node)
         if node.up and others_up and node.failures_in_row >= self.config.fall:
             self._set_up(node, False, node.last_error)

@@ -21,6 +21,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import ProxyError, Unavailable
+from .models import normalize_model
+from .telemetry import Usage
 
 if TYPE_CHECKING:
     from .forward import Exchange
@@ -167,6 +169,33 @@ class Metrics:
             buckets=QUEUE_BUCKETS,
             registry=r,
         )
+        self.tokens = Counter(
+            "ollama_proxy_tokens",
+            "Tokens processed, from the nodes' final chunks: prompt "
+            "(prompt_eval_count) and completion (eval_count).",
+            ["node", "model", "type"],
+            registry=r,
+        )
+        self.generation_seconds = Counter(
+            "ollama_proxy_generation_seconds",
+            "Time nodes spent generating (eval_duration); "
+            "completion tokens / this = tokens per second.",
+            ["node", "model"],
+            registry=r,
+        )
+        self.model_load = Histogram(
+            "ollama_proxy_model_load_seconds",
+            "Model load time reported by the node (load_duration).",
+            ["node", "model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "ollama_proxy_config_reloads",
+            "Config reloads, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
 
     def render(self) -> bytes:
@@ -181,6 +210,19 @@ class Metrics:
         if ex.first_byte is not None:
             self.ttfb.labels(node).observe(ex.first_byte - ex.started)
         self.duration.labels(node).observe(time.monotonic() - ex.started)
+        if ex.usage is not None and ex.model is not None:
+            self._usage(node, normalize_model(ex.model), ex.usage)
+
+    def _usage(self, node: str, model: str, usage: Usage) -> None:
+        self.tokens.labels(node, model, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(node, model, "completion").inc(usage.completion_tokens)
+        if usage.eval_seconds > 0:
+            self.generation_seconds.labels(node, model).inc(usage.eval_seconds)
+        if usage.load_seconds is not None:
+            self.model_load.labels(node, model).observe(usage.load_seconds)
+
+    def config_reload(self, result: str) -> None:
+        self.config_reloads.labels(result).inc()
 
     def proxy_error(self, exc: ProxyError) -> None:
         if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
@@ -214,12 +256,20 @@ class _PoolCollector(Collector):
             "1 when the node is healthy and takes requests.",
             labels=["node"],
         )
-        for node in self.pool.nodes.values():
+        speed = GaugeMetricFamily(
+            "ollama_proxy_tokens_per_second",
+            "Generation speed per node and model: a moving "
+            "average of eval_count / eval_duration over recent answers.",
+            labels=["node", "model"],
+        )
+        for node in self.pool.all_nodes():
             in_flight.add_metric([node.name], node.in_flight)
             cap.add_metric([node.name], node.config.max_concurrency)
             up.add_metric([node.name], 1 if node.up else 0)
+            for model, value in node.tokens_per_second.items():
+                speed.add_metric([node.name, model], value)
         depth = GaugeMetricFamily(
             "ollama_proxy_queue_depth", "Requests waiting in the proxy for a slot."
         )
         depth.add_metric([], self.pool.queue_depth)
-        yield from (in_flight, cap, up, depth)
+        yield from (in_flight, cap, up, depth, speed)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import NodeConfig, QueueConfig
 from .errors import Unavailable
+from .telemetry import Usage
 
 Eligible = Callable[["Node"], bool]
+SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving average of tokens/s
 
 
 def _any_node(node: Node) -> bool:
@@ -36,7 +39,12 @@ class Node:
     checked: bool = False  # has had at least one active health check
     failures_in_row: int = 0  # consecutive failed checks or passive failures
     passes_in_row: int = 0  # consecutive passed checks
-    last_error: str = ""
+    recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=10))
+    # Per model, from the final chunks of its answers: generation speed (a moving average of
+    # tokens per second) and the last model load time.
+    tokens_per_second: dict[str, float] = field(default_factory=dict)
+    resident_models: set[str] = field(default_factory=set)  # loaded in its memory, we believe
+    load_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -57,6 +65,21 @@ class Node:
     @property
     def load(self) -> float:
         return self.in_flight / (self.config.max_concurrency * self.config.weight)
+
+    @property
+    def last_error(self) -> str:
+        return self.recent_errors[-1][1] if self.recent_errors else ""
+
+    def record_error(self, message: str) -> None:
+        self.recent_errors.append((time.time(), message))
+
+    def record_usage(self, model: str, usage: Usage) -> None:
+        speed = usage.tokens_per_second
+        if speed is not None:
+            previous = self.tokens_per_second.get(model, speed)
+            self.tokens_per_second[model] = previous + SPEED_SMOOTHING * (speed - previous)
+        if usage.load_seconds is not None:
+            self.load_seconds[model] = usage.load_seconds
 
 
 class Lease:
@@ -93,6 +116,8 @@ class _Waiter:
 class Pool:
     def __init__(self, nodes: Iterable[NodeConfig], queue: QueueConfig) -> None:
         self.nodes: dict[str, Node] = {n.name: Node(n) for n in nodes}
+        # Removed by a reload but still finishing requests: no new ones, still in metrics.
+        self.retiring: list[Node] = []
         self.queue_config = queue
         self._waiters: deque[_Waiter] = deque()
         self._turn = itertools.count()  # rotates among equally loaded nodes
@@ -190,7 +215,39 @@ class Pool:
 
     def _give_back(self, node: Node) -> None:
         node.in_flight -= 1
+        if node.removed and node.in_flight == 0 and node in self.retiring:
+            self.retiring.remove(node)
         self._dispatch()
+
+    def all_nodes(self) -> list[Node]:
+        return [*self.nodes.values(), *self.retiring]
+
+    def reconfigure(self, configs: Iterable[NodeConfig], queue: QueueConfig) -> list[Node]:
+        """Swap in a new node list; return the added nodes (down until their first check).
+
+        A node that stays (same name and URL) keeps its health and in-flight count and takes
+        its new cap at once. A removed node takes nothing new and retires when its last
+        request ends.
+        """
+        self.queue_config = queue
+        kept: dict[str, Node] = {}
+        added: list[Node] = []
+        for config in configs:
+            node = self.nodes.get(config.name)
+            if node is not None and node.url == config.url:
+                node.config = config
+            else:
+                node = Node(config, up=False)
+                added.append(node)
+            kept[config.name] = node
+        for node in self.nodes.values():
+            if kept.get(node.name) is not node:
+                node.removed = True
+                if node.in_flight:
+                    self.retiring.append(node)
+        self.nodes = kept
+        self._dispatch()
+        return added
 
     def changed(self) -> None:
         """Call after health, drain or config changes: waiters may now be served or failed."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,8 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import POOL, make_app
-from proxy.config import Config, parse_config
+from proxy.app import RUNTIME, Runtime, make_app
+from proxy.config import Config, load_config, parse_config
 from proxy.pool import Pool
 from proxy.simnode import SimNode, SimRequest, SimSettings
 
@@ -26,8 +30,12 @@ class Proxy:
     server: TestServer
 
     @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
+
+    @property
     def pool(self) -> Pool:
-        return self.app[POOL]
+        return self.runtime.pool
 
     async def metrics_text(self) -> str:
         async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
@@ -58,6 +66,13 @@ async def start_nodes() -> AsyncIterator[StartNodes]:
 
 
 def proxy_config(nodes: list[SimNode], caps: list[int] | None = None, **top: Any) -> Config:
+    return parse_config(proxy_config_data(nodes, caps, **top))
+
+
+def proxy_config_data(
+    nodes: list[SimNode], caps: list[int] | None = None, **top: Any
+) -> dict[str, Any]:
+    """A config for tests: fast health checks; ``top`` keys override or extend sections."""
     data: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "nodes": [
@@ -68,7 +83,7 @@ def proxy_config(nodes: list[SimNode], caps: list[int] | None = None, **top: Any
     }
     for key, value in top.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_config(data)
+    return data
 
 
 @pytest.fixture
@@ -79,8 +94,10 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     """
     servers: list[tuple[TestServer, web.Application]] = []
 
-    async def start(nodes: list[SimNode], **kwargs: Any) -> Proxy:
-        app = make_app(proxy_config(nodes, **kwargs))
+    async def start(nodes: list[SimNode], config_path: Path | None = None, **kwargs: Any) -> Proxy:
+        """From ``config_path`` when given (reloads watch it), else from the arguments."""
+        config = load_config(config_path) if config_path else proxy_config(nodes, **kwargs)
+        app = make_app(config, config_path)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         servers.append((server, app))
@@ -88,7 +105,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
     yield start
     for server, app in servers:
-        await wait_until(lambda app=app: pool_is_idle(app[POOL]), what="slots released")
+        await wait_until(lambda app=app: pool_is_idle(app[RUNTIME].pool), what="slots released")
         await server.close()
 
 
@@ -108,3 +125,35 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 3.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def proxy_subprocess(
+    config: Path,
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """``python -m proxy --config FILE`` on a free port; yields (url, process)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "--config", str(config)),
+        *("--listen", f"127.0.0.1:{port}"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(20):
+        async for line in process.stderr:  # synchronise on the proxy saying it listens
+            if b"listening on" in line:
+                break
+    drain = asyncio.create_task(process.stderr.read())  # a full pipe would block the proxy
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+        await drain

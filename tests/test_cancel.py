@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +13,14 @@ import yaml
 
 from proxy.simnode import SimNode
 
-from .conftest import StartNodes, StartProxy, generations, pool_is_idle, wait_until
+from .conftest import (
+    StartNodes,
+    StartProxy,
+    generations,
+    pool_is_idle,
+    proxy_subprocess,
+    wait_until,
+)
 
 CANCEL_WITHIN = 0.2  # seconds from the client leaving to the node seeing it
 GENERATE = {"model": "llama3.2", "prompt": "tell me a long story"}
@@ -116,38 +121,13 @@ async def test_leaving_the_queue_frees_its_place(
 # -- the real entry point -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def proxy_process(slow_node: SimNode, tmp_path: Path) -> AsyncIterator[str]:
     """``python -m proxy --config FILE``, as an operator runs it."""
     config = tmp_path / "config.yaml"
-    port = free_port()
-    config.write_text(
-        yaml.safe_dump(
-            {"listen": f"127.0.0.1:{port}", "nodes": [{"url": slow_node.url, "name": "slow"}]}
-        )
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    async with asyncio.timeout(20):
-        async for line in process.stderr:  # synchronise on the proxy saying it listens
-            if b"listening on" in line:
-                break
-    # Keep reading its log so that a full pipe never blocks the proxy.
-    drain = asyncio.create_task(process.stderr.read())
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 10)
-        await drain
+    config.write_text(yaml.safe_dump({"nodes": [{"url": slow_node.url, "name": "slow"}]}))
+    async with proxy_subprocess(config) as (url, _):
+        yield url
 
 
 async def test_real_entry_point_cancels_streams(slow_node: SimNode, proxy_process: str) -> None:

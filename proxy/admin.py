@@ -1,0 +1,109 @@
+"""Admin paths under /-/ (never under /api or /v1): probes, node state, reload, drain."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .errors import error_response
+from .pool import Node
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+Handler = Any
+
+
+def add_routes(router: web.UrlDispatcher, runtime: Runtime) -> None:
+    admin = _Admin(runtime)
+    router.add_get("/-/healthy", admin.healthy)
+    router.add_get("/-/ready", admin.ready)
+    router.add_get("/-/nodes", admin.guarded(admin.nodes))
+    router.add_post("/-/reload", admin.guarded(admin.reload))
+    router.add_post("/-/nodes/{name}/drain", admin.guarded(admin.drain))
+    router.add_post("/-/nodes/{name}/ready", admin.guarded(admin.undrain))
+    router.add_route("*", "/-/{tail:.*}", admin.not_found)
+
+
+class _Admin:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def guarded(self, handler: Handler) -> Handler:
+        """Require the admin token, when the config sets one."""
+
+        async def check(request: web.Request) -> web.StreamResponse:
+            token = self.runtime.config.admin.token
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if token and not hmac.compare_digest(given.encode(), token.encode()):
+                return error_response(401, "admin token missing or wrong")
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        return check
+
+    async def healthy(self, request: web.Request) -> web.Response:
+        """The process is alive and serving HTTP (liveness)."""
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Send traffic here: not shutting down and at least one node up (readiness)."""
+        up = [n.name for n in self.runtime.pool.nodes.values() if n.takes_new]
+        ready = bool(up) and not self.runtime.shutting_down
+        body = {"ready": ready, "shutting_down": self.runtime.shutting_down, "nodes_up": up}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        pool = self.runtime.pool
+        return web.json_response(
+            {"queue_depth": pool.queue_depth, "nodes": [node_state(n) for n in pool.all_nodes()]}
+        )
+
+    async def reload(self, request: web.Request) -> web.Response:
+        errors = self.runtime.reload()
+        if errors:
+            return web.json_response(
+                {"error": "config rejected; the old config keeps serving", "errors": errors},
+                status=400,
+            )
+        return web.json_response({"status": "reloaded", "nodes": len(self.runtime.pool.nodes)})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return self._set_draining(request, True)
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        return self._set_draining(request, False)
+
+    def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
+        node = self.runtime.pool.nodes.get(request.match_info["name"])
+        if node is None:
+            return error_response(404, f"no node named {request.match_info['name']!r}")
+        node.draining = draining
+        self.runtime.pool.changed()
+        return web.json_response(node_state(node))
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error_response(404, f"no admin path {request.path}")
+
+
+def node_state(node: Node) -> dict[str, Any]:
+    state = "removed" if node.removed else "draining" if node.draining else "ready"
+    return {
+        "name": node.name,
+        "url": node.url,
+        "up": node.up,
+        "state": state,
+        "in_flight": node.in_flight,
+        "max_concurrency": node.config.max_concurrency,
+        "weight": node.config.weight,
+        "resident_models": sorted(node.resident_models),
+        "tokens_per_second": {m: round(v, 2) for m, v in node.tokens_per_second.items()},
+        "load_seconds": {m: round(v, 3) for m, v in node.load_seconds.items()},
+        "recent_errors": [
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)), "error": message}
+            for t, message in node.recent_errors
+        ],
+    }

@@ -1,0 +1,98 @@
+"""Token counts and speeds, read from the end of a response after it has passed through.
+
+Ollama's final chunk (``"done": true``) carries ``prompt_eval_count``, ``eval_count``,
+``eval_duration`` and ``load_duration``; a non-streaming answer carries them in its body, and an
+OpenAI-style answer has ``usage``. The relay keeps references to the last few chunks it wrote
+(no copy, no parsing per chunk); this module parses once, when the response has ended.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Paths whose answers carry token counts.
+TELEMETRY_PATHS = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
+NS = 1e-9
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    eval_seconds: float  # time spent generating completion_tokens; 0 when unknown
+    load_seconds: float | None  # model load time, when the node reported one
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.eval_seconds <= 0 or self.completion_tokens <= 0:
+            return None
+        return self.completion_tokens / self.eval_seconds
+
+
+def usage_from_tail(chunks: Iterable[bytes], content_type: str) -> Usage | None:
+    """The usage in the last JSON object of a response that has one, given its last chunks."""
+    tail = b"".join(chunks)
+    if content_type == "text/event-stream":
+        objects = _sse_objects_last_first(tail)
+    else:  # NDJSON's final line, or a whole JSON body
+        stripped = tail.rstrip()
+        objects = [_object(stripped[stripped.rfind(b"\n") + 1 :])]
+    for obj in objects:
+        usage = obj and (_from_ollama(obj) or _from_openai(obj))
+        if usage:
+            return usage
+    return None
+
+
+def _sse_objects_last_first(tail: bytes) -> list[dict[str, Any] | None]:
+    events = (event.strip().removeprefix(b"data:").strip() for event in tail.split(b"\n\n"))
+    return [_object(data) for data in reversed(list(events)) if data.startswith(b"{")]
+
+
+def _from_ollama(obj: dict[str, Any]) -> Usage | None:
+    if "prompt_eval_count" not in obj and "eval_count" not in obj:
+        return None
+    load = obj.get("load_duration")
+    return Usage(
+        prompt_tokens=_int(obj.get("prompt_eval_count")),
+        completion_tokens=_int(obj.get("eval_count")),
+        eval_seconds=_int(obj.get("eval_duration")) * NS,
+        load_seconds=_int(load) * NS if load is not None else None,
+    )
+
+
+def _from_openai(obj: dict[str, Any]) -> Usage | None:
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        completion_tokens=_int(usage.get("completion_tokens")),
+        eval_seconds=0.0,
+        load_seconds=None,
+    )
+
+
+def _object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
