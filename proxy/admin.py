@@ -99,7 +99,9 @@ def node_state(node: Node) -> dict[str, Any]:
         "in_flight": node.in_flight,
         "max_concurrency": node.config.max_concurrency,
         "weight": node.config.weight,
-        "resident_models": sorted(node.resident_models),
+        "models": sorted(node.models) if node.models is not None else None,
+        "resident_models": node.resident_models(),
+        "version": node.version,
         "tokens_per_second": {m: round(v, 2) for m, v in node.tokens_per_second.items()},
         "load_seconds": {m: round(v, 3) for m, v in node.load_seconds.items()},
         "recent_errors": [

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import admin
 from .config import Config, ConfigError, load_config
+from .fleet import Fleet
 from .forward import Forwarder
 from .health import Health
 from .metrics import Metrics
@@ -34,8 +35,11 @@ class Runtime:
         self.metrics = Metrics(self.pool)
         self.shutting_down = False
         self._session = _upstream_session()
-        self.health = Health(self.pool, self._session, config.health_check)
-        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self._session, config)
+        self.fleet = Fleet(self.pool, self._session, config)
+        self.health = Health(self.pool, self._session, config.health_check, self.fleet)
+        self.forwarder = Forwarder(
+            self.pool, self.health, self.metrics, self.fleet, self._session, config
+        )
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
@@ -62,11 +66,13 @@ class Runtime:
         self.config = config
         added = self.pool.reconfigure(config.nodes, config.queue)
         self.health.configure(config.health_check)
+        self.fleet.configure(config)
         self.forwarder.configure(config)
         for node in added:  # they join once they pass a check: check them now
             asyncio.get_running_loop().create_task(self.health.check(node))
 
     async def aclose(self) -> None:
+        await self.fleet.aclose()
         await self._session.close()
 
 
@@ -82,14 +88,19 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)
+    runtime.fleet.add_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", runtime.forwarder.handle)
     return app
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
-    await runtime.health.check_all()  # know who is up before the first request
-    tasks = [asyncio.create_task(runtime.health.run(), name="health-checks")]
+    await runtime.health.check_all()  # know who is up, and what they hold, before serving
+    await runtime.fleet.refresh_all()
+    tasks = [
+        asyncio.create_task(runtime.health.run(), name="health-checks"),
+        asyncio.create_task(runtime.fleet.run(), name="discovery"),
+    ]
     if runtime.config_path is not None and runtime.config.reload.watch:
         watcher = watch_file(runtime.config_path, lambda: runtime.config.reload.poll_interval)
         tasks.append(asyncio.create_task(_reload_on_change(runtime, watcher), name="reload"))
@@ -110,6 +121,7 @@ def _upstream_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # limit=0: no hidden connection queue; admission is the pool's job.
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(total=None),  # every call sets its own
         auto_decompress=False,  # bytes pass unchanged
         cookie_jar=aiohttp.DummyCookieJar(),  # never mix one client's cookies into another's
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),

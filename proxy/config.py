@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from .models import normalize_model
 
 T = TypeVar("T")
 
@@ -34,6 +36,9 @@ class NodeConfig:
     name: str
     max_concurrency: int
     weight: float
+    # Caps for single models on this node, tighter than max_concurrency (Ollama runs an
+    # embedding model one request at a time). Keys are normalised model names.
+    model_concurrency: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,19 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    # Seconds a request waits for a node that has its model loaded before it also takes a
+    # node that must load it first (a cold load costs seconds to minutes of GPU time).
+    spill_after: float
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    interval: float  # seconds between refreshes of each node's /api/tags and /api/ps
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -96,6 +114,10 @@ class Config:
     shutdown: ShutdownConfig
     access_log: AccessLogConfig
     reload: ReloadConfig
+    routing: RoutingConfig
+    discovery: DiscoveryConfig
+    # Model → names of the nodes an /api/pull of it goes to; others go to every healthy node.
+    placement: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -129,7 +151,7 @@ def parse_config(data: object) -> Config:
 
 
 def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
-    r.no_unknown_keys(top, "", set(_SECTIONS) | {"listen", "nodes", "max_body_size"})
+    r.no_unknown_keys(top, "", set(_SECTIONS) | {"listen", "nodes", "max_body_size", "placement"})
     host, port = _listen(r, top.get("listen", DEFAULT_LISTEN), "listen")
     nodes = _nodes(r, top.get("nodes"))
     section = {
@@ -140,6 +162,7 @@ def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
         listen_port=port,
         nodes=nodes,
         max_body_size=r.size(top.get("max_body_size", DEFAULT_MAX_BODY), "max_body_size"),
+        placement=_placement(r, top.get("placement", {}), {n.name for n in nodes}),
         **section,
     )
 
@@ -171,7 +194,7 @@ def _nodes(r: _Reader, value: object) -> tuple[NodeConfig, ...]:
 
 def _node(r: _Reader, value: object, path: str) -> NodeConfig:
     raw = r.mapping(value, path)
-    r.no_unknown_keys(raw, path, {"url", "name", "max_concurrency", "weight"})
+    r.no_unknown_keys(raw, path, {"url", "name", "max_concurrency", "weight", "model_concurrency"})
     url = _node_url(r, raw.get("url"), f"{path}.url")
     default_name = urlsplit(url).netloc or url
     name = r.string(raw.get("name", default_name), f"{path}.name")
@@ -182,7 +205,30 @@ def _node(r: _Reader, value: object, path: str) -> NodeConfig:
         name=name,
         max_concurrency=r.integer(raw.get("max_concurrency", 1), f"{path}.max_concurrency", 1),
         weight=r.number(raw.get("weight", 1.0), f"{path}.weight", minimum=0.001),
+        model_concurrency=_model_caps(r, raw.get("model_concurrency", {}), path),
     )
+
+
+def _model_caps(r: _Reader, value: object, node_path: str) -> dict[str, int]:
+    path = f"{node_path}.model_concurrency"
+    caps = {}
+    for model, cap in r.mapping(value, path).items():
+        caps[normalize_model(str(model))] = r.integer(cap, f"{path}.{model}", 1)
+    return caps
+
+
+def _placement(r: _Reader, value: object, node_names: set[str]) -> dict[str, tuple[str, ...]]:
+    placement = {}
+    for model, names in r.mapping(value, "placement").items():
+        path = f"placement.{model}"
+        if not isinstance(names, list) or not names:
+            r.error(path, "must be a list of node names")
+            continue
+        for i, name in enumerate(names):
+            if name not in node_names:
+                r.error(f"{path}[{i}]", f"no node is named {name!r}")
+        placement[normalize_model(str(model))] = tuple(str(n) for n in names)
+    return placement
 
 
 def _node_url(r: _Reader, value: object, path: str) -> str:
@@ -263,6 +309,19 @@ def _reload(r: _Reader, raw: dict[str, Any]) -> ReloadConfig:
     )
 
 
+def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
+    r.no_unknown_keys(raw, "routing", {"spill_after"})
+    return RoutingConfig(spill_after=r.number(raw.get("spill_after", 10), "routing.spill_after", 0))
+
+
+def _discovery(r: _Reader, raw: dict[str, Any]) -> DiscoveryConfig:
+    r.no_unknown_keys(raw, "discovery", {"interval", "timeout"})
+    return DiscoveryConfig(
+        interval=r.number(raw.get("interval", 15), "discovery.interval", minimum=0.05),
+        timeout=r.number(raw.get("timeout", 5), "discovery.timeout", minimum=0.01),
+    )
+
+
 # Sections whose every key has a default: name → reader.
 _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "health_check": _health_check,
@@ -272,6 +331,8 @@ _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "shutdown": _shutdown,
     "access_log": _access_log,
     "reload": _reload,
+    "routing": _routing,
+    "discovery": _discovery,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)

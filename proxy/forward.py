@@ -29,11 +29,20 @@ from aiohttp import web
 
 from .accesslog import AccessLog
 from .config import Config
-from .errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError, upstream_error
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    ProxyError,
+    Unavailable,
+    UpstreamError,
+    upstream_error,
+)
+from .fleet import Fleet
 from .health import Health
 from .metrics import Metrics, endpoint_label
 from .models import normalize_model
 from .pool import Lease, Node, Pool
+from .routing import nodes_with, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
 
 # Inference: these take a slot on the node (a generation or an embedding on its GPU).
@@ -50,11 +59,11 @@ INFERENCE_PATHS = frozenset(
         "/v1/messages",
     }
 )
-# Bound to one model but cheap or long-running management: they take no slot.
-MODEL_MANAGEMENT_PATHS = frozenset(
-    {"/api/show", "/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"}
-)
-MODEL_REQUIRED_PATHS = INFERENCE_PATHS | {"/api/show"}
+# Answered by one node that has the model, taking no slot. (Pull, create, copy, delete and
+# blobs fan out to the whole fleet: fleet.py.)
+MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
+MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS
+OPENAI_MODEL_PREFIX = "/v1/models/"
 # Large uploads (model files): streamed to the node, never buffered, never retried.
 STREAMED_BODY_PREFIX = "/api/blobs/"
 
@@ -89,8 +98,10 @@ class Exchange:
     method: str
     path: str
     body: bytes | None  # None when the body is streamed
-    model: str | None = None
+    model: str | None = None  # as the client named it
+    model_key: str | None = None  # normalised, when the request must go to a node that has it
     takes_slot: bool = False
+    cold: bool = False  # sent to a node that did not hold the model in memory
     node: Node | None = None
     status: int = 0
     attempts: int = 0
@@ -109,10 +120,12 @@ class Forwarder:
         pool: Pool,
         health: Health,
         metrics: Metrics,
+        fleet: Fleet,
         session: aiohttp.ClientSession,
         config: Config,
     ) -> None:
         self.pool = pool
+        self.fleet = fleet
         self.health = health
         self.metrics = metrics
         self.session = session
@@ -124,6 +137,7 @@ class Forwarder:
     def configure(self, config: Config) -> None:
         """Take new settings (at start and on reload); requests under way keep theirs."""
         self.max_attempts = config.upstream.max_attempts
+        self.spill_after = config.routing.spill_after
         self.max_body_size = config.max_body_size
         self.timeout = aiohttp.ClientTimeout(
             total=None,  # generations last as long as they last; only silence is a failure
@@ -168,14 +182,23 @@ class Forwarder:
         ex.body = await _read_bounded(request, self.max_body_size)
         payload = _json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
         ex.model = _model_of(payload)
+        if request.path.startswith(OPENAI_MODEL_PREFIX):
+            ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
             raise BadRequest("model is required")
+        # Inference, including future POST paths that name a model (a new Ollama endpoint
+        # must not slip past the caps).
         ex.takes_slot = request.path in INFERENCE_PATHS or (
             ex.model is not None
             and request.method == "POST"
-            and request.path not in MODEL_MANAGEMENT_PATHS
-            and not request.path.startswith("/api/")
+            and request.path not in MODEL_INFO_PATHS
         )
+        if ex.model is not None and (
+            ex.takes_slot
+            or request.path in MODEL_INFO_PATHS
+            or request.path.startswith(OPENAI_MODEL_PREFIX)
+        ):
+            ex.model_key = normalize_model(ex.model)
 
     # -- admit and attempt ------------------------------------------------------------------
 
@@ -200,10 +223,11 @@ class Forwarder:
         """The node's response headers, or None when the request should go to another node."""
         ex.node = node
         ex.attempts += 1
+        others = want_for(self.pool, ex.model_key, spill_after=0, exclude=[*tried, node])
         may_retry = (
             ex.body is not None  # a streamed body cannot be sent twice
             and ex.attempts < self.max_attempts
-            and bool(self.pool.candidates(exclude=[*tried, node]))
+            and bool(self.pool.candidates(others))
         )
         try:
             upstream = await self._send(request, ex, node)
@@ -226,16 +250,31 @@ class Forwarder:
 
     async def _admit(self, ex: Exchange, tried: list[Node]) -> Lease:
         """A slot for inference; for other requests a node with no slot counted."""
+        if ex.model_key is not None:
+            self._check_model_available(ex.model_key, ex.model or ex.model_key)
+        want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
             queued_at = time.monotonic()
-            lease = await self.pool.acquire(exclude=tried)
+            lease = await self.pool.acquire(want)
             ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
-            return lease
-        node = self.pool.any_node(exclude=tried)
-        if node is None:
-            raise ProxyError(503, "no healthy node is available", retry_after=1)
-        return Lease.unmetered(node)
+        else:
+            node = self.pool.any_node(want)
+            if node is None:
+                raise ProxyError(503, "no healthy node is available", retry_after=1)
+            lease = Lease.unmetered(node)
+        if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
+            ex.cold = True
+            self.metrics.cold_load(lease.node, ex.model_key)
+        return lease
+
+    def _check_model_available(self, model_key: str, named: str) -> None:
+        """404 when no node has the model, 503 when only nodes that are down have it."""
+        if any(n.has_model(model_key) for n in self.pool.nodes.values() if n.takes_new):
+            return
+        if nodes_with(self.pool, model_key, up=False):
+            raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
+        raise ProxyError(404, f"model '{named}' not found, try pulling it first")
 
     async def _send(self, request: web.Request, ex: Exchange, node: Node) -> aiohttp.ClientResponse:
         """Send the request and wait for the node's status and headers."""
@@ -296,11 +335,12 @@ class Forwarder:
             self.health.passive_success(node)
         if upstream.status == 200 and ex.path in TELEMETRY_PATHS:
             ex.usage = usage_from_tail(tail, upstream.content_type)
-            if ex.model is not None:
-                model = normalize_model(ex.model)
-                node.resident_models.add(model)  # it just served the model: it is loaded
-                if ex.usage is not None:
-                    node.record_usage(model, ex.usage)
+        if upstream.status == 200 and ex.model_key is not None and ex.takes_slot:
+            self.fleet.served(node, ex.model_key)
+            if ex.usage is not None:
+                node.record_usage(ex.model_key, ex.usage)
+            if ex.cold:  # loading it may have pushed another model out of memory
+                self.fleet.refresh_soon(node)
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes:

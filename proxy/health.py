@@ -9,11 +9,14 @@ would answer nothing at all; active checks, which probe the node itself, may.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 
 import aiohttp
 
 from .config import HealthCheckConfig
+from .fleet import Fleet
 from .pool import Node, Pool
 
 log = logging.getLogger("ollama_proxy.health")
@@ -22,10 +25,17 @@ PROBE_PATH = "/api/version"  # cheap: answered without touching a model
 
 
 class Health:
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: HealthCheckConfig):
+    def __init__(
+        self,
+        pool: Pool,
+        session: aiohttp.ClientSession,
+        config: HealthCheckConfig,
+        fleet: Fleet,
+    ) -> None:
         self.pool = pool
         self.session = session
         self.config = config
+        self.fleet = fleet
 
     async def run(self) -> None:
         """Probe every node each interval, forever (cancelled on shutdown)."""
@@ -43,8 +53,10 @@ class Health:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
         try:
             async with self.session.get(node.url + PROBE_PATH, timeout=timeout) as resp:
-                await resp.read()
+                body = await resp.read()
                 ok, reason = resp.status == 200, f"health check answered {resp.status}"
+            if ok:
+                node.version = _version_of(body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, reason = False, f"health check failed: {exc or type(exc).__name__}"
         self._record_check(node, ok, reason)
@@ -78,4 +90,14 @@ class Health:
     def _set_up(self, node: Node, up: bool, reason: str) -> None:
         node.up = up
         log.warning("node %s is %s: %s", node.name, "up" if up else "down", reason)
+        if up:  # it may have changed while away: learn what it holds before using it
+            self.fleet.refresh_soon(node)
         self.pool.changed()
+
+
+def _version_of(body: bytes) -> str | None:
+    with contextlib.suppress(ValueError):
+        value = json.loads(body)
+        if isinstance(value, dict) and isinstance(value.get("version"), str):
+            return str(value["version"])
+    return None

@@ -190,6 +190,13 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.cold_loads = Counter(
+            "ollama_proxy_cold_loads",
+            "Requests sent to a node that did not hold their model "
+            "in memory (it had to load it first).",
+            ["node", "model"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "ollama_proxy_config_reloads",
             "Config reloads, by result (success, failure).",
@@ -220,6 +227,9 @@ class Metrics:
             self.generation_seconds.labels(node, model).inc(usage.eval_seconds)
         if usage.load_seconds is not None:
             self.model_load.labels(node, model).observe(usage.load_seconds)
+
+    def cold_load(self, node: Node, model: str) -> None:
+        self.cold_loads.labels(node.name, model).inc()
 
     def config_reload(self, result: str) -> None:
         self.config_reloads.labels(result).inc()
@@ -272,4 +282,8 @@ class _PoolCollector(Collector):
             "ollama_proxy_queue_depth", "Requests waiting in the proxy for a slot."
         )
         depth.add_metric([], self.pool.queue_depth)
-        yield from (in_flight, cap, up, depth, speed)
+        capacity = GaugeMetricFamily(
+            "ollama_proxy_queue_max_size", "Requests that may wait in the proxy (queue.max_size)."
+        )
+        capacity.add_metric([], self.pool.queue_config.max_size)
+        yield from (in_flight, cap, up, depth, capacity, speed)

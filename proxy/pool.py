@@ -4,6 +4,9 @@ Nothing here awaits except a waiter in ``acquire``: choosing a node and counting
 it happen in one synchronous step, so two requests can never both see the last free slot. A
 slot is given back exactly once, by ``Lease.release``, and handed straight to the first waiter
 that can use it (first come, first served; a waiter that cannot use that node keeps its place).
+
+What a request may use is a ``Want``, built by the routing policy (``routing.py``); the pool
+only applies it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,7 @@ from .config import NodeConfig, QueueConfig
 from .errors import Unavailable
 from .telemetry import Usage
 
-Eligible = Callable[["Node"], bool]
 SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving average of tokens/s
-
-
-def _any_node(node: Node) -> bool:
-    return True
 
 
 @dataclass(eq=False)
@@ -33,6 +31,7 @@ class Node:
 
     config: NodeConfig
     in_flight: int = 0  # requests holding a slot on this node now
+    model_in_flight: dict[str, int] = field(default_factory=dict)  # the same, per model
     up: bool = True
     draining: bool = False  # takes no new requests; finishes what it has
     removed: bool = False  # gone from the config; kept until its last request ends
@@ -40,10 +39,14 @@ class Node:
     failures_in_row: int = 0  # consecutive failed checks or passive failures
     passes_in_row: int = 0  # consecutive passed checks
     recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=10))
+    # What the node holds: models on disk (None until first listed) and models in memory
+    # with the wall-clock time they expire (from /api/ps, and from its own answers).
+    models: set[str] | None = None
+    resident: dict[str, float] = field(default_factory=dict)
+    version: str | None = None
     # Per model, from the final chunks of its answers: generation speed (a moving average of
     # tokens per second) and the last model load time.
     tokens_per_second: dict[str, float] = field(default_factory=dict)
-    resident_models: set[str] = field(default_factory=set)  # loaded in its memory, we believe
     load_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -59,12 +62,26 @@ class Node:
         return self.up and not self.draining and not self.removed
 
     @property
-    def has_free_slot(self) -> bool:
-        return self.in_flight < self.config.max_concurrency
-
-    @property
     def load(self) -> float:
         return self.in_flight / (self.config.max_concurrency * self.config.weight)
+
+    def has_slot_for(self, model: str | None) -> bool:
+        if self.in_flight >= self.config.max_concurrency:
+            return False
+        cap = self.config.model_concurrency.get(model) if model else None
+        return cap is None or self.model_in_flight.get(model or "", 0) < cap
+
+    def has_model(self, model: str) -> bool:
+        """On disk here, or not yet known (a node not listed yet may have anything)."""
+        return self.models is None or model in self.models
+
+    def is_resident(self, model: str) -> bool:
+        expires = self.resident.get(model)
+        return expires is not None and expires > time.time()
+
+    def resident_models(self) -> list[str]:
+        now = time.time()
+        return sorted(m for m, expires in self.resident.items() if expires > now)
 
     @property
     def last_error(self) -> str:
@@ -82,14 +99,41 @@ class Node:
             self.load_seconds[model] = usage.load_seconds
 
 
+def _any_node(node: Node) -> bool:
+    return True
+
+
+def _same_rank(node: Node) -> int:
+    return 0
+
+
+@dataclass(frozen=True, eq=False)
+class Want:
+    """What one request needs of a node."""
+
+    model: str | None = None  # counted against per-model caps
+    eligible: Callable[[Node], bool] = _any_node  # may this node serve it at all?
+    rank: Callable[[Node], int] = _same_rank  # lower first; least loaded within a rank
+    exclude: frozenset[Node] = frozenset()  # nodes that already failed this request
+    # When ``eligible`` may start to accept more nodes without any slot being freed.
+    recheck_at: float | None = None  # loop time
+
+    def without(self, nodes: Iterable[Node]) -> Want:
+        return Want(self.model, self.eligible, self.rank, frozenset(nodes), self.recheck_at)
+
+
+ANY = Want()
+
+
 class Lease:
     """A slot on a node, held by one request; ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "node", "released")
+    __slots__ = ("_pool", "model", "node", "released")
 
-    def __init__(self, pool: Pool | None, node: Node) -> None:
+    def __init__(self, pool: Pool | None, node: Node, model: str | None = None) -> None:
         self._pool = pool
         self.node = node
+        self.model = model
         self.released = False
 
     @classmethod
@@ -101,13 +145,12 @@ class Lease:
         if not self.released:
             self.released = True
             if self._pool is not None:
-                self._pool._give_back(self.node)
+                self._pool._give_back(self.node, self.model)
 
 
 @dataclass(eq=False)
 class _Waiter:
-    eligible: Eligible
-    exclude: frozenset[Node]
+    want: Want
     future: asyncio.Future[Lease] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -122,33 +165,41 @@ class Pool:
         self._waiters: deque[_Waiter] = deque()
         self._turn = itertools.count()  # rotates among equally loaded nodes
 
+    def all_nodes(self) -> list[Node]:
+        return [*self.nodes.values(), *self.retiring]
+
     # -- choosing ---------------------------------------------------------------------------
 
-    def candidates(
-        self, eligible: Eligible = _any_node, exclude: Iterable[Node] = ()
-    ) -> list[Node]:
-        """Nodes that take new requests and pass ``eligible``, ignoring their load."""
-        skip = set(exclude)
-        return [n for n in self.nodes.values() if n.takes_new and n not in skip and eligible(n)]
+    def candidates(self, want: Want = ANY) -> list[Node]:
+        """Nodes that take new requests and may serve ``want``, whatever their load."""
+        return [
+            n
+            for n in self.nodes.values()
+            if n.takes_new and n not in want.exclude and want.eligible(n)
+        ]
 
-    def least_loaded(self, nodes: list[Node]) -> Node | None:
-        """The node with the lowest load; ties rotate so equal nodes share the work."""
+    def best(self, nodes: list[Node], want: Want = ANY) -> Node | None:
+        """The best-ranked, least-loaded node; ties rotate so equal nodes share the work."""
         if not nodes:
             return None
-        lowest = min(n.load for n in nodes)
-        tied = [n for n in nodes if n.load == lowest]
+        keys = [(want.rank(n), n.load) for n in nodes]
+        lowest = min(keys)
+        tied = [n for n, key in zip(nodes, keys, strict=True) if key == lowest]
         return tied[next(self._turn) % len(tied)]
 
-    def try_acquire(
-        self, eligible: Eligible = _any_node, exclude: Iterable[Node] = ()
-    ) -> Lease | None:
+    def try_acquire(self, want: Want = ANY) -> Lease | None:
         """Choose and count in one step; None when every candidate is at its cap."""
-        free = [n for n in self.candidates(eligible, exclude) if n.has_free_slot]
-        node = self.least_loaded(free)
+        node = self.best([n for n in self.candidates(want) if n.has_slot_for(want.model)], want)
         if node is None:
             return None
         node.in_flight += 1
-        return Lease(self, node)
+        if want.model is not None:
+            node.model_in_flight[want.model] = node.model_in_flight.get(want.model, 0) + 1
+        return Lease(self, node, want.model)
+
+    def any_node(self, want: Want = ANY) -> Node | None:
+        """A node for a request that takes no slot (listings, management)."""
+        return self.best(self.candidates(want), want)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -156,22 +207,24 @@ class Pool:
     def queue_depth(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, eligible: Eligible = _any_node, exclude: Iterable[Node] = ()) -> Lease:
+    async def acquire(self, want: Want = ANY) -> Lease:
         """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise."""
-        excluded = frozenset(exclude)
         if not self._waiters:  # nobody ahead: no need to queue
-            lease = self.try_acquire(eligible, excluded)
+            lease = self.try_acquire(want)
             if lease is not None:
                 return lease
-        if not self.candidates(eligible, excluded):
+        if not self.candidates(want):
             raise Unavailable("no healthy node can serve this request", reason="no_node")
         if len(self._waiters) >= self.queue_config.max_size:
             raise Unavailable("the proxy's queue is full, please try again", reason="full")
-        return await self._wait(_Waiter(eligible, excluded))
+        return await self._wait(_Waiter(want))
 
     async def _wait(self, waiter: _Waiter) -> Lease:
         self._waiters.append(waiter)
         self._dispatch()
+        recheck = None
+        if waiter.want.recheck_at is not None:
+            recheck = asyncio.get_running_loop().call_at(waiter.want.recheck_at, self._dispatch)
         try:
             async with asyncio.timeout(self.queue_config.timeout):
                 return await waiter.future
@@ -185,6 +238,9 @@ class Pool:
         except BaseException:  # the client left (cancelled) or no node can serve it
             self._abandon(waiter)
             raise
+        finally:
+            if recheck is not None:
+                recheck.cancel()
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Leave the queue at once; a slot granted in the same instant goes to the next."""
@@ -201,33 +257,36 @@ class Pool:
         for waiter in list(self._waiters):
             if waiter.future.done():
                 continue
-            lease = self.try_acquire(waiter.eligible, waiter.exclude)
+            lease = self.try_acquire(waiter.want)
             if lease is not None:
                 self._waiters.remove(waiter)
                 waiter.future.set_result(lease)
-            elif not self.candidates(waiter.eligible, waiter.exclude):
+            elif not self.candidates(waiter.want):
                 self._waiters.remove(waiter)
                 waiter.future.set_exception(
                     Unavailable("no healthy node can serve this request", reason="no_node")
                 )
-            if not any(n.takes_new and n.has_free_slot for n in self.nodes.values()):
+            if not any(n.takes_new and n.has_slot_for(None) for n in self.nodes.values()):
                 break
 
-    def _give_back(self, node: Node) -> None:
+    def _give_back(self, node: Node, model: str | None) -> None:
         node.in_flight -= 1
+        if model is not None:
+            node.model_in_flight[model] -= 1
         if node.removed and node.in_flight == 0 and node in self.retiring:
             self.retiring.remove(node)
         self._dispatch()
 
-    def all_nodes(self) -> list[Node]:
-        return [*self.nodes.values(), *self.retiring]
+    def changed(self) -> None:
+        """Call after health, drain or config changes: waiters may now be served or failed."""
+        self._dispatch()
 
     def reconfigure(self, configs: Iterable[NodeConfig], queue: QueueConfig) -> list[Node]:
         """Swap in a new node list; return the added nodes (down until their first check).
 
-        A node that stays (same name and URL) keeps its health and in-flight count and takes
-        its new cap at once. A removed node takes nothing new and retires when its last
-        request ends.
+        A node that stays (same name and URL) keeps its health, in-flight count and model
+        inventory and takes its new caps at once. A removed node takes nothing new and
+        retires when its last request ends.
         """
         self.queue_config = queue
         kept: dict[str, Node] = {}
@@ -248,11 +307,3 @@ class Pool:
         self.nodes = kept
         self._dispatch()
         return added
-
-    def changed(self) -> None:
-        """Call after health, drain or config changes: waiters may now be served or failed."""
-        self._dispatch()
-
-    def any_node(self, eligible: Eligible = _any_node, exclude: Iterable[Node] = ()) -> Node | None:
-        """A node for a request that takes no slot (listings, management): least loaded."""
-        return self.least_loaded(self.candidates(eligible, exclude))

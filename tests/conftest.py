@@ -52,6 +52,9 @@ async def start_nodes() -> AsyncIterator[StartNodes]:
     started: list[SimNode] = []
 
     async def start(count: int = 1, **settings: Any) -> list[SimNode]:
+        # A fleet in its steady state: the chat model is loaded everywhere, so plain load
+        # balancing applies. Model-aware tests set ``resident`` themselves.
+        settings.setdefault("resident", ["llama3.2:latest"])
         nodes = []
         for _ in range(count):
             node = SimNode(SimSettings(**settings), name=f"sim{len(started)}")
@@ -65,18 +68,26 @@ async def start_nodes() -> AsyncIterator[StartNodes]:
         await node.stop()
 
 
-def proxy_config(nodes: list[SimNode], caps: list[int] | None = None, **top: Any) -> Config:
-    return parse_config(proxy_config_data(nodes, caps, **top))
+def proxy_config(nodes: list[SimNode], **kwargs: Any) -> Config:
+    return parse_config(proxy_config_data(nodes, **kwargs))
 
 
 def proxy_config_data(
-    nodes: list[SimNode], caps: list[int] | None = None, **top: Any
+    nodes: list[SimNode],
+    caps: list[int] | None = None,
+    node_extra: dict[str, Any] | None = None,
+    **top: Any,
 ) -> dict[str, Any]:
     """A config for tests: fast health checks; ``top`` keys override or extend sections."""
     data: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "nodes": [
-            {"url": n.url, "name": n.name, "max_concurrency": (caps or [])[i] if caps else 4}
+            {
+                "url": n.url,
+                "name": n.name,
+                "max_concurrency": caps[i] if caps else 4,
+                **(node_extra or {}),
+            }
             for i, n in enumerate(nodes)
         ],
         "health_check": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 2},
@@ -109,9 +120,12 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         await server.close()
 
 
+PROXY_OWN_PATHS = frozenset({"/api/version", "/api/tags", "/api/ps"})  # checks, discovery
+
+
 def generations(node: SimNode) -> list[SimRequest]:
-    """The requests a node saw, less the proxy's health checks."""
-    return [r for r in node.stats.requests if r.path != "/api/version"]
+    """The requests a node saw, less the proxy's own health checks and discovery."""
+    return [r for r in node.stats.requests if r.path not in PROXY_OWN_PATHS]
 
 
 def pool_is_idle(pool: Pool) -> bool:

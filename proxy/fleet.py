@@ -1,0 +1,548 @@
+"""The fleet seen as one Ollama: model discovery, merged listings, fan-out model management.
+
+Discovery keeps each node's inventory (``/api/tags``: on disk; ``/api/ps``: in memory, with
+``expires_at``) fresh on a timer, after a node recovers, and after the proxy itself changed it
+(pull, delete, copy, create, or a cold load that may have evicted another model).
+
+Listings (tags, ps, /v1/models, version) are asked of every healthy node at once and merged in
+Ollama's own shapes. Management fans out: a pull goes to every healthy node (or the nodes
+``placement`` names for that model) and streams one merged progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config
+from .errors import ProxyError, error_body, error_response
+from .models import normalize_model
+from .pool import Node, Pool
+
+log = logging.getLogger("ollama_proxy.fleet")
+
+DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default: 5 minutes
+JSON_TYPE = "application/json; charset=utf-8"
+NDJSON_TYPE = "application/x-ndjson"
+BLOB_PIECE = 1024 * 1024
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _answering_errors(handler: Handler) -> Handler:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return exc.response()
+
+    return answer
+
+
+def compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=compact(value), status=status, headers={"Content-Type": JSON_TYPE})
+
+
+class Fleet:
+    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: Config) -> None:
+        self.pool = pool
+        self.session = session
+        self._refreshing: set[Node] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.interval = config.discovery.interval
+        self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
+        # Pulls and uploads last as long as they last; only silence is a failure.
+        self.transfer_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.upstream.connect_timeout,
+            sock_read=config.upstream.idle_timeout,
+        )
+        self.placement = config.placement
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/api/tags", self.tags),
+            ("GET", "/api/ps", self.ps),
+            ("GET", "/v1/models", self.openai_models),
+            ("GET", "/api/version", self.version),
+            ("POST", "/api/pull", self.pull),
+            ("POST", "/api/create", self.create),
+            ("DELETE", "/api/delete", self.delete),
+            ("POST", "/api/copy", self.copy),
+            ("HEAD", "/api/blobs/{digest}", self.blob_exists),
+            ("POST", "/api/blobs/{digest}", self.blob_upload),
+        ]
+        for method, path, handler in routes:
+            router.add_route(method, path, _answering_errors(handler))
+            if method == "GET":
+                router.add_route("HEAD", path, _answering_errors(handler))
+
+    # -- discovery --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh every node's inventory each interval, forever (cancelled on shutdown)."""
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.refresh_all()
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(n) for n in self.pool.nodes.values() if n.up))
+
+    async def refresh(self, node: Node) -> None:
+        tags, ps = await asyncio.gather(
+            self._get_json(node, "/api/tags"), self._get_json(node, "/api/ps")
+        )
+        if tags is not None:
+            node.models = {normalize_model(m) for m in _model_names(tags)}
+        if ps is not None:
+            node.resident = {
+                normalize_model(name): _expiry(entry.get("expires_at"))
+                for entry in _entries(ps, "models")
+                if (name := entry.get("model") or entry.get("name"))
+            }
+
+    def refresh_soon(self, node: Node) -> None:
+        """Refresh one node in the background (at most one refresh per node at a time)."""
+        if node in self._refreshing:
+            return
+        self._refreshing.add(node)
+
+        async def refresh() -> None:
+            try:
+                await self.refresh(node)
+            finally:
+                self._refreshing.discard(node)
+
+        self._spawn(refresh())
+
+    def served(self, node: Node, model: str) -> None:
+        """The node just answered for ``model``: it has it, and holds it in memory."""
+        if node.models is not None:
+            node.models.add(model)
+        node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _get_json(self, node: Node, path: str) -> Any:
+        try:
+            async with self.session.get(node.url + path, timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    return None
+                return json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("%s %s failed: %s", node.name, path, exc)
+            return None
+
+    # -- merged listings --------------------------------------------------------------------
+
+    def _healthy(self) -> list[Node]:
+        nodes = [n for n in self.pool.nodes.values() if n.takes_new]
+        if not nodes:
+            raise ProxyError(503, "no healthy node is available", retry_after=1)
+        return nodes
+
+    async def _ask_all(self, path: str) -> list[tuple[Node, Any]]:
+        nodes = self._healthy()
+        answers = await asyncio.gather(*(self._get_json(n, path) for n in nodes))
+        return [(n, a) for n, a in zip(nodes, answers, strict=True) if a is not None]
+
+    async def tags(self, request: web.Request) -> web.StreamResponse:
+        answers = await self._ask_all("/api/tags")
+        for node, answer in answers:
+            node.models = {normalize_model(m) for m in _model_names(answer)}
+        models = _union((_entries(a, "models") for _, a in answers), "model", "name")
+        return json_response({"models": models})
+
+    async def ps(self, request: web.Request) -> web.StreamResponse:
+        answers = await self._ask_all("/api/ps")
+        models = _union((_entries(a, "models") for _, a in answers), "model", "name")
+        return json_response({"models": models})
+
+    async def openai_models(self, request: web.Request) -> web.StreamResponse:
+        answers = await self._ask_all("/v1/models")
+        data = _union((_entries(a, "data") for _, a in answers), "id")
+        return json_response({"object": "list", "data": data})
+
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        answers = await self._ask_all("/api/version")
+        versions = [a["version"] for _, a in answers if isinstance(a.get("version"), str)]
+        if not versions:
+            return error_response(502, "no healthy node reported its version")
+        return json_response({"version": min(versions, key=_version_key)})
+
+    # -- fan-out management -----------------------------------------------------------------
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        body, model = await _model_body(request)
+        targets = self._pull_targets(model)
+        result = await self._fan_out_progress(request, body, targets, "/api/pull", "pull")
+        for node in result.succeeded:
+            self.served_on_disk(node, model)
+        return result.response
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body, model = await _model_body(request)
+        targets = self._healthy()
+        result = await self._fan_out_progress(request, body, targets, "/api/create", "create")
+        for node in result.succeeded:
+            self.served_on_disk(node, model)
+        return result.response
+
+    def served_on_disk(self, node: Node, model: str) -> None:
+        if node.models is not None:
+            node.models.add(model)
+        self.refresh_soon(node)
+
+    def _pull_targets(self, model: str) -> list[Node]:
+        healthy = self._healthy()
+        named = self.placement.get(model)
+        if named is None:
+            return healthy
+        targets = [n for n in healthy if n.name in named]
+        if not targets:
+            raise ProxyError(503, f"none of the nodes placed for {model!r} is up", retry_after=5)
+        return targets
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        body, model = await _model_body(request)
+        holders = [n for n in self._healthy() if n.has_model(model)]
+        if not holders:
+            return error_response(404, f"model '{model}' not found")
+        outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
+        for node, status, _ in outcomes:
+            if status in (200, 404) and node.models is not None:
+                node.models.discard(model)
+                node.resident.pop(model, None)
+        return _summarise(outcomes, "delete", ok=(200,), gone=404, model=model)
+
+    async def copy(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        payload = _json_or_400(body)
+        source = payload.get("source")
+        destination = payload.get("destination")
+        if not isinstance(source, str) or not isinstance(destination, str):
+            raise ProxyError(400, "source and destination are required")
+        holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
+        if not holders:
+            return error_response(404, f"model '{source}' not found")
+        outcomes = await self._send_all(holders, "POST", "/api/copy", body)
+        for node, status, _ in outcomes:
+            if status == 200 and node.models is not None:
+                node.models.add(normalize_model(destination))
+        return _summarise(outcomes, "copy", ok=(200,), gone=404, model=source)
+
+    async def blob_exists(self, request: web.Request) -> web.StreamResponse:
+        """200 only when every healthy node has the blob, so a client uploads it otherwise."""
+        nodes = self._healthy()
+        outcomes = await self._send_all(nodes, "HEAD", request.path, b"")
+        every = all(status == 200 for _, status, _ in outcomes)
+        return web.Response(status=200 if every else 404)
+
+    async def blob_upload(self, request: web.Request) -> web.StreamResponse:
+        """Stream one upload to every healthy node at once; the body is never held whole."""
+        nodes = self._healthy()
+        queues = [asyncio.Queue[bytes | None](maxsize=4) for _ in nodes]
+
+        async def pump() -> None:
+            async for piece in request.content.iter_chunked(BLOB_PIECE):
+                for q in queues:  # the slowest node sets the pace: memory stays bounded
+                    await q.put(piece)
+            for q in queues:
+                await q.put(None)
+
+        headers = {}
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        sends = [
+            self._send(n, "POST", request.path, _drain(q), headers=headers)
+            for n, q in zip(nodes, queues, strict=True)
+        ]
+        pumping = asyncio.ensure_future(pump())
+        try:
+            outcomes = await asyncio.gather(*sends)
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+        return _summarise(outcomes, "blob upload", ok=(200, 201), status_on_success=201)
+
+    async def _send_all(
+        self, nodes: list[Node], method: str, path: str, body: bytes
+    ) -> list[tuple[Node, int, bytes]]:
+        return list(await asyncio.gather(*(self._send(n, method, path, body) for n in nodes)))
+
+    async def _send(
+        self,
+        node: Node,
+        method: str,
+        path: str,
+        data: Any,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[Node, int, bytes]:
+        """(node, status, body); status 502 with the failure when the node did not answer."""
+        try:
+            async with self.session.request(
+                method,
+                node.url + path,
+                data=data or None,
+                headers=headers,
+                timeout=self.transfer_timeout,
+            ) as resp:
+                return node, resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return node, 502, error_body(f"{exc or type(exc).__name__}")
+
+    # -- merged progress (pull, create) -----------------------------------------------------
+
+    async def _fan_out_progress(
+        self, request: web.Request, body: bytes, nodes: list[Node], path: str, what: str
+    ) -> _Outcome:
+        payload = _json_or_400(body)
+        streaming = payload.get("stream", True) is not False
+        upstream_body = compact({**payload, "stream": True})  # progress to merge, always
+        merger = _ProgressMerger(nodes)
+        lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]] = asyncio.Queue()
+        tasks = [
+            asyncio.ensure_future(self._progress(n, path, upstream_body, lines)) for n in nodes
+        ]
+        response = None
+        try:
+            if streaming:
+                response = web.StreamResponse(headers={"Content-Type": NDJSON_TYPE})
+                await response.prepare(request)
+            async for merged in merger.run(lines):
+                if response is not None:
+                    await response.write(compact(merged) + b"\n")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        final = merger.final(what)
+        if response is not None:
+            await response.write(compact(final) + b"\n")
+            await response.write_eof()
+            return _Outcome(response, merger.succeeded)
+        status = 200 if "error" not in final else 500
+        return _Outcome(json_response(final, status), merger.succeeded)
+
+    async def _progress(
+        self,
+        node: Node,
+        path: str,
+        body: bytes,
+        lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]],
+    ) -> None:
+        """Feed one node's progress lines to the merger; ``None`` marks its end."""
+        try:
+            async with self.session.post(
+                node.url + path, data=body, timeout=self.transfer_timeout
+            ) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode(errors="replace")
+                    await lines.put((node, {"error": _error_text(text, resp.status)}))
+                    return
+                async for line in resp.content:
+                    if line.strip():
+                        await lines.put((node, _json_line(line)))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await lines.put((node, {"error": f"{exc or type(exc).__name__}"}))
+        finally:
+            await lines.put((node, None))
+
+
+@dataclass
+class _Outcome:
+    response: web.StreamResponse
+    succeeded: list[Node]
+
+
+@dataclass
+class _ProgressMerger:
+    """Many nodes' NDJSON progress as one: bytes summed per digest across nodes."""
+
+    nodes: list[Node]
+    errors: dict[str, str] = field(default_factory=dict)
+    succeeded: list[Node] = field(default_factory=list)
+    _digests: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    _last_status: str = ""
+
+    async def run(
+        self, lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        running = len(self.nodes)
+        while running:
+            node, line = await lines.get()
+            if line is None:
+                running -= 1
+                if node not in self.succeeded:
+                    self.errors.setdefault(node.name, "ended without success")
+                continue
+            merged = self._take(node, line)
+            if merged is not None:
+                yield merged
+
+    def _take(self, node: Node, line: dict[str, Any]) -> dict[str, Any] | None:
+        if "error" in line:
+            self.errors[node.name] = str(line["error"])
+            return None
+        status = str(line.get("status", ""))
+        if status == "success":
+            self.succeeded.append(node)
+            return None
+        digest = line.get("digest")
+        if isinstance(digest, str) and "total" in line:
+            per_node = self._digests.setdefault(digest, {})
+            per_node[node.name] = (_int(line.get("total")), _int(line.get("completed")))
+            total = sum(t for t, _ in per_node.values())
+            completed = sum(c for _, c in per_node.values())
+            return {"status": status, "digest": digest, "total": total, "completed": completed}
+        if status and status != self._last_status:
+            self._last_status = status
+            return {"status": status}
+        return None
+
+    def final(self, what: str) -> dict[str, Any]:
+        if not self.errors and len(self.succeeded) == len(self.nodes):
+            return {"status": "success"}
+        failed = "; ".join(f"{name}: {error}" for name, error in sorted(self.errors.items()))
+        return {
+            "error": f"{what} failed on {len(self.errors)} of {len(self.nodes)} nodes: {failed}"
+        }
+
+
+def _summarise(
+    outcomes: list[tuple[Node, int, bytes]],
+    what: str,
+    *,
+    ok: tuple[int, ...],
+    gone: int | None = None,
+    model: str = "",
+    status_on_success: int = 200,
+) -> web.Response:
+    """One answer for a fan-out: success when every node did it (or never had it)."""
+    failed = [(n, s, b) for n, s, b in outcomes if s not in ok and s != gone]
+    if failed:
+        reasons = "; ".join(
+            f"{n.name}: {_error_text(b.decode(errors='replace'), s)}" for n, s, b in failed
+        )
+        return error_response(
+            500, f"{what} failed on {len(failed)} of {len(outcomes)} nodes: {reasons}"
+        )
+    if all(s == gone for _, s, _ in outcomes):
+        return error_response(404, f"model '{model}' not found")
+    return web.Response(status=status_on_success)
+
+
+async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    while (piece := await queue.get()) is not None:
+        yield piece
+
+
+async def _model_body(request: web.Request) -> tuple[bytes, str]:
+    body = await request.read()
+    payload = _json_or_400(body)
+    model = payload.get("model") or payload.get("name")
+    if not isinstance(model, str) or not model:
+        raise ProxyError(400, "model is required")
+    return body, normalize_model(model)
+
+
+def _json_or_400(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"invalid JSON in request body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    return payload
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {"error": f"unreadable progress line: {line[:100]!r}"}
+    return value if isinstance(value, dict) else {"error": "unexpected progress line"}
+
+
+def _error_text(body: str, status: int) -> str:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return f"status {status}: {body.strip()[:200]}"
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        return str(value["error"])
+    return f"status {status}"
+
+
+def _entries(answer: Any, key: str) -> list[dict[str, Any]]:
+    items = answer.get(key) if isinstance(answer, dict) else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _model_names(answer: Any) -> list[str]:
+    names = (e.get("model") or e.get("name") for e in _entries(answer, "models"))
+    return [n for n in names if isinstance(n, str)]
+
+
+def _union(lists: Any, *keys: str) -> list[dict[str, Any]]:
+    """Entries of several nodes' lists, each once (by the first of ``keys`` it has)."""
+    seen: set[str] = set()
+    merged = []
+    for entries in lists:
+        for entry in entries:
+            key = next((str(entry[k]) for k in keys if k in entry), None)
+            if key is not None and normalize_model(key) not in seen:
+                seen.add(normalize_model(key))
+                merged.append(entry)
+    return merged
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _expiry(value: object) -> float:
+    """Ollama's expires_at (RFC 3339, nanoseconds) as a wall-clock timestamp."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
+    return time.time() + DEFAULT_KEEP_ALIVE
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0])[:3])
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+__all__ = ["Fleet"]

@@ -1,0 +1,63 @@
+"""Which nodes may serve a request, and in what order: the model-aware policy.
+
+Read-only over node state; the pool applies the ``Want`` built here in one synchronous step.
+
+For a model-bound request:
+- only nodes that have the model on disk are eligible (a node whose list is not known yet is a
+  last resort);
+- among them, nodes that hold the model in memory come first, so it is not loaded twice;
+- a node that would have to load it is used at once only when no eligible node holds it in
+  memory; otherwise only after the request has waited ``routing.spill_after`` seconds for a
+  slot on one that does (a cold load costs seconds to minutes of GPU time, a queue wait is
+  usually shorter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from .pool import Node, Pool, Want
+
+RESIDENT, ON_DISK, UNKNOWN = 0, 1, 2
+
+
+def want_for(
+    pool: Pool, model: str | None, spill_after: float, exclude: Iterable[Node] = ()
+) -> Want:
+    """What a request for ``model`` (normalised; None: any node) may use."""
+    excluded = frozenset(exclude)
+    if model is None:
+        return Want(exclude=excluded)
+    loop = asyncio.get_running_loop()
+    spill_at = loop.time() + spill_after
+
+    def rank(node: Node) -> int:
+        if node.models is None:
+            return UNKNOWN
+        return RESIDENT if node.is_resident(model) else ON_DISK
+
+    def eligible(node: Node) -> bool:
+        if not node.has_model(model):
+            return False
+        if node.is_resident(model) or loop.time() >= spill_at:
+            return True
+        return not any(
+            n.is_resident(model) for n in pool.nodes.values() if n.takes_new and n not in excluded
+        )
+
+    return Want(model, eligible, rank, excluded, recheck_at=spill_at)
+
+
+def nodes_with(pool: Pool, model: str, *, up: bool) -> list[Node]:
+    """Nodes known to have ``model`` on disk, among those up (or down)."""
+    return [
+        n
+        for n in pool.nodes.values()
+        if n.takes_new == up and n.models is not None and model in n.models
+    ]
+
+
+def inventory_complete(pool: Pool) -> bool:
+    """Every node that takes requests has listed its models: a miss is a real miss."""
+    return all(n.models is not None for n in pool.nodes.values() if n.takes_new)
