@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import RUNTIME, Runtime, make_app
-from .config import Config, ConfigError, NodeConfig, load_config
+from .config import Config, ConfigError, NodeConfig, load_config, parse_config
 
 log = logging.getLogger("ollama_proxy")
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = load_config(args.config)
+        config = _demo_defaults() if _demo_without_file(args) else load_config(args.config)
         if args.listen:
             host, port = _listen_override(args.listen)
             config = dataclasses.replace(config, listen_host=host, listen_port=port)
@@ -43,6 +43,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     _use_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(config, Path(args.config), demo=args.demo))
+
+
+def _demo_without_file(args: argparse.Namespace) -> bool:
+    """The demo runs from anywhere: with no config file it needs none."""
+    return bool(args.demo) and not Path(args.config).exists()
+
+
+def _demo_defaults() -> Config:
+    # The node is a placeholder: the demo replaces the node list with its simulated fleet.
+    return parse_config({"listen": "127.0.0.1:11434", "nodes": [{"url": "http://127.0.0.1:9"}]})
 
 
 def _parser() -> argparse.ArgumentParser:
