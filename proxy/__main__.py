@@ -21,6 +21,7 @@ log = logging.getLogger("ollama_proxy")
 
 EXIT_INVALID_CONFIG = 2
 DEMO_NODES = 2
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,7 +105,11 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)
+        # reuse_port: a new proxy can start on the same port before the old one drains, so an
+        # upgrade on one host refuses no connection.
+        site = web.TCPSite(
+            runner, config.listen_host, config.listen_port, reuse_address=True, reuse_port=True
+        )
         await site.start()
         log.info(
             "listening on http://%s:%d, %d nodes: %s",
@@ -113,6 +118,13 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
             len(config.nodes),
             ", ".join(f"{n.name}={n.url}" for n in config.nodes),
         )
+        if not config.admin.token and config.listen_host not in LOOPBACK:
+            log.warning(
+                "admin.token is not set: anyone who can reach %s:%d can drain nodes and "
+                "reload the config through /-/",
+                config.listen_host,
+                config.listen_port,
+            )
         await _until_stop_signal(on_hangup=runtime.reload)
         await _drain(runtime, runner)
 

@@ -88,7 +88,7 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)
-    runtime.fleet.add_routes(app.router)
+    runtime.fleet.add_routes(app.router, wrap=runtime.forwarder.observed)
     app.router.add_route("*", "/{tail:.*}", runtime.forwarder.handle)
     return app
 

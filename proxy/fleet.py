@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .bodies import model_of, read_bounded, required_json_object
 from .config import Config
 from .errors import ProxyError, error_body, error_response
 from .models import normalize_model
@@ -77,8 +78,10 @@ class Fleet:
             sock_read=config.upstream.idle_timeout,
         )
         self.placement = config.placement
+        self.max_body_size = config.max_body_size
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
+    def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
+        """Route the fleet's paths; ``wrap`` adds the request accounting every path has."""
         routes: list[tuple[str, str, Handler]] = [
             ("GET", "/api/tags", self.tags),
             ("GET", "/api/ps", self.ps),
@@ -92,9 +95,9 @@ class Fleet:
             ("POST", "/api/blobs/{digest}", self.blob_upload),
         ]
         for method, path, handler in routes:
-            router.add_route(method, path, _answering_errors(handler))
+            router.add_route(method, path, wrap(_answering_errors(handler)))
             if method == "GET":
-                router.add_route("HEAD", path, _answering_errors(handler))
+                router.add_route("HEAD", path, wrap(_answering_errors(handler)))
 
     # -- discovery --------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class Fleet:
     # -- fan-out management -----------------------------------------------------------------
 
     async def pull(self, request: web.Request) -> web.StreamResponse:
-        body, model = await _model_body(request)
+        body, model = await _model_body(request, self.max_body_size)
         targets = self._pull_targets(model)
         result = await self._fan_out_progress(request, body, targets, "/api/pull", "pull")
         for node in result.succeeded:
@@ -208,7 +211,7 @@ class Fleet:
         return result.response
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        body, model = await _model_body(request)
+        body, model = await _model_body(request, self.max_body_size)
         targets = self._healthy()
         result = await self._fan_out_progress(request, body, targets, "/api/create", "create")
         for node in result.succeeded:
@@ -231,7 +234,7 @@ class Fleet:
         return targets
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
-        body, model = await _model_body(request)
+        body, model = await _model_body(request, self.max_body_size)
         holders = [n for n in self._healthy() if n.has_model(model)]
         if not holders:
             return error_response(404, f"model '{model}' not found")
@@ -243,8 +246,8 @@ class Fleet:
         return _summarise(outcomes, "delete", ok=(200,), gone=404, model=model)
 
     async def copy(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        payload = _json_or_400(body)
+        body = await read_bounded(request, self.max_body_size)
+        payload = required_json_object(body)
         source = payload.get("source")
         destination = payload.get("destination")
         if not isinstance(source, str) or not isinstance(destination, str):
@@ -325,7 +328,7 @@ class Fleet:
     async def _fan_out_progress(
         self, request: web.Request, body: bytes, nodes: list[Node], path: str, what: str
     ) -> _Outcome:
-        payload = _json_or_400(body)
+        payload = required_json_object(body)
         streaming = payload.get("stream", True) is not False
         upstream_body = compact({**payload, "stream": True})  # progress to merge, always
         merger = _ProgressMerger(nodes)
@@ -466,23 +469,12 @@ async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def _model_body(request: web.Request) -> tuple[bytes, str]:
-    body = await request.read()
-    payload = _json_or_400(body)
-    model = payload.get("model") or payload.get("name")
-    if not isinstance(model, str) or not model:
+async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
+    body = await read_bounded(request, limit)
+    model = model_of(required_json_object(body))
+    if model is None:
         raise ProxyError(400, "model is required")
     return body, normalize_model(model)
-
-
-def _json_or_400(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProxyError(400, f"invalid JSON in request body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ProxyError(400, "request body must be a JSON object")
-    return payload
 
 
 def _json_line(line: bytes) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,10 @@ import aiohttp
 from aiohttp import web
 
 from .accesslog import AccessLog
+from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .errors import (
     BadRequest,
-    BodyTooLarge,
     ProxyError,
     Unavailable,
     UpstreamError,
@@ -44,6 +45,8 @@ from .models import normalize_model
 from .pool import Lease, Node, Pool
 from .routing import nodes_with, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Inference: these take a slot on the node (a generation or an embedding on its GPU).
 INFERENCE_PATHS = frozenset(
@@ -147,6 +150,28 @@ class Forwarder:
         self.access_log = AccessLog(config.access_log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request that neither the fleet nor the admin paths answer."""
+        return await self.observe(request, self._proxy)
+
+    def observed(self, handler: Handler) -> Handler:
+        """A fleet handler, counted, measured and logged like a proxied request."""
+
+        async def serve(request: web.Request, ex: Exchange) -> web.StreamResponse:
+            response = await handler(request)
+            ex.status = response.status
+            return response
+
+        async def observed_handler(request: web.Request) -> web.StreamResponse:
+            return await self.observe(request, serve)
+
+        return observed_handler
+
+    async def observe(
+        self,
+        request: web.Request,
+        serve: Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Run ``serve`` as one request: counted for the drain, then metrics and access log."""
         ex = Exchange(
             request.method,
             request.path,
@@ -157,8 +182,7 @@ class Forwarder:
         self.active += 1
         self.idle.clear()
         try:
-            await self._read(request, ex)
-            return await self._forward(request, ex)
+            return await serve(request, ex)
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
@@ -173,15 +197,19 @@ class Forwarder:
             if self.active == 0:
                 self.idle.set()
 
+    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        await self._read(request, ex)
+        return await self._forward(request, ex)
+
     # -- read -------------------------------------------------------------------------------
 
     async def _read(self, request: web.Request, ex: Exchange) -> None:
         """Buffer the body (bounded) and find its model; streamed uploads stay unread."""
         if request.path.startswith(STREAMED_BODY_PREFIX):
             return
-        ex.body = await _read_bounded(request, self.max_body_size)
-        payload = _json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
-        ex.model = _model_of(payload)
+        ex.body = await read_bounded(request, self.max_body_size)
+        payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
+        ex.model = model_of(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
@@ -331,6 +359,7 @@ class Forwarder:
         """Once per request, after the last byte: health evidence and token telemetry."""
         if upstream.status >= 500 and upstream.status != 503:  # 503 is load, not a fault
             self.health.passive_failure(node, "status_5xx")
+            self.metrics.upstream_error(node, "status_5xx")
         else:
             self.health.passive_success(node)
         if upstream.status == 200 and ex.path in TELEMETRY_PATHS:
@@ -341,44 +370,6 @@ class Forwarder:
                 node.record_usage(ex.model_key, ex.usage)
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.fleet.refresh_soon(node)
-
-
-async def _read_bounded(request: web.Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it passes ``limit`` (announced or sent chunked)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(limit)
-    body = bytearray()
-    async for piece in request.content.iter_any():
-        body += piece
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    return bytes(body)
-
-
-def _json_object(body: bytes, *, strict: bool) -> dict[str, Any] | None:
-    """The body as a JSON object; on a model endpoint anything else is a 400."""
-    if not body:
-        if strict:
-            raise BadRequest("missing request body")  # Ollama's own words
-        return None
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        if strict:
-            raise BadRequest(f"invalid JSON in request body: {exc}") from None
-        return None
-    if isinstance(payload, dict):
-        return payload
-    if strict:
-        raise BadRequest("request body must be a JSON object")
-    return None
-
-
-def _model_of(payload: dict[str, Any] | None) -> str | None:
-    if payload is None:
-        return None
-    model = payload.get("model") or payload.get("name")  # "name": Ollama's legacy spelling
-    return model if isinstance(model, str) and model else None
 
 
 def _request_headers(request: web.Request) -> dict[str, str]:

@@ -151,7 +151,8 @@ class Metrics:
         )
         self.ttfb = Histogram(
             "ollama_proxy_time_to_first_byte_seconds",
-            "From the request's arrival to the first body byte from the node.",
+            "From the request's arrival to the node's response headers (Ollama sends them with "
+            "its first token).",
             ["node"],
             buckets=TTFB_BUCKETS,
             registry=r,
@@ -204,6 +205,13 @@ class Metrics:
             registry=r,
         )
         r.register(_PoolCollector(pool))
+        # Known label values start at 0, so the first event is an increase, not a new series.
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        for reason in ("full", "timeout"):
+            self.queue_rejected.labels(reason)
+        for reason in ("connect", "reset", "node_busy"):
+            self.retries.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -263,7 +271,13 @@ class _PoolCollector(Collector):
         )
         up = GaugeMetricFamily(
             "ollama_proxy_node_up",
-            "1 when the node is healthy and takes requests.",
+            "1 when the node passes its health checks (see node_draining for drained nodes).",
+            labels=["node"],
+        )
+        draining = GaugeMetricFamily(
+            "ollama_proxy_node_draining",
+            "1 when the node takes no new requests: drained by an operator or removed from the "
+            "config and finishing its requests.",
             labels=["node"],
         )
         speed = GaugeMetricFamily(
@@ -276,6 +290,7 @@ class _PoolCollector(Collector):
             in_flight.add_metric([node.name], node.in_flight)
             cap.add_metric([node.name], node.config.max_concurrency)
             up.add_metric([node.name], 1 if node.up else 0)
+            draining.add_metric([node.name], 1 if node.draining or node.removed else 0)
             for model, value in node.tokens_per_second.items():
                 speed.add_metric([node.name, model], value)
         depth = GaugeMetricFamily(
@@ -286,4 +301,4 @@ class _PoolCollector(Collector):
             "ollama_proxy_queue_max_size", "Requests that may wait in the proxy (queue.max_size)."
         )
         capacity.add_metric([], self.pool.queue_config.max_size)
-        yield from (in_flight, cap, up, depth, capacity, speed)
+        yield from (in_flight, cap, up, draining, depth, capacity, speed)
