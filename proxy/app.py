@@ -37,9 +37,7 @@ class Runtime:
         self._session = _upstream_session()
         self.fleet = Fleet(self.pool, self._session, config)
         self.health = Health(self.pool, self._session, config.health_check, self.fleet)
-        self.forwarder = Forwarder(
-            self.pool, self.health, self.metrics, self.fleet, self._session, config
-        )
+        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self.fleet, config)
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
@@ -72,6 +70,7 @@ class Runtime:
             asyncio.get_running_loop().create_task(self.health.check(node))
 
     async def aclose(self) -> None:
+        self.forwarder.upstreams.close()
         await self.fleet.aclose()
         await self._session.close()
 

@@ -16,16 +16,14 @@ Invariants kept here:
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .accesslog import AccessLog
@@ -36,7 +34,6 @@ from .errors import (
     ProxyError,
     Unavailable,
     UpstreamError,
-    upstream_error,
 )
 from .fleet import Fleet
 from .health import Health
@@ -45,6 +42,8 @@ from .models import normalize_model
 from .pool import Lease, Node, Pool
 from .routing import nodes_with, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
+from .upstream import Connection, Head, Upstreams, request_bytes
+from .upstream import _Exchange as UpstreamExchange
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,10 +66,10 @@ INFERENCE_PATHS = frozenset(
 MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
 MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS
 OPENAI_MODEL_PREFIX = "/v1/models/"
-# Large uploads (model files): streamed to the node, never buffered, never retried.
-STREAMED_BODY_PREFIX = "/api/blobs/"
-
-LARGE_BODY = 1024 * 1024
+# A client that reads slower than the node writes: stop reading from the node above this many
+# bytes waiting for the client, start again below the low mark.
+CLIENT_BUFFER_HIGH = 256 * 1024
+CLIENT_BUFFER_LOW = 64 * 1024
 # Chunks kept for reading the final one; Ollama's final chunk may span several reads when a
 # generate answer carries a long "context".
 TAIL_CHUNKS = 16
@@ -100,7 +99,7 @@ class Exchange:
 
     method: str
     path: str
-    body: bytes | None  # None when the body is streamed
+    body: bytes
     model: str | None = None  # as the client named it
     model_key: str | None = None  # normalised, when the request must go to a node that has it
     takes_slot: bool = False
@@ -124,14 +123,13 @@ class Forwarder:
         health: Health,
         metrics: Metrics,
         fleet: Fleet,
-        session: aiohttp.ClientSession,
         config: Config,
     ) -> None:
         self.pool = pool
         self.fleet = fleet
+        self.upstreams = Upstreams(config.upstream.connect_timeout, config.upstream.idle_timeout)
         self.health = health
         self.metrics = metrics
-        self.session = session
         self.active = 0  # requests being handled now, for a graceful stop
         self.idle = asyncio.Event()
         self.idle.set()
@@ -142,11 +140,8 @@ class Forwarder:
         self.max_attempts = config.upstream.max_attempts
         self.spill_after = config.routing.spill_after
         self.max_body_size = config.max_body_size
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,  # generations last as long as they last; only silence is a failure
-            sock_connect=config.upstream.connect_timeout,
-            sock_read=config.upstream.idle_timeout,
-        )
+        # Generations last as long as they last: only silence (idle_timeout) is a failure.
+        self.upstreams.configure(config.upstream.connect_timeout, config.upstream.idle_timeout)
         self.access_log = AccessLog(config.access_log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -175,7 +170,7 @@ class Forwarder:
         ex = Exchange(
             request.method,
             request.path,
-            body=None,
+            body=b"",
             request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16],
             client=request.remote or "",
         )
@@ -204,9 +199,7 @@ class Forwarder:
     # -- read -------------------------------------------------------------------------------
 
     async def _read(self, request: web.Request, ex: Exchange) -> None:
-        """Buffer the body (bounded) and find its model; streamed uploads stay unread."""
-        if request.path.startswith(STREAMED_BODY_PREFIX):
-            return
+        """Buffer the body (bounded) and find its model."""
         ex.body = await read_bounded(request, self.max_body_size)
         payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
         ex.model = model_of(payload)
@@ -241,22 +234,20 @@ class Forwarder:
                 try:
                     return await self._relay(request, ex, upstream)
                 finally:
-                    upstream.close()  # a no-op once the body was read to its end
+                    # Back to the pool only after a clean end; otherwise closed, which is
+                    # also what makes the node stop generating for a client that left.
+                    upstream.conn.finish(reusable=upstream.complete)
             finally:
                 lease.release()
 
     async def _attempt(
         self, request: web.Request, ex: Exchange, node: Node, tried: list[Node]
-    ) -> aiohttp.ClientResponse | None:
+    ) -> Upstream | None:
         """The node's response headers, or None when the request should go to another node."""
         ex.node = node
         ex.attempts += 1
         others = want_for(self.pool, ex.model_key, spill_after=0, exclude=[*tried, node])
-        may_retry = (
-            ex.body is not None  # a streamed body cannot be sent twice
-            and ex.attempts < self.max_attempts
-            and bool(self.pool.candidates(others))
-        )
+        may_retry = ex.attempts < self.max_attempts and bool(self.pool.candidates(others))
         try:
             upstream = await self._send(request, ex, node)
             ex.first_byte = time.monotonic()  # the node's status line and headers are in
@@ -268,9 +259,9 @@ class Forwarder:
                 self.metrics.retry(err.kind)
                 return None
             raise _gateway_error(node, err) from None
-        if upstream.status == 503 and may_retry:
+        if upstream.head.status == 503 and may_retry:
             # Ollama's own queue is full: nothing was generated, another node may have room.
-            upstream.close()
+            upstream.conn.finish(reusable=False)
             tried.append(node)
             self.metrics.retry("node_busy")
             return None
@@ -304,67 +295,69 @@ class Forwarder:
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
         raise ProxyError(404, f"model '{named}' not found, try pulling it first")
 
-    async def _send(self, request: web.Request, ex: Exchange, node: Node) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
-        data: Any = request.content if ex.body is None else (ex.body or None)
-        if ex.body is not None and len(ex.body) > LARGE_BODY:
-            data = io.BytesIO(ex.body)  # written in pieces: one big write would stall the loop
-        try:
-            return await self.session.request(
-                request.method,
-                node.url + request.path_qs,
-                headers=_request_headers(request),
-                data=data,
-                allow_redirects=False,
-                timeout=self.timeout,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_error(exc, before_response=True) from None
+        connections = self.upstreams.to(node.url)
+        raw = request_bytes(
+            request.method,
+            request.path_qs,
+            connections.host_header,
+            _request_headers(request),
+            ex.body,
+        )
+        while True:
+            conn, reused = await connections.get()
+            exchange = conn.send(raw, body_expected=request.method != "HEAD")
+            try:
+                head = await exchange.headers_done
+            except UpstreamError as err:
+                conn.finish(reusable=False)
+                if reused and err.kind == "reset":
+                    continue  # a kept-alive connection the node had closed: nothing was done
+                raise
+            except BaseException:
+                conn.finish(reusable=False)  # the client left: closing stops the node
+                raise
+            return Upstream(conn, exchange, head)
 
     # -- relay ------------------------------------------------------------------------------
 
     async def _relay(
-        self, request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
+        self, request: web.Request, ex: Exchange, upstream: Upstream
     ) -> web.StreamResponse:
         """Pass the node's response through, each chunk as it arrives."""
         node = ex.node
         assert node is not None
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        _copy_end_to_end(upstream.headers, response.headers)
-        ex.status = upstream.status
+        head = upstream.head
+        response = web.StreamResponse(status=head.status, reason=head.reason)
+        _copy_end_to_end(head.headers, response.headers)
+        if head.content_length is None and request.version >= (1, 1):
+            response.enable_chunked_encoding()  # as the node did; the framing is ours
+        ex.status = head.status
         await response.prepare(request)  # the commit point: no retry after this
-        # References to the last chunks, for the token counts in the final one: no copies.
-        recent: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
-        read = upstream.content.readany
-        while True:
-            try:  # only the read: a failed write means the client left, not the node
-                chunk = await read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                err = upstream_error(exc, before_response=False)
-                self.health.passive_failure(node, err.kind)
-                self.metrics.upstream_error(node, err.kind)
-                await _break_stream(request, response, upstream, node, err)
-                return response
-            if not chunk:
-                break
-            recent.append(chunk)
-            await response.write(chunk)
-        self._after_response(ex, node, upstream, recent)
+        relay = _Relay(request, response, upstream)
+        try:
+            await relay.run()
+        except UpstreamError as err:
+            self.health.passive_failure(node, err.kind)
+            self.metrics.upstream_error(node, err.kind)
+            await _break_stream(request, response, node, err)
+            return response
+        upstream.complete = True
+        self._after_response(ex, node, head, relay.recent)
         await response.write_eof()
         return response
 
-    def _after_response(
-        self, ex: Exchange, node: Node, upstream: aiohttp.ClientResponse, tail: deque[bytes]
-    ) -> None:
+    def _after_response(self, ex: Exchange, node: Node, head: Head, tail: deque[bytes]) -> None:
         """Once per request, after the last byte: health evidence and token telemetry."""
-        if upstream.status >= 500 and upstream.status != 503:  # 503 is load, not a fault
+        if head.status >= 500 and head.status != 503:  # 503 is load, not a fault
             self.health.passive_failure(node, "status_5xx")
             self.metrics.upstream_error(node, "status_5xx")
         else:
             self.health.passive_success(node)
-        if upstream.status == 200 and ex.path in TELEMETRY_PATHS:
-            ex.usage = usage_from_tail(tail, upstream.content_type)
-        if upstream.status == 200 and ex.model_key is not None and ex.takes_slot:
+        if head.status == 200 and ex.path in TELEMETRY_PATHS:
+            ex.usage = usage_from_tail(tail, _content_type(head))
+        if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.fleet.served(node, ex.model_key)
             if ex.usage is not None:
                 node.record_usage(ex.model_key, ex.usage)
@@ -372,29 +365,29 @@ class Forwarder:
                 self.fleet.refresh_soon(node)
 
 
-def _request_headers(request: web.Request) -> dict[str, str]:
-    named = _connection_tokens(request.headers)
-    return {
-        k: v
+def _request_headers(request: web.Request) -> list[tuple[str, str]]:
+    named = _connection_tokens(request.headers.getall("Connection", ()))
+    return [
+        (k, v)
         for k, v in request.headers.items()
         if (lower := k.lower()) not in HOP_BY_HOP
         and lower not in RESET_REQUEST_HEADERS
         and lower not in named
-    }
+    ]
 
 
-def _copy_end_to_end(source: Any, target: Any) -> None:
-    named = _connection_tokens(source)
-    for key, value in source.items():
+def _copy_end_to_end(source: list[tuple[str, str]], target: Any) -> None:
+    named = _connection_tokens(v for k, v in source if k.lower() == "connection")
+    for key, value in source:
         lower = key.lower()
         if lower not in HOP_BY_HOP and lower not in named:
             target.add(key, value)
 
 
-def _connection_tokens(headers: Any) -> set[str]:
+def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
     """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
     tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in connection_values:
         tokens.update(t.strip().lower() for t in value.split(","))
     return tokens
 
@@ -406,11 +399,7 @@ def _gateway_error(node: Node, err: UpstreamError) -> ProxyError:
 
 
 async def _break_stream(
-    request: web.Request,
-    response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
-    node: Node,
-    err: UpstreamError,
+    request: web.Request, response: web.StreamResponse, node: Node, err: UpstreamError
 ) -> None:
     """The node failed mid-body: end the client's stream so that it cannot look complete.
 
@@ -419,8 +408,7 @@ async def _break_stream(
     chunk. A body with a Content-Length just closes short of its length.
     """
     message = f"node {node.name} failed mid-response: {err.detail}"
-    upstream.close()
-    if "Content-Length" not in response.headers:
+    if response.chunked:
         if response.content_type == "text/event-stream":
             event = {"error": {"message": message, "type": "api_error"}}
             line = b"data: " + json.dumps(event).encode() + b"\n\n"
@@ -430,3 +418,75 @@ async def _break_stream(
     transport = request.transport
     if transport is not None:
         transport.close()  # flushes what was written, then FIN: never the final chunk
+
+
+def _content_type(head: Head) -> str:
+    for name, value in head.headers:
+        if name.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower()
+    return ""
+
+
+@dataclass
+class Upstream:
+    """A node's answer under way: the connection, its exchange, and the status and headers."""
+
+    conn: Connection
+    exchange: UpstreamExchange
+    head: Head
+    complete: bool = False  # the whole body was relayed: the connection may be reused
+
+
+class _Relay:
+    """Moves body bytes from the node's connection to the client's, from the read callback.
+
+    Each piece is written to the client in the callback that parsed it: no task switch per
+    chunk. A reference to the last pieces is kept for the token counts in the final one.
+    """
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, upstream: Upstream
+    ) -> None:
+        transport = request.transport
+        assert transport is not None
+        self.transport = transport
+        self.chunked = response.chunked
+        self.upstream = upstream
+        self.recent: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        loop = asyncio.get_running_loop()
+        self.client_full: asyncio.Future[None] = loop.create_future()
+
+    async def run(self) -> None:
+        done = self.upstream.exchange.body_done
+        self.upstream.conn.attach(self.write)
+        while True:
+            await asyncio.wait({done, self.client_full}, return_when=asyncio.FIRST_COMPLETED)
+            if done.done():
+                return done.result()  # raises the node's failure, if any
+            await self._wait_for_client()
+
+    def write(self, piece: bytes) -> None:
+        self.recent.append(piece)
+        transport = self.transport
+        if transport.is_closing():
+            return  # the client left: the handler is being cancelled and will close the node
+        if self.chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        else:
+            transport.write(piece)
+        if transport.get_write_buffer_size() > CLIENT_BUFFER_HIGH:
+            self.upstream.conn.pause()  # stop reading the node until the client catches up
+            if not self.client_full.done():
+                self.client_full.set_result(None)
+
+    async def _wait_for_client(self) -> None:
+        """A slow client: read from the node again once the client has taken most of it."""
+        # aiohttp has no public way to await a drained transport outside its own writer; a
+        # slow client is rare and a few milliseconds of polling cost nothing per chunk.
+        while (  # noqa: ASYNC110
+            self.transport.get_write_buffer_size() > CLIENT_BUFFER_LOW
+            and not self.transport.is_closing()
+        ):
+            await asyncio.sleep(0.005)
+        self.client_full = asyncio.get_running_loop().create_future()
+        self.upstream.conn.resume()

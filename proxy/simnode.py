@@ -3,10 +3,13 @@
 A SimNode speaks Ollama's wire format (the native NDJSON API and the OpenAI-compatible /v1 API)
 with deterministic output ("tok0 tok1 ..."), and reproduces what a load balancer has to cope
 with: a limited number of parallel generations behind a bounded queue (503 when it is full),
-slow cold loads of models that are not in memory, prompt cancellation when the client goes
-away, and injected faults (500s, 503s, streams that stall or die, refused connections).
+slow cold loads of models that are not in memory (and, with ``max_loaded``, the eviction of the
+least recently used one to make room), prompt cancellation when the client goes away, and
+injected faults (500s, 503s, streams that stall or die, refused connections).
 
-Settings are read per request, so a test can change them while the node runs.
+Settings are read per request, so a test can change them while the node runs. Besides Ollama's
+API, ``GET /-/sim/stats`` answers the node's counters (SimStats without its request list) and
+the models in memory, for harnesses that run nodes as separate processes.
 
 Run nodes as a separate process with ``python -m proxy.simnode --port 11501 --port 11502``.
 """
@@ -27,8 +30,8 @@ import re
 import signal
 import struct
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -58,6 +61,8 @@ SSE = "text/event-stream"
 MAX_BODY_BYTES = 256 * 1024 * 1024
 CONTEXT_LENGTH = 4096
 KEEP_ALIVE = timedelta(minutes=5)
+# The simulator's own observation endpoint: never recorded in stats.requests, never faulted.
+STATS_PATH = "/-/sim/stats"
 
 _response_ids = itertools.count(1)
 
@@ -77,6 +82,10 @@ class SimSettings:
     token_interval: float = 0.005  # seconds between streamed tokens
     first_token_delay: float = 0.0  # prompt evaluation time
     load_delay: float = 0.0  # cold load of a model that is not resident
+    # Models held in memory at most (like OLLAMA_MAX_LOADED_MODELS), 0 for no limit. A cold
+    # load beyond it evicts the least recently used model with no generation in progress; when
+    # every other one is busy, the node holds one more until one of them goes idle.
+    max_loaded: int = 0
     # One of FAULTS, applied to generations and embeddings. "refuse" aborts every connection
     # as it arrives; for a real "connection refused" use SimNode.refuse() (or stop()).
     fault: str = "none"
@@ -115,6 +124,7 @@ class SimStats:
     cancelled: int = 0  # the client (or stop()) closed the connection before the end
     busy_rejections: int = 0
     cold_loads: int = 0
+    evictions: int = 0  # models unloaded to stay within max_loaded
     eval_count_total: int = 0
     prompt_eval_count_total: int = 0
 
@@ -693,6 +703,11 @@ class SimNode:
             lambda: self.settings.num_parallel, lambda: self.settings.max_queue, self._sync_gate
         )
         self._loads: dict[str, asyncio.Task[None]] = {}  # cold loads in progress, by model
+        # For max_loaded: generations in progress per model, and when each model was last used
+        # (a tick of _use_clock; a model never used since it became resident counts as 0).
+        self._users: Counter[str] = Counter()
+        self._last_used: dict[str, int] = {}
+        self._use_clock = itertools.count(1)
         self._blobs: set[str] = set()
         self._started_at = datetime.now(UTC)
         self.app = self._build_app()
@@ -805,10 +820,13 @@ class SimNode:
             web.post("/v1/messages", self._anthropic_messages),
             web.get("/v1/models", self._openai_models),
             web.get("/v1/models/{model:.+}", self._openai_model),
+            web.get(STATS_PATH, self._sim_stats),
         ]
 
     @web.middleware
     async def _front_door(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == STATS_PATH:  # the harness looking on, not a request to the node
+            return await handler(request)
         await self._record(request)
         if self.settings.fault == "refuse":
             await _drop_connection(request)  # the nearest a live listener gets to refusing
@@ -859,6 +877,7 @@ class SimNode:
         self.settings.resident[:] = [
             m for m in self.settings.resident if normalize_model(m) != wanted
         ]
+        self._last_used.pop(wanted, None)
 
     async def _ensure_loaded(self, name: str) -> int:
         """Make the model resident; return the ns spent waiting for a cold load.
@@ -885,9 +904,48 @@ class SimNode:
             await asyncio.sleep(self.settings.load_delay)
             if not self._is_resident(key):
                 self.settings.resident.append(key)
+            self._touch(key)  # the newest in memory, even if every waiter has gone
+            self._evict_over_limit()
             self._changed()
         finally:
             self._loads.pop(key, None)
+
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[None]:
+        """Mark a model in use for the body (from its load to the last token): never evicted
+        meanwhile, and the most recently used when it ends."""
+        key = normalize_model(name)
+        self._users[key] += 1
+        self._touch(key)
+        try:
+            yield
+        finally:
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+            self._touch(key)
+            self._evict_over_limit()  # room may have been waiting for this model to go idle
+
+    def _touch(self, key: str) -> None:
+        self._last_used[key] = next(self._use_clock)
+
+    def _evict_over_limit(self) -> None:
+        """Unload least recently used idle models until at most max_loaded are in memory."""
+        limit = self.settings.max_loaded
+        resident = self.settings.resident
+        evicted = False
+        while limit > 0 and len(resident) > limit:
+            idle = [m for m in resident if normalize_model(m) not in self._users]
+            if not idle:
+                break  # every model is busy: the first to go idle is evicted then
+            # min() keeps the first of equals: among models never used, the first listed.
+            victim = min(idle, key=lambda m: self._last_used.get(normalize_model(m), 0))
+            resident.remove(victim)
+            self._last_used.pop(normalize_model(victim), None)
+            self.stats.evictions += 1
+            evicted = True
+        if evicted:
+            self._changed()
 
     # ---- generation core
 
@@ -916,8 +974,9 @@ class SimNode:
         self._changed()
 
     @contextlib.asynccontextmanager
-    async def _generation_slot(self) -> AsyncIterator[_Ticket]:
-        """Hold a parallel slot for the body; count a cancellation, wherever it strikes."""
+    async def _generation_slot(self, model: str) -> AsyncIterator[_Ticket]:
+        """Hold a parallel slot for the body, the model marked in use (see _using); count a
+        cancellation, wherever it strikes."""
         try:
             await self._gate.acquire()
         except _QueueFullError:
@@ -928,7 +987,8 @@ class SimNode:
             raise
         ticket = _Ticket()
         try:
-            yield ticket
+            with self._using(model):
+                yield ticket
         except asyncio.CancelledError:
             if not ticket.node_died:
                 self._count_cancelled()
@@ -984,7 +1044,7 @@ class SimNode:
         self._admit(plan.model)
         fault = self.settings.fault
         started_ns = time.monotonic_ns()
-        async with self._generation_slot() as ticket:
+        async with self._generation_slot(plan.model) as ticket:
             load_ns = await self._ensure_loaded(plan.model)
             await asyncio.sleep(self.settings.first_token_delay)
             if plan.stream:
@@ -1015,7 +1075,7 @@ class SimNode:
         self._admit(model)
         fault = self.settings.fault
         started_ns = time.monotonic_ns()
-        async with self._generation_slot() as ticket:
+        async with self._generation_slot(model) as ticket:
             load_ns = await self._ensure_loaded(model)
             await asyncio.sleep(self.settings.first_token_delay)
             if fault in ("stall", "die"):
@@ -1167,6 +1227,11 @@ class SimNode:
             "context_length": CONTEXT_LENGTH,
         }
 
+    async def _sim_stats(self, _request: web.Request) -> web.StreamResponse:
+        counters = {key: value for key, value in vars(self.stats).items() if key != "requests"}
+        resident = [normalize_model(name) for name in self.settings.resident]
+        return _json_response({**counters, "resident": resident})
+
     async def _show(self, request: web.Request) -> web.StreamResponse:
         name = _model_field(await _json_object(request), "model", "name")
         if not self._has_model(name):
@@ -1306,6 +1371,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-delay", type=float, default=defaults.load_delay)
     parser.add_argument("--num-parallel", type=int, default=defaults.num_parallel)
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue)
+    parser.add_argument(
+        "--max-loaded",
+        type=int,
+        default=defaults.max_loaded,
+        help="models in memory at most, the least recently used evicted (0: no limit)",
+    )
     parser.add_argument("--models", default=",".join(defaults.models), help="comma-separated")
     parser.add_argument("--resident", default="", help="comma-separated models already loaded")
     return parser.parse_args(argv)
@@ -1325,6 +1396,7 @@ def _settings_from_args(args: argparse.Namespace) -> SimSettings:
         token_interval=args.token_interval,
         first_token_delay=args.first_token_delay,
         load_delay=args.load_delay,
+        max_loaded=args.max_loaded,
         record_requests=False,  # a long benchmark would otherwise keep every body in memory
     )
 

@@ -253,6 +253,72 @@ async def test_concurrent_requests_share_one_cold_load(
     assert node.stats.cold_loads == 1
 
 
+# --------------------------------------------------------------------------- max_loaded
+
+
+async def ps_names(session: aiohttp.ClientSession, url: str) -> list[str]:
+    async with session.get(f"{url}/api/ps") as response:
+        return [model["name"] for model in (await response.json())["models"]]
+
+
+async def test_a_cold_load_beyond_max_loaded_evicts_the_least_recently_used(
+    session: aiohttp.ClientSession,
+) -> None:
+    settings = SimSettings(tokens=1, resident=["llama3.2"], max_loaded=1, load_delay=0.02)
+    node = SimNode(settings)
+    await node.start()
+    try:
+        url = f"{node.url}/api/generate"
+
+        async def generate(model: str) -> int:
+            status, reply = await post_json(session, url, {"model": model, "stream": False})
+            assert status == 200
+            return int(reply["load_duration"])
+
+        assert await generate("llama3.2") == 0  # resident: no load
+        assert await generate("qwen2.5:0.5b") >= 15_000_000
+        assert node.stats.cold_loads == 1
+        assert await ps_names(session, node.url) == ["qwen2.5:0.5b"]
+
+        assert await generate("llama3.2") >= 15_000_000  # evicted: loaded again
+        assert (node.stats.cold_loads, node.stats.evictions) == (2, 2)
+        assert await ps_names(session, node.url) == ["llama3.2:latest"]
+    finally:
+        await node.stop()
+
+
+async def test_a_model_in_use_is_evicted_only_once_idle(session: aiohttp.ClientSession) -> None:
+    settings = SimSettings(tokens=1000, token_interval=0.01, resident=["llama3.2"], max_loaded=1)
+    node = SimNode(settings)
+    await node.start()
+    try:
+        url = f"{node.url}/api/generate"
+        llama = asyncio.create_task(post_json(session, url, {"model": "llama3.2"}))
+        await node.wait_for(lambda stats: stats.active == 1)
+        qwen = asyncio.create_task(post_json(session, url, {"model": "qwen2.5:0.5b"}))
+        await node.wait_for(lambda _stats: "qwen2.5:0.5b" in settings.resident)
+        # Loaded while llama3.2 streams: both in memory, one more than max_loaded.
+        assert await ps_names(session, node.url) == ["llama3.2:latest", "qwen2.5:0.5b"]
+        assert node.stats.evictions == 0
+
+        llama.cancel()  # llama3.2 goes idle: evicted then, as qwen2.5 is still in use
+        await node.wait_for(lambda stats: stats.evictions == 1)
+        assert await ps_names(session, node.url) == ["qwen2.5:0.5b"]
+        qwen.cancel()
+        await node.wait_for(lambda stats: stats.active == 0)
+        assert node.stats.evictions == 1
+    finally:
+        await node.stop()
+
+
+async def test_no_limit_by_default(node: SimNode, session: aiohttp.ClientSession) -> None:
+    url = f"{node.url}/api/generate"
+    for model in ("qwen2.5:0.5b", "nomic-embed-text", "llama3.2"):
+        await post_json(session, url, {"model": model, "stream": False})
+    assert len(await ps_names(session, node.url)) == 3
+    assert node.stats.evictions == 0
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -352,6 +418,32 @@ async def test_requests_are_recorded_and_stats_reset(
     assert node.stats.requests == [] and node.stats.completed == 0
     with pytest.raises(TimeoutError, match="condition not reached"):
         await node.wait_for(lambda stats: stats.completed == 1, timeout=0.01)
+
+
+async def test_sim_stats_reports_counters_and_residency_without_being_recorded(
+    node: SimNode, session: aiohttp.ClientSession
+) -> None:
+    body = {"model": "qwen2.5:0.5b", "prompt": "one two", "stream": False}
+    await post_json(session, f"{node.url}/api/generate", body)
+    node.settings.fault = "refuse"  # the harness still sees the node's counters
+    async with session.get(f"{node.url}/-/sim/stats") as response:
+        assert response.status == 200
+        stats = await response.json()
+
+    assert stats == {
+        "active": 0,
+        "max_active": 1,
+        "queued": 0,
+        "completed": 1,
+        "cancelled": 0,
+        "busy_rejections": 0,
+        "cold_loads": 1,
+        "evictions": 0,
+        "eval_count_total": 3,
+        "prompt_eval_count_total": 2,
+        "resident": ["llama3.2:latest", "qwen2.5:0.5b"],
+    }
+    assert [request.path for request in node.stats.requests] == ["/api/generate"]
 
 
 # --------------------------------------------------------------------------- management
@@ -468,6 +560,8 @@ async def test_command_line_serves_until_sigterm(session: aiohttp.ClientSession)
         "0",
         "--tokens",
         "2",
+        "--max-loaded",
+        "1",
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -476,9 +570,13 @@ async def test_command_line_serves_until_sigterm(session: aiohttp.ClientSession)
         line = (await asyncio.wait_for(process.stdout.readline(), timeout=5)).decode()
         assert line.startswith("sim node listening on http://127.0.0.1:")
         url = line.rsplit(" ", 1)[-1].strip()
-        body = {"model": "llama3.2", "stream": False}
-        status, reply = await post_json(session, f"{url}/api/generate", body)
-        assert (status, reply["response"]) == (200, "tok0 tok1 ")
+        for model in ("llama3.2", "qwen2.5:0.5b"):
+            body = {"model": model, "stream": False}
+            status, reply = await post_json(session, f"{url}/api/generate", body)
+            assert (status, reply["response"]) == (200, "tok0 tok1 ")
+        async with session.get(f"{url}/-/sim/stats") as response:
+            stats = await response.json()
+        assert (stats["cold_loads"], stats["resident"]) == (2, ["qwen2.5:0.5b"])
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=5) == 0

@@ -1,0 +1,35 @@
+"""A reproducible benchmark of the proxy against direct access and nginx (issue 7).
+
+Usage::
+
+    python -m proxy.bench                 # the full run: a few minutes on 2 cores
+    python -m proxy.bench --smoke         # seconds, tiny counts, no speed asserted (CI)
+    python -m proxy.bench --profile       # where the proxy's CPU goes per chunk (py-spy)
+    python -m proxy.bench --only stream,embed --no-nginx --streams 50 --requests 500
+
+Everything runs on 127.0.0.1, each part in a process of its own: simulated Ollama nodes
+(``python -m proxy.simnode``), the proxy (``python -m proxy --config <generated>``, on uvloop
+when it is installed), nginx when its binary is installed (one worker, ``proxy_buffering off``,
+HTTP/1.1 keep-alive upstreams, ``least_conn``; round robin too for the scheduling table), and
+the load generator (``python -m proxy.bench.loadgen``), which never shares a process with what
+it measures. Every process is stopped at the end, on errors and on Ctrl-C too.
+
+It prints two tables. Relay, for direct access / proxy / nginx:
+
+- CPU time of the front's processes per streamed chunk (utime + stime from /proc/PID/stat
+  around the measured phase, divided by the NDJSON lines the clients received), 100 concurrent
+  streams of 100 tokens at 5 ms per token on 2 nodes;
+- time to first byte, p50 and p99, and what the front adds to direct access's;
+- streams held at once (5,000) with the front's resident memory, idle and holding them;
+- ``/api/embed`` requests per second, by the wall clock and per core of the front (requests
+  divided by the front's CPU seconds, so that a front not saturated on a shared machine is
+  still compared fairly);
+- errors; and proxy ÷ nginx, measured in the same run, as absolute figures vary per machine.
+
+Scheduling, for the proxy / nginx least_conn / nginx round robin, on a fast and a slow node that
+each hold a different model and have memory for one (``--max-loaded 1``: any other model costs a
+cold load and evicts the resident one once it is idle): latency mean and p99, and the nodes' cold
+loads (from the simulator's ``/-/sim/stats``).
+
+See docs/performance.md for figures and how to read them.
+"""

@@ -1,0 +1,110 @@
+"""Command line of ``python -m proxy.bench``; see the package docstring for what it measures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .processes import BenchError, raise_fd_limit
+from .profiling import profile_streaming
+from .report import error_count, machine_summary, relay_table, scheduling_table
+from .scale import SMOKE, Scale
+from .scenarios import Results, log_progress, measure_all
+from .stacks import nginx_version
+
+SCENARIOS = ("stream", "embed", "hold", "sched")
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m proxy.bench",
+        description="Benchmark the proxy against direct access and nginx on simulated nodes.",
+    )
+    p.add_argument("--smoke", action="store_true", help="a tiny run of seconds (CI)")
+    p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy")
+    p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
+    p.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="comma-separated scenarios to run, of: %(default)s",
+    )
+    p.add_argument("--streams", type=int, help="concurrent streams (default 100)")
+    p.add_argument("--requests", type=int, help="streams measured per front (default 2000)")
+    p.add_argument("--tokens", type=int, help="tokens per stream (default 100)")
+    p.add_argument("--token-interval", type=float, help="seconds per token (default 0.005)")
+    p.add_argument("--hold-streams", type=int, help="streams held at once (default 5000)")
+    p.add_argument("--embed-requests", type=int, help="embed requests per front (default 5000)")
+    return p
+
+
+def _scale(args: argparse.Namespace) -> Scale:
+    scale = SMOKE if args.smoke else Scale()
+    overrides = {
+        "streams": args.streams,
+        "stream_requests": args.requests,
+        "tokens": args.tokens,
+        "token_interval": args.token_interval,
+        "hold_streams": args.hold_streams,
+        "embed_requests": args.embed_requests,
+    }
+    return dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _scenarios(text: str) -> set[str]:
+    chosen = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"--only: unknown scenarios {sorted(unknown)}; known: {SCENARIOS}")
+    return chosen
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, through every cleanup, instead of killing us outright."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> None:
+    _cancel_on_sigterm()
+    raise_fd_limit()
+    nginx = None if args.no_nginx else nginx_version()
+    print(machine_summary(nginx), flush=True)
+    if nginx is None:
+        print("nginx skipped (--no-nginx)" if args.no_nginx else "nginx not installed, skipped")
+    with tempfile.TemporaryDirectory(prefix="ollama-proxy-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.profile:
+            print("\n" + await profile_streaming(workdir, scale, log_progress))
+            return
+        results = await measure_all(workdir, scale, nginx is not None, scenarios, log_progress)
+    _print_tables(results, scale)
+    if errors := error_count(results):
+        raise BenchError(f"{errors} requests failed (see the errors rows)")
+
+
+def _print_tables(results: Results, scale: Scale) -> None:
+    if results.relay:
+        print("\n" + relay_table(results, scale))
+    if results.scheduling:
+        print("\n" + scheduling_table(results, scale))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    scenarios = _scenarios(args.only)
+    try:
+        asyncio.run(_run(args, _scale(args), scenarios))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: every process the benchmark started was stopped", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,233 @@
+"""The tables the benchmark prints, and the machine they were measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from .scale import CHAT_MODEL, OTHER_CHAT_MODEL, Scale
+from .scenarios import Column, Results, SchedulingRow
+
+NONE = "-"
+MB = 1024 * 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated between the nearest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def render(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:  # None or NaN: nothing measured
+        return NONE
+    if round(value, digits) == 0:
+        value = 0.0  # not "-0.00" for a difference within rounding
+    return f"{value:,.{digits}f}"
+
+
+# --------------------------------------------------------------------------- the relay table
+
+Figure = Callable[[Column], float | None]
+
+
+def _cpu_per_chunk_us(c: Column) -> float | None:
+    if not c.watched or c.stream is None or not c.stream.chunks:
+        return None
+    return c.stream.cpu_seconds / c.stream.chunks * 1e6
+
+
+def _ttfb_ms(q: float) -> Figure:
+    def figure(c: Column) -> float | None:
+        return None if c.stream is None else percentile(c.stream.ttfb, q) * 1000
+
+    return figure
+
+
+def _held(c: Column) -> float | None:
+    return None if c.hold is None else c.hold.held
+
+
+def _open_seconds(c: Column) -> float | None:
+    return None if c.hold is None else c.hold.open_seconds
+
+
+def _rss_mb(c: Column) -> float | None:
+    return c.hold.rss_held_bytes / MB if c.watched and c.hold is not None else None
+
+
+def _rss_idle_mb(c: Column) -> float | None:
+    return c.hold.rss_idle_bytes / MB if c.watched and c.hold is not None else None
+
+
+def _embed_wall_rate(c: Column) -> float | None:
+    return c.embed.requests / c.embed.wall_seconds if c.embed else None
+
+
+def _embed_rate_per_core(c: Column) -> float | None:
+    if not c.watched or c.embed is None or c.embed.cpu_seconds <= 0:
+        return None
+    return c.embed.requests / c.embed.cpu_seconds
+
+
+def _errors(c: Column) -> str:
+    parts = (c.stream, c.hold, c.embed)
+    return " / ".join(NONE if part is None else str(part.errors) for part in parts)
+
+
+def _ratio(columns: dict[str, Column], figure: Figure) -> str:
+    if "proxy" not in columns or "nginx" not in columns:
+        return NONE
+    proxy, nginx = figure(columns["proxy"]), figure(columns["nginx"])
+    if proxy is None or nginx is None or not nginx:
+        return NONE
+    return f"{proxy / nginx:.2f}"
+
+
+def _added_to_direct(figure: Figure, columns: dict[str, Column]) -> Figure:
+    """The figure minus direct access's, for every front but direct itself."""
+
+    def added(c: Column) -> float | None:
+        direct = columns.get("direct")
+        value = figure(c)
+        base = None if direct is None or c is direct else figure(direct)
+        return None if value is None or base is None else value - base
+
+    return added
+
+
+def error_count(results: Results) -> int:
+    """Failed requests in every scenario: a benchmark with failures measured something else."""
+    relay = sum(
+        part.errors
+        for column in results.relay.values()
+        for part in (column.stream, column.hold, column.embed)
+        if part is not None
+    )
+    return relay + sum(row.outcome.errors for row in results.scheduling.values())
+
+
+def _relay_figures(columns: dict[str, Column], scale: Scale) -> list[tuple[str, Figure, int, bool]]:
+    """The rows of the relay table: label, figure, digits shown, and whether a ratio is wanted."""
+    return [
+        ("CPU per streamed chunk (us)", _cpu_per_chunk_us, 2, True),
+        ("time to first byte p50 (ms)", _ttfb_ms(50), 2, False),
+        ("time to first byte p99 (ms)", _ttfb_ms(99), 2, False),
+        ("added TTFB vs direct p50 (ms)", _added_to_direct(_ttfb_ms(50), columns), 2, False),
+        ("added TTFB vs direct p99 (ms)", _added_to_direct(_ttfb_ms(99), columns), 2, False),
+        (f"streams held (of {scale.hold_streams})", _held, 0, False),
+        ("time to open them (s)", _open_seconds, 1, False),
+        ("RSS idle (MB)", _rss_idle_mb, 1, False),
+        (f"RSS holding {scale.hold_streams} streams (MB)", _rss_mb, 1, True),
+        ("embed req/s (wall clock)", _embed_wall_rate, 0, False),
+        ("embed req/s per core (req / CPU s)", _embed_rate_per_core, 0, True),
+    ]
+
+
+def relay_table(results: Results, scale: Scale) -> str:
+    columns = results.relay
+    names = list(columns)
+    with_ratio = "nginx" in columns
+    rows = []
+    for label, figure, digits, ratio in _relay_figures(columns, scale):
+        row = [label, *(_number(figure(columns[name]), digits) for name in names)]
+        rows.append(row + ([_ratio(columns, figure) if ratio else NONE] if with_ratio else []))
+    errors = ["errors (stream / hold / embed)", *(_errors(columns[name]) for name in names)]
+    rows.append(errors + ([NONE] if with_ratio else []))
+    headers = ["relay", *names] + (["proxy/nginx"] if with_ratio else [])
+    return f"{_relay_title(scale)}\n{render(headers, rows)}"
+
+
+def _relay_title(scale: Scale) -> str:
+    return (
+        f"Relay: {scale.nodes} simulated nodes; {scale.streams} concurrent streams of "
+        f"{scale.tokens} tokens at {scale.token_interval * 1000:g} ms per token "
+        f"({scale.stream_requests} streams measured); {scale.hold_streams} streams held for "
+        f"{scale.hold_seconds:g} s; {scale.embed_requests} /api/embed requests from "
+        f"{scale.embed_clients} clients."
+    )
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def _scheduling_row(label: str, row: SchedulingRow) -> list[str]:
+    outcome = row.outcome
+    mean = sum(outcome.latency) / len(outcome.latency) if outcome.latency else None
+    return [
+        label,
+        str(outcome.requests),
+        _number(mean, 3),
+        _number(percentile(outcome.latency, 99), 3),
+        str(row.cold_loads),
+        str(outcome.errors),
+    ]
+
+
+def _models_in_memory(max_loaded: int) -> str:
+    if max_loaded <= 0:
+        return "no limit on models in memory"
+    return f"memory for {max_loaded} model{'s' if max_loaded > 1 else ''} each"
+
+
+def scheduling_table(results: Results, scale: Scale) -> str:
+    title = (
+        f"Scheduling: a fast node ({scale.fast_interval * 1000:g} ms per token, holds "
+        f"{CHAT_MODEL}) and a slow one ({scale.slow_interval * 1000:g} ms per token, holds "
+        f"{OTHER_CHAT_MODEL}), {scale.sched_parallel} parallel each, "
+        f"{_models_in_memory(scale.sched_max_loaded)}, "
+        f"cold load {scale.load_delay:g} s; {scale.sched_clients} clients, "
+        f"{scale.sched_requests} streams of {scale.sched_tokens} tokens, models mixed at random."
+    )
+    headers = ["scheduling", "requests", "mean (s)", "p99 (s)", "cold loads", "errors"]
+    rows = [_scheduling_row(label, row) for label, row in results.scheduling.items()]
+    return f"{title}\n{render(headers, rows)}"
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_summary(nginx: str | None) -> str:
+    return (
+        f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), Linux {platform.release()}; "
+        f"Python {platform.python_version()}, aiohttp {_version('aiohttp')}, "
+        f"uvloop {_version('uvloop')}, {nginx or 'nginx not installed'}"
+    )

@@ -1,0 +1,234 @@
+"""The scenarios: each starts its own stack, runs the load generator against each front, and
+stops everything before the next one starts, so no scenario measures another's leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .processes import STOP_GRACE, BenchError, Processes
+from .scale import CHAT_MODEL, EMBED_MODEL, OTHER_CHAT_MODEL, Scale
+from .specs import (
+    EmbedLoad,
+    EmbedOutcome,
+    HoldLoad,
+    HoldOutcome,
+    Load,
+    Outcome,
+    StreamLoad,
+    StreamOutcome,
+    decode_outcome,
+    encode,
+)
+from .stacks import Front, SimNodeSpec, cold_load_counter, start_nginx, start_proxy, start_sims
+
+Log = Callable[[str], None]
+Policy = Literal["proxy", "least_conn", "round_robin"]
+POLICY_LABELS: dict[Policy, str] = {
+    "proxy": "proxy",
+    "least_conn": "nginx least_conn",
+    "round_robin": "nginx round robin",
+}
+# Streams being opened at a time: below the listen backlogs (aiohttp 128, nginx 511), so that
+# no SYN is dropped and retried a second later.
+HOLD_OPEN_AT_ONCE = 100
+
+
+def log_progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Column:
+    """One front's figures in the relay table."""
+
+    watched: bool  # whether it has processes of its own to measure (direct access has none)
+    stream: StreamOutcome | None = None
+    embed: EmbedOutcome | None = None
+    hold: HoldOutcome | None = None
+
+
+@dataclass
+class SchedulingRow:
+    outcome: StreamOutcome
+    cold_loads: int
+
+
+@dataclass
+class Results:
+    relay: dict[str, Column] = field(default_factory=dict)  # by front: direct, proxy, nginx
+    scheduling: dict[str, SchedulingRow] = field(default_factory=dict)  # by policy label
+
+
+async def run_load(procs: Processes, load: Load, kind: type[Outcome], time_limit: float) -> Outcome:
+    """Run the load generator in its own process and return what it reports."""
+    child = await procs.start_python(
+        "loadgen", ["-m", "proxy.bench.loadgen", encode(load)], capture_stdout=True
+    )
+    assert child.process.stdout is not None  # capture_stdout
+    try:
+        output = await asyncio.wait_for(child.process.stdout.read(), time_limit)
+        await asyncio.wait_for(child.process.wait(), STOP_GRACE)
+    except TimeoutError:
+        raise BenchError(f"the load generator ran over {time_limit:g} s") from None
+    finally:
+        await procs.stop(child)
+    if child.process.returncode != 0 or not output.strip():
+        raise BenchError(f"the load generator failed:\n{child.log_tail()}")
+    return decode_outcome(output.decode().strip().splitlines()[-1], kind)
+
+
+# --------------------------------------------------------------------------- relay
+
+
+async def _fronts(
+    procs: Processes, workdir: Path, urls: list[str], cap: int, nginx: bool, scale: Scale
+) -> list[Front]:
+    """Direct access, the proxy, and nginx least_conn when it is installed."""
+    fronts = [Front("direct", urls)]
+    fronts.append(await start_proxy(procs, workdir, urls, [cap] * len(urls)))
+    if nginx:
+        streams = scale.hold_streams
+        fronts.append(await start_nginx(procs, workdir, urls, "least_conn", streams=streams))
+    return fronts
+
+
+async def measure_relay(
+    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log
+) -> dict[str, Column]:
+    """Streams (CPU per chunk, time to first byte) and embeddings through each front."""
+    cap = scale.streams + scale.embed_clients  # room for every client: nothing queues
+    node = SimNodeSpec(scale.token_interval, cap, (CHAT_MODEL, EMBED_MODEL))
+    columns: dict[str, Column] = {}
+    async with Processes(workdir) as procs:
+        urls = await start_sims(procs, [node] * scale.nodes)
+        for front in await _fronts(procs, workdir, urls, cap, nginx, scale):
+            column = columns[front.name] = Column(watched=bool(front.pids))
+            if "stream" in scenarios:
+                log(f"{scale.streams} concurrent streams through {front.name}")
+                column.stream = await run_load(
+                    procs, _stream_load(front, scale), StreamOutcome, scale.load_timeout
+                )
+            if "embed" in scenarios:
+                log(f"{scale.embed_requests} embed requests through {front.name}")
+                load = EmbedLoad(
+                    front.urls, scale.embed_clients, scale.embed_requests, EMBED_MODEL, front.pids
+                )
+                column.embed = await run_load(procs, load, EmbedOutcome, scale.load_timeout)
+    return columns
+
+
+def _stream_load(front: Front, scale: Scale) -> StreamLoad:
+    return StreamLoad(
+        urls=front.urls,
+        concurrency=scale.streams,
+        requests=scale.stream_requests,
+        tokens=scale.tokens,
+        models=[CHAT_MODEL],
+        watch_pids=front.pids,
+    )
+
+
+async def measure_hold(workdir: Path, scale: Scale, nginx: bool, log: Log) -> dict[str, Column]:
+    """Many concurrent open streams: does each front hold them all, and in how much memory."""
+    cap = scale.hold_streams  # any node may get them all
+    node = SimNodeSpec(scale.hold_token_interval, cap, (CHAT_MODEL,))
+    columns: dict[str, Column] = {}
+    async with Processes(workdir) as procs:
+        urls = await start_sims(procs, [node] * scale.nodes)
+        for front in await _fronts(procs, workdir, urls, cap, nginx, scale):
+            log(f"{scale.hold_streams} held streams through {front.name}")
+            load = HoldLoad(
+                front.urls,
+                scale.hold_streams,
+                HOLD_OPEN_AT_ONCE,
+                scale.hold_seconds,
+                CHAT_MODEL,
+                front.pids,
+            )
+            hold = await run_load(procs, load, HoldOutcome, scale.load_timeout)
+            columns[front.name] = Column(watched=bool(front.pids), hold=hold)
+    return columns
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+async def _scheduling_front(
+    procs: Processes, workdir: Path, urls: list[str], policy: Policy, scale: Scale
+) -> Front:
+    if policy == "proxy":
+        return await start_proxy(procs, workdir, urls, [scale.sched_parallel] * len(urls))
+    return await start_nginx(procs, workdir, urls, policy, streams=scale.sched_clients)
+
+
+def _scheduling_nodes(scale: Scale) -> list[SimNodeSpec]:
+    """A fast node and a slow one, each holding a different model in memory, with room for
+    ``scale.sched_max_loaded`` models: loading the other one evicts it once it is idle."""
+    return [
+        SimNodeSpec(
+            interval,
+            scale.sched_parallel,
+            (model,),
+            load_delay=scale.load_delay,
+            max_loaded=scale.sched_max_loaded,
+        )
+        for interval, model in (
+            (scale.fast_interval, CHAT_MODEL),
+            (scale.slow_interval, OTHER_CHAT_MODEL),
+        )
+    ]
+
+
+async def _schedule(workdir: Path, scale: Scale, policy: Policy) -> SchedulingRow:
+    """One policy on fresh nodes, each with its own model in memory again: what another policy
+    left loaded would change the cold loads of the next."""
+    async with Processes(workdir) as procs:
+        urls = await start_sims(procs, _scheduling_nodes(scale))
+        front = await _scheduling_front(procs, workdir, urls, policy, scale)
+        before = await asyncio.gather(*(cold_load_counter(url) for url in urls))
+        load = StreamLoad(
+            urls=front.urls,
+            concurrency=scale.sched_clients,
+            requests=scale.sched_requests,
+            tokens=scale.sched_tokens,
+            models=[CHAT_MODEL, OTHER_CHAT_MODEL],
+            watch_pids=front.pids,
+            warmup=False,  # a warm-up would pay the cold loads this table is about
+        )
+        outcome = await run_load(procs, load, StreamOutcome, scale.load_timeout)
+        after = await asyncio.gather(*(cold_load_counter(url) for url in urls))
+    return SchedulingRow(outcome, sum(after) - sum(before))
+
+
+async def measure_scheduling(
+    workdir: Path, scale: Scale, nginx: bool, log: Log
+) -> dict[str, SchedulingRow]:
+    """Unequal nodes, each holding a different model: latency and cold loads per policy."""
+    policies: list[Policy] = ["proxy", "least_conn", "round_robin"] if nginx else ["proxy"]
+    rows: dict[str, SchedulingRow] = {}
+    for policy in policies:
+        log(f"scheduling through {POLICY_LABELS[policy]}")
+        rows[POLICY_LABELS[policy]] = await _schedule(workdir, scale, policy)
+    return rows
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+async def measure_all(
+    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log
+) -> Results:
+    results = Results()
+    if scenarios & {"stream", "embed"}:
+        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log)
+    if "hold" in scenarios:
+        for name, held in (await measure_hold(workdir, scale, nginx, log)).items():
+            results.relay.setdefault(name, held).hold = held.hold
+    if "sched" in scenarios:
+        results.scheduling = await measure_scheduling(workdir, scale, nginx, log)
+    return results

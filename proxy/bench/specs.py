@@ -1,0 +1,100 @@
+"""What the load generator is asked to do, and what it reports: JSON across a process boundary.
+
+The load generator runs in its own process (its CPU must never count as the proxy's), so a load
+is described by plain data: the orchestrator encodes one of the loads below as JSON on the
+command line, and the load generator prints one outcome as a JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, TypeVar
+
+Outcome = TypeVar("Outcome", "StreamOutcome", "HoldOutcome", "EmbedOutcome")
+
+
+@dataclass(frozen=True)
+class StreamLoad:
+    """A closed loop of streamed generations: ``concurrency`` clients share ``requests``."""
+
+    urls: list[str]  # client i talks to urls[i % len(urls)]
+    concurrency: int
+    requests: int  # measured generations in all, after the warm-up
+    tokens: int  # per generation (Ollama's options.num_predict)
+    models: list[str]  # each request names one, drawn with a seeded random generator
+    watch_pids: list[int]  # processes whose CPU time is read around the measured phase
+    warmup: bool = True  # one unmeasured generation per client first (connections, caches)
+    seed: int = 1
+    kind: Literal["stream"] = "stream"
+
+
+@dataclass(frozen=True)
+class HoldLoad:
+    """Open ``streams`` generations at once and keep them all open for ``hold_seconds``."""
+
+    urls: list[str]
+    streams: int
+    open_at_once: int  # streams being opened at a time: a ramp, not a SYN flood
+    hold_seconds: float
+    model: str
+    watch_pids: list[int]  # processes whose resident memory is read while the streams are held
+    kind: Literal["hold"] = "hold"
+
+
+@dataclass(frozen=True)
+class EmbedLoad:
+    """A closed loop of short non-streaming ``/api/embed`` requests."""
+
+    urls: list[str]
+    concurrency: int
+    requests: int
+    model: str
+    watch_pids: list[int]
+    warmup: bool = True
+    kind: Literal["embed"] = "embed"
+
+
+Load = StreamLoad | HoldLoad | EmbedLoad
+
+
+@dataclass
+class StreamOutcome:
+    requests: int
+    errors: int  # failed, or fewer lines than tokens + 1
+    chunks: int  # NDJSON lines received: one per token, plus the final one
+    cpu_seconds: float  # of watch_pids during the measured phase
+    wall_seconds: float
+    ttfb: list[float]  # seconds to the first body byte, successful requests only
+    latency: list[float]  # seconds to the end of the body, successful requests only
+
+
+@dataclass
+class HoldOutcome:
+    held: int  # streams still open at the end of the hold
+    errors: int  # streams that failed to open or ended before the release
+    open_seconds: float  # time to open them all
+    rss_idle_bytes: int  # of watch_pids before the first stream
+    rss_held_bytes: int  # of watch_pids with every stream open
+
+
+@dataclass
+class EmbedOutcome:
+    requests: int
+    errors: int
+    cpu_seconds: float
+    wall_seconds: float
+
+
+def encode(value: Load | StreamOutcome | HoldOutcome | EmbedOutcome) -> str:
+    return json.dumps(asdict(value), separators=(",", ":"))
+
+
+def decode_load(text: str) -> Load:
+    data: dict[str, Any] = json.loads(text)
+    kinds: dict[str, type[Load]] = {"stream": StreamLoad, "hold": HoldLoad, "embed": EmbedLoad}
+    return kinds[data["kind"]](**data)
+
+
+def decode_outcome(text: str, kind: type[Outcome]) -> Outcome:
+    return kind(**json.loads(text))
