@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import ollama
+import openai
 import pytest
 
 from proxy.simnode import SimNode
@@ -243,3 +244,23 @@ async def test_delete_copy_create_and_blobs_fan_out(
         async with session.post(proxy.url + "/api/create", json=create) as resp:
             assert resp.status == 200 and await resp.json() == {"status": "success"}
     assert all("custom:latest" in n.settings.models or "custom" in n.settings.models for n in nodes)
+
+
+async def test_push_and_openai_model_go_to_a_node_that_has_it(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (a,) = await start_nodes(1, models=[LLAMA])
+    (b,) = await start_nodes(1, models=[QWEN], resident=[QWEN])
+    proxy = await start_proxy([a, b])
+    status, body = await post(proxy, "/api/push", {"model": QWEN, "stream": False})
+    assert status == 200 and json.loads(body) == {"status": "success"}
+    assert [r.path for r in generations(b)] == ["/api/push"] and generations(a) == []
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        model = await client.models.retrieve(QWEN)
+        assert model.id == QWEN
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("no-such")
+    finally:
+        await client.close()
+    assert generations(b)[-1].path == f"/v1/models/{QWEN}"

@@ -275,3 +275,39 @@ def port_open(url: str) -> bool:
     host, port = url.removeprefix("http://").split(":")
     with socket.socket() as sock:
         return sock.connect_ex((host, int(port))) == 0
+
+
+async def test_sighup_reloads_the_real_process(start_nodes: StartNodes, tmp_path: Path) -> None:
+    a, b = await start_nodes(2)
+    config = tmp_path / "config.yaml"
+    one_node = {"nodes": [{"url": a.url, "name": "a"}], "reload": {"watch": False}}
+    config.write_text(yaml.safe_dump(one_node))
+    async with proxy_subprocess(config) as (url, process), aiohttp.ClientSession() as session:
+        both = {**one_node, "nodes": [*one_node["nodes"], {"url": b.url, "name": "b"}]}
+        config.write_text(yaml.safe_dump(both))  # not watched: only the signal reloads it
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(5):
+            while True:
+                async with session.get(url + "/-/nodes") as resp:
+                    names = [n["name"] for n in (await resp.json())["nodes"] if n["up"]]
+                if names == ["a", "b"]:
+                    break
+                await asyncio.sleep(0.05)
+
+
+async def test_cap_change_applies_to_new_requests(
+    start_nodes: StartNodes, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    (node,) = await start_nodes(1, num_parallel=10, tokens=10, token_interval=0.01)
+    path = tmp_path / "config.yaml"
+    write_config(path, [node], caps=[1])
+    proxy = await start_proxy([], config_path=path)
+    write_config(path, [node], caps=[3])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/-/reload") as resp:
+            assert resp.status == 200
+        bodies = [session.post(proxy.url + "/api/generate", json=GENERATE) for _ in range(9)]
+        for resp in await asyncio.gather(*bodies):
+            await resp.read()
+            resp.release()
+    assert node.stats.max_active == 3
