@@ -1,14 +1,13 @@
 """The proxy's own failure types and the Ollama-shaped bodies clients see for them.
 
-The request path decides on these types, never on aiohttp's exception tree; ``upstream_error``
-is the one place where aiohttp's errors are translated.
+The request path decides on these types, never on a library's exception tree: upstream.py
+raises ``UpstreamError`` with its kind.
 """
 
 from __future__ import annotations
 
 import json
 
-import aiohttp
 from aiohttp import web
 
 
@@ -58,17 +57,6 @@ class UpstreamError(Exception):
         answered (a stale keep-alive connection, a crash), so nothing reached the client and
         the node is not generating for it. A timeout may mean the node is still working."""
         return self.kind in ("connect", "reset")
-
-
-def upstream_error(exc: BaseException, *, before_response: bool) -> UpstreamError:
-    """The one translation of aiohttp/asyncio failures while talking to a node."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return UpstreamError("connect", str(exc) or "could not connect")
-    if isinstance(exc, TimeoutError):
-        return UpstreamError("timeout", str(exc) or "no bytes within the idle timeout")
-    if before_response and isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamError("reset", "connection closed before the node answered")
-    return UpstreamError("broken", str(exc) or type(exc).__name__)
 
 
 def error_body(message: str) -> bytes:

@@ -16,9 +16,10 @@ Invariants kept here:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,10 +41,9 @@ from .health import Health
 from .metrics import Metrics, endpoint_label
 from .models import normalize_model
 from .pool import Lease, Node, Pool
-from .routing import nodes_with, want_for
+from .routing import availability, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
-from .upstream import Connection, Head, Upstreams, request_bytes
-from .upstream import _Exchange as UpstreamExchange
+from .upstream import Answer, Connection, Head, Upstreams, request_bytes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,8 +88,8 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization",
     }
 )
-# Set again by aiohttp for the node: the node's host (Ollama on loopback answers 403 to any
-# other) and the length of the body actually sent.
+# Written anew for the node (upstream.request_bytes): the node's host (Ollama on loopback
+# answers 403 to any other) and the length of the body actually sent.
 RESET_REQUEST_HEADERS = frozenset({"host", "content-length", "expect"})
 
 
@@ -171,7 +171,7 @@ class Forwarder:
             request.method,
             request.path,
             body=b"",
-            request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16],
+            request_id=request.headers.get("X-Request-Id") or _new_request_id(),
             client=request.remote or "",
         )
         self.active += 1
@@ -246,8 +246,6 @@ class Forwarder:
         """The node's response headers, or None when the request should go to another node."""
         ex.node = node
         ex.attempts += 1
-        others = want_for(self.pool, ex.model_key, spill_after=0, exclude=[*tried, node])
-        may_retry = ex.attempts < self.max_attempts and bool(self.pool.candidates(others))
         try:
             upstream = await self._send(request, ex, node)
             ex.first_byte = time.monotonic()  # the node's status line and headers are in
@@ -255,17 +253,24 @@ class Forwarder:
             self.health.passive_failure(node, err.kind)
             self.metrics.upstream_error(node, err.kind)
             tried.append(node)
-            if err.may_retry and may_retry:
+            if err.may_retry and self._may_retry(ex, tried):
                 self.metrics.retry(err.kind)
                 return None
             raise _gateway_error(node, err) from None
-        if upstream.head.status == 503 and may_retry:
+        if upstream.head.status == 503 and self._may_retry(ex, [*tried, node]):
             # Ollama's own queue is full: nothing was generated, another node may have room.
             upstream.conn.finish(reusable=False)
             tried.append(node)
             self.metrics.retry("node_busy")
             return None
         return upstream
+
+    def _may_retry(self, ex: Exchange, tried: list[Node]) -> bool:
+        """Attempts are left, and some node that has not failed this request could take it."""
+        if ex.attempts >= self.max_attempts:
+            return False
+        others = want_for(self.pool, ex.model_key, spill_after=0, exclude=tried)
+        return bool(self.pool.candidates(others))
 
     async def _admit(self, ex: Exchange, tried: list[Node]) -> Lease:
         """A slot for inference; for other requests a node with no slot counted."""
@@ -288,28 +293,28 @@ class Forwarder:
         return lease
 
     def _check_model_available(self, model_key: str, named: str) -> None:
-        """404 when no node has the model, 503 when only nodes that are down have it."""
-        if any(n.has_model(model_key) for n in self.pool.nodes.values() if n.takes_new):
-            return
-        if nodes_with(self.pool, model_key, up=False):
+        """404 when no node has the model, 503 when only nodes that are down may have it."""
+        where = availability(self.pool, model_key)
+        if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
-        raise ProxyError(404, f"model '{named}' not found, try pulling it first")
+        if where == "nowhere":
+            raise ProxyError(404, f"model '{named}' not found, try pulling it first")
 
     async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
         connections = self.upstreams.to(node.url)
         raw = request_bytes(
             request.method,
-            request.path_qs,
+            request.raw_path,  # the target exactly as the client sent it (path and query)
             connections.host_header,
             _request_headers(request),
             ex.body,
         )
         while True:
             conn, reused = await connections.get()
-            exchange = conn.send(raw, body_expected=request.method != "HEAD")
+            answer = conn.send(raw, body_expected=request.method != "HEAD")
             try:
-                head = await exchange.headers_done
+                head = await answer.headers_done
             except UpstreamError as err:
                 conn.finish(reusable=False)
                 if reused and err.kind == "reset":
@@ -318,7 +323,7 @@ class Forwarder:
             except BaseException:
                 conn.finish(reusable=False)  # the client left: closing stops the node
                 raise
-            return Upstream(conn, exchange, head)
+            return Upstream(conn, answer, head)
 
     # -- relay ------------------------------------------------------------------------------
 
@@ -363,6 +368,15 @@ class Forwarder:
                 node.record_usage(ex.model_key, ex.usage)
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.fleet.refresh_soon(node)
+
+
+_REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
+_request_numbers = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
 def _request_headers(request: web.Request) -> list[tuple[str, str]]:
@@ -429,10 +443,10 @@ def _content_type(head: Head) -> str:
 
 @dataclass
 class Upstream:
-    """A node's answer under way: the connection, its exchange, and the status and headers."""
+    """A node's answer under way: the connection, the answer, and its status and headers."""
 
     conn: Connection
-    exchange: UpstreamExchange
+    answer: Answer
     head: Head
     complete: bool = False  # the whole body was relayed: the connection may be reused
 
@@ -457,7 +471,7 @@ class _Relay:
         self.client_full: asyncio.Future[None] = loop.create_future()
 
     async def run(self) -> None:
-        done = self.upstream.exchange.body_done
+        done = self.upstream.answer.body_done
         self.upstream.conn.attach(self.write)
         while True:
             await asyncio.wait({done, self.client_full}, return_when=asyncio.FIRST_COMPLETED)

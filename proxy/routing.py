@@ -49,15 +49,12 @@ def want_for(
     return Want(model, eligible, rank, excluded, recheck_at=spill_at)
 
 
-def nodes_with(pool: Pool, model: str, *, up: bool) -> list[Node]:
-    """Nodes known to have ``model`` on disk, among those up (or down)."""
-    return [
-        n
-        for n in pool.nodes.values()
-        if n.takes_new == up and n.models is not None and model in n.models
-    ]
-
-
-def inventory_complete(pool: Pool) -> bool:
-    """Every node that takes requests has listed its models: a miss is a real miss."""
-    return all(n.models is not None for n in pool.nodes.values() if n.takes_new)
+def availability(pool: Pool, model: str) -> str:
+    """Where ``model`` can be served: "up", "down" (only on nodes out of service, or on ones
+    whose models are not known yet), or "nowhere" (every node listed its models: a real 404).
+    """
+    if any(n.has_model(model) for n in pool.nodes.values() if n.takes_new):
+        return "up"
+    if any(n.has_model(model) for n in pool.nodes.values()):
+        return "down"
+    return "nowhere"

@@ -37,7 +37,9 @@ class Head:
 
 
 @dataclass
-class _Exchange:
+class Answer:
+    """One request's answer as it arrives: its head, then the end of its body."""
+
     headers_done: asyncio.Future[Head]
     body_done: asyncio.Future[None]
     head: Head | None = None
@@ -51,7 +53,7 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.exchange: _Exchange | None = None
+        self.answer: Answer | None = None
         self.sink: Sink | None = None
         self.closed = False
         self.last_activity = 0.0
@@ -79,7 +81,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_idle_timer()
         self.pool.forget(self)
-        ex = self.exchange
+        ex = self.answer
         if ex is None:
             return
         if not ex.headers_done.done():
@@ -105,7 +107,7 @@ class Connection(asyncio.Protocol):
         self._header_items.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        ex = self.exchange
+        ex = self.answer
         if ex is None:
             return
         head = Head(
@@ -131,19 +133,19 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
             self.sink(body)
-        elif self.exchange is not None:
-            self.exchange.pending.append(body)
+        elif self.answer is not None:
+            self.answer.pending.append(body)
 
     def on_message_complete(self) -> None:
-        ex = self.exchange
+        ex = self.answer
         if ex is not None and not ex.body_done.done():
             ex.body_done.set_result(None)
 
     # -- use --------------------------------------------------------------------------------
 
-    def send(self, request: bytes, *, body_expected: bool) -> _Exchange:
+    def send(self, request: bytes, *, body_expected: bool) -> Answer:
         assert self.transport is not None
-        self.exchange = _Exchange(
+        self.answer = Answer(
             self.loop.create_future(), self.loop.create_future(), body_expected=body_expected
         )
         self.parser = httptools.HttpResponseParser(self)
@@ -151,12 +153,12 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.transport.write(request)
         self._arm_idle_timer()
-        return self.exchange
+        return self.answer
 
     def attach(self, sink: Sink) -> None:
         """From now on body bytes go to ``sink`` as they arrive (pending ones first)."""
         self.sink = sink
-        ex = self.exchange
+        ex = self.answer
         if ex is not None and ex.pending:
             pending, ex.pending = ex.pending, []
             for piece in pending:
@@ -164,16 +166,16 @@ class Connection(asyncio.Protocol):
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over: back to the pool when clean, else closed."""
-        head = self.exchange.head if self.exchange is not None else None
+        head = self.answer.head if self.answer is not None else None
         clean = (
             reusable
             and head is not None
             and head.keep_alive
-            and self.exchange is not None
-            and self.exchange.body_done.done()
+            and self.answer is not None
+            and self.answer.body_done.done()
             and not self.closed
         )
-        self.exchange = None
+        self.answer = None
         self.sink = None
         self._cancel_idle_timer()
         if clean:
@@ -197,7 +199,7 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, error: UpstreamError) -> None:
-        ex = self.exchange
+        ex = self.answer
         if ex is None:
             return
         for fut in (ex.headers_done, ex.body_done):
@@ -241,6 +243,7 @@ class NodeConnections:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.idle: list[Connection] = []
+        self.tls = ssl.create_default_context() if self.https else None
 
     async def get(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused (a reused one may have gone stale)."""
@@ -252,11 +255,10 @@ class NodeConnections:
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self.https else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, protocol = await loop.create_connection(
-                    lambda: Connection(self), self.host, self.port, ssl=context
+                    lambda: Connection(self), self.host, self.port, ssl=self.tls
                 )
         except TimeoutError:
             timeout = self.connect_timeout

@@ -264,3 +264,13 @@ async def test_push_and_openai_model_go_to_a_node_that_has_it(
     finally:
         await client.close()
     assert generations(b)[-1].path == f"/v1/models/{QWEN}"
+
+
+async def test_every_node_down_is_503_not_404(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    await node.refuse()  # down before the proxy ever listed its models
+    proxy = await start_proxy([node])
+    status, body = await post(proxy, "/api/generate", {"model": "llama3.2", "prompt": "x"})
+    assert status == 503 and "down" in json.loads(body)["error"]

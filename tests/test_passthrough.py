@@ -14,6 +14,7 @@ from datetime import datetime
 import aiohttp
 import ollama
 import pytest
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -28,6 +29,7 @@ class RawNode:
     def __init__(self) -> None:
         self.seen_headers: list[dict[str, str]] = []
         self.seen_bodies: list[bytes] = []
+        self.seen_targets: list[str] = []
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.server = TestServer(app, host="127.0.0.1")
@@ -38,6 +40,7 @@ class RawNode:
         if request.path == "/api/version":  # the proxy's health check
             return web.json_response({"version": "0.12.6"})
         self.seen_headers.append(dict(request.headers))
+        self.seen_targets.append(request.raw_path)
         self.seen_bodies.append(await request.read())
         if request.path == "/gzip":
             return web.Response(
@@ -319,3 +322,12 @@ async def test_blob_upload_is_streamed_to_the_node(
         async with session.head(url) as resp:
             assert resp.status == 200
     assert generations(node)[-2].body == blob
+
+
+async def test_request_target_is_passed_as_sent(raw_node: RawNode, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy([raw_node])  # type: ignore[list-item]
+    target = "/api/experimental/a%2Fb%20c?q=x%26y&z=%E2%9C%93"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(yarl.URL(proxy.url + target, encoded=True)) as resp:
+            await resp.read()
+    assert raw_node.seen_targets[-1] == target
