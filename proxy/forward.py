@@ -47,20 +47,10 @@ from .upstream import Answer, Connection, Head, Upstreams, request_bytes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Inference: these take a slot on the node (a generation or an embedding on its GPU).
-INFERENCE_PATHS = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-    }
-)
+# Inference: these take a slot on the node (a generation or an embedding on its GPU). The
+# Ollama and OpenAI paths carry token counts; the Responses and Anthropic ones are counted
+# as requests only.
+INFERENCE_PATHS = TELEMETRY_PATHS | {"/v1/responses", "/v1/messages"}
 # Answered by one node that has the model, taking no slot. (Pull, create, copy, delete and
 # blobs fan out to the whole fleet: fleet.py.)
 MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 
 from proxy.simnode import SimNode
 
-from .conftest import Proxy, StartNodes, StartProxy, generations
+from .conftest import Proxy, StartNodes, StartProxy, generations, metric
 
 GENERATE = {"model": "llama3.2", "prompt": "x"}
 
@@ -21,14 +20,6 @@ async def generate_ok(session: aiohttp.ClientSession, url: str) -> bool:
             return False
         chunks = [json.loads(line) async for line in resp.content]
         return chunks[-1].get("done") is True and "error" not in chunks[-1]
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from Prometheus text, 0 when absent."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
 
 
 async def node_up(proxy: Proxy, node: SimNode) -> float:

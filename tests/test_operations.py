@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import signal
 import socket
 from pathlib import Path
@@ -21,19 +20,13 @@ from .conftest import (
     StartNodes,
     StartProxy,
     generations,
+    metric,
     proxy_config_data,
     proxy_subprocess,
     wait_until,
 )
 
 GENERATE = {"model": "llama3.2", "prompt": "one two three"}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
 
 
 def write_config(path: Path, nodes: list[SimNode], **top: Any) -> None:
