@@ -37,6 +37,7 @@ DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default: 5 minutes
 JSON_TYPE = "application/json; charset=utf-8"
 NDJSON_TYPE = "application/x-ndjson"
 BLOB_PIECE = 1024 * 1024
+MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well under 1 MiB
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -156,9 +157,8 @@ class Fleet:
     async def _get_json(self, node: Node, path: str) -> Any:
         try:
             async with self.session.get(node.url + path, timeout=self.timeout) as resp:
-                if resp.status != 200:
-                    return None
-                return json.loads(await resp.read())
+                body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
+                return json.loads(body) if body is not None else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("%s %s failed: %s", node.name, path, exc)
             return None
@@ -475,6 +475,16 @@ async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     if model is None:
         raise ProxyError(400, "model is required")
     return body, normalize_model(model)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The whole body, or None past ``cap`` bytes: a listing that large is not one."""
+    body = bytearray()
+    async for piece in resp.content.iter_any():
+        body += piece
+        if len(body) > cap:
+            return None
+    return bytes(body)
 
 
 def _json_line(line: bytes) -> dict[str, Any]:

@@ -457,17 +457,16 @@ class _Relay:
         self.chunked = response.chunked
         self.upstream = upstream
         self.recent: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
-        loop = asyncio.get_running_loop()
-        self.client_full: asyncio.Future[None] = loop.create_future()
+        self.resuming: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        done = self.upstream.answer.body_done
+        """Until the node's answer has ended; raises the node's failure, if any."""
         self.upstream.conn.attach(self.write)
-        while True:
-            await asyncio.wait({done, self.client_full}, return_when=asyncio.FIRST_COMPLETED)
-            if done.done():
-                return done.result()  # raises the node's failure, if any
-            await self._wait_for_client()
+        try:
+            await self.upstream.answer.body_done
+        finally:
+            if self.resuming is not None:
+                self.resuming.cancel()
 
     def write(self, piece: bytes) -> None:
         self.recent.append(piece)
@@ -478,12 +477,11 @@ class _Relay:
             transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
         else:
             transport.write(piece)
-        if transport.get_write_buffer_size() > CLIENT_BUFFER_HIGH:
+        if transport.get_write_buffer_size() > CLIENT_BUFFER_HIGH and self.resuming is None:
             self.upstream.conn.pause()  # stop reading the node until the client catches up
-            if not self.client_full.done():
-                self.client_full.set_result(None)
+            self.resuming = asyncio.ensure_future(self._resume_when_client_caught_up())
 
-    async def _wait_for_client(self) -> None:
+    async def _resume_when_client_caught_up(self) -> None:
         """A slow client: read from the node again once the client has taken most of it."""
         # aiohttp has no public way to await a drained transport outside its own writer; a
         # slow client is rare and a few milliseconds of polling cost nothing per chunk.
@@ -492,5 +490,5 @@ class _Relay:
             and not self.transport.is_closing()
         ):
             await asyncio.sleep(0.005)
-        self.client_full = asyncio.get_running_loop().create_future()
+        self.resuming = None
         self.upstream.conn.resume()

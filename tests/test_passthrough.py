@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import itertools
@@ -331,3 +332,50 @@ async def test_request_target_is_passed_as_sent(raw_node: RawNode, start_proxy: 
         async with session.get(yarl.URL(proxy.url + target, encoded=True)) as resp:
             await resp.read()
     assert raw_node.seen_targets[-1] == target
+
+
+class FloodNode(RawNode):
+    """Streams ``total`` bytes as fast as the proxy takes them, counting what it got out."""
+
+    total = 192 * 1024 * 1024  # beyond what loopback socket buffers can hold (32 MiB here)
+    piece = b"x" * 65536
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != "/flood":  # health checks and model discovery
+            return web.json_response({"version": "0.12.6", "models": []})
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        while self.sent < self.total:
+            await response.write(self.piece)  # waits while the proxy is not reading
+            self.sent += len(self.piece)
+        await response.write_eof()
+        return response
+
+
+async def test_slow_client_pauses_the_node_instead_of_buffering(
+    start_proxy: StartProxy,
+) -> None:
+    node = FloodNode()
+    await node.server.start_server()
+    node.url = str(node.server.make_url("")).rstrip("/")
+    try:
+        proxy = await start_proxy([node])  # type: ignore[list-item]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url + "/flood") as resp:
+                # The client reads nothing for a while: the node must be held back, not
+                # drained into the proxy's memory.
+                previous = -1
+                while node.sent != previous:
+                    previous = node.sent
+                    await asyncio.sleep(0.2)
+                assert node.sent < node.total * 2 // 3
+                received = 0
+                async for chunk in resp.content.iter_any():
+                    received += len(chunk)
+        assert received == node.total == node.sent
+    finally:
+        await node.server.close()
