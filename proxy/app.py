@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import admin
 from .config import Config, ConfigError, load_config
+from .discovery import Discovery
 from .fleet import Fleet
 from .forward import Forwarder
 from .health import Health
@@ -35,9 +36,10 @@ class Runtime:
         self.metrics = Metrics(self.pool)
         self.shutting_down = False
         self._session = _upstream_session()
-        self.fleet = Fleet(self.pool, self._session, config)
-        self.health = Health(self.pool, self._session, config.health_check, self.fleet)
-        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self.fleet, config)
+        self.discovery = Discovery(self.pool, self._session, config)
+        self.fleet = Fleet(self.pool, self._session, self.discovery, config)
+        self.health = Health(self.pool, self._session, config.health_check, self.discovery)
+        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self.discovery, config)
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
@@ -64,6 +66,7 @@ class Runtime:
         self.config = config
         added = self.pool.reconfigure(config.nodes, config.queue)
         self.health.configure(config.health_check)
+        self.discovery.configure(config)
         self.fleet.configure(config)
         self.forwarder.configure(config)
         for node in added:  # they join once they pass a check: check them now
@@ -71,7 +74,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         self.forwarder.upstreams.close()
-        await self.fleet.aclose()
+        await self.discovery.aclose()
         await self._session.close()
 
 
@@ -95,10 +98,10 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await runtime.health.check_all()  # know who is up, and what they hold, before serving
-    await runtime.fleet.refresh_all()
+    await runtime.discovery.refresh_all()
     tasks = [
         asyncio.create_task(runtime.health.run(), name="health-checks"),
-        asyncio.create_task(runtime.fleet.run(), name="discovery"),
+        asyncio.create_task(runtime.discovery.run(), name="discovery"),
     ]
     if runtime.config_path is not None and runtime.config.reload.watch:
         watcher = watch_file(runtime.config_path, lambda: runtime.config.reload.poll_interval)

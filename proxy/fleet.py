@@ -1,8 +1,4 @@
-"""The fleet seen as one Ollama: model discovery, merged listings, fan-out model management.
-
-Discovery keeps each node's inventory (``/api/tags``: on disk; ``/api/ps``: in memory, with
-``expires_at``) fresh on a timer, after a node recovers, and after the proxy itself changed it
-(pull, delete, copy, create, or a cold load that may have evicted another model).
+"""The fleet seen as one Ollama: merged listings and fan-out model management.
 
 Listings (tags, ps, /v1/models, version) are asked of every healthy node at once and merged in
 Ollama's own shapes. Management fans out: a pull goes to every healthy node (or the nodes
@@ -16,10 +12,8 @@ import contextlib
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -27,17 +21,16 @@ from aiohttp import web
 
 from .bodies import model_of, read_bounded, required_json_object
 from .config import Config
+from .discovery import Discovery, entries, model_names
 from .errors import ProxyError, error_body, error_response
 from .models import normalize_model
 from .pool import Node, Pool
 
 log = logging.getLogger("ollama_proxy.fleet")
 
-DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default: 5 minutes
 JSON_TYPE = "application/json; charset=utf-8"
 NDJSON_TYPE = "application/x-ndjson"
 BLOB_PIECE = 1024 * 1024
-MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well under 1 MiB
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,16 +55,19 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 
 class Fleet:
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: Config) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        session: aiohttp.ClientSession,
+        discovery: Discovery,
+        config: Config,
+    ) -> None:
         self.pool = pool
         self.session = session
-        self._refreshing: set[Node] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.discovery = discovery
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        self.interval = config.discovery.interval
-        self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
         # Pulls and uploads last as long as they last; only silence is a failure.
         self.transfer_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -100,69 +96,6 @@ class Fleet:
             if method == "GET":
                 router.add_route("HEAD", path, wrap(_answering_errors(handler)))
 
-    # -- discovery --------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Refresh every node's inventory each interval, forever (cancelled on shutdown)."""
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.refresh_all()
-
-    async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(n) for n in self.pool.nodes.values() if n.up))
-
-    async def refresh(self, node: Node) -> None:
-        tags, ps = await asyncio.gather(
-            self._get_json(node, "/api/tags"), self._get_json(node, "/api/ps")
-        )
-        if tags is not None:
-            node.models = {normalize_model(m) for m in _model_names(tags)}
-        if ps is not None:
-            node.resident = {
-                normalize_model(name): _expiry(entry.get("expires_at"))
-                for entry in _entries(ps, "models")
-                if (name := entry.get("model") or entry.get("name"))
-            }
-
-    def refresh_soon(self, node: Node) -> None:
-        """Refresh one node in the background (at most one refresh per node at a time)."""
-        if node in self._refreshing:
-            return
-        self._refreshing.add(node)
-
-        async def refresh() -> None:
-            try:
-                await self.refresh(node)
-            finally:
-                self._refreshing.discard(node)
-
-        self._spawn(refresh())
-
-    def served(self, node: Node, model: str) -> None:
-        """The node just answered for ``model``: it has it, and holds it in memory."""
-        if node.models is not None:
-            node.models.add(model)
-        node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _get_json(self, node: Node, path: str) -> Any:
-        try:
-            async with self.session.get(node.url + path, timeout=self.timeout) as resp:
-                body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
-                return json.loads(body) if body is not None else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.debug("%s %s failed: %s", node.name, path, exc)
-            return None
-
     # -- merged listings --------------------------------------------------------------------
 
     def _healthy(self) -> list[Node]:
@@ -173,24 +106,24 @@ class Fleet:
 
     async def _ask_all(self, path: str) -> list[tuple[Node, Any]]:
         nodes = self._healthy()
-        answers = await asyncio.gather(*(self._get_json(n, path) for n in nodes))
+        answers = await asyncio.gather(*(self.discovery.get_json(n, path) for n in nodes))
         return [(n, a) for n, a in zip(nodes, answers, strict=True) if a is not None]
 
     async def tags(self, request: web.Request) -> web.StreamResponse:
         answers = await self._ask_all("/api/tags")
         for node, answer in answers:
-            node.models = {normalize_model(m) for m in _model_names(answer)}
-        models = _union((_entries(a, "models") for _, a in answers), "model", "name")
+            node.models = {normalize_model(m) for m in model_names(answer)}
+        models = _union((entries(a, "models") for _, a in answers), "model", "name")
         return json_response({"models": models})
 
     async def ps(self, request: web.Request) -> web.StreamResponse:
         answers = await self._ask_all("/api/ps")
-        models = _union((_entries(a, "models") for _, a in answers), "model", "name")
+        models = _union((entries(a, "models") for _, a in answers), "model", "name")
         return json_response({"models": models})
 
     async def openai_models(self, request: web.Request) -> web.StreamResponse:
         answers = await self._ask_all("/v1/models")
-        data = _union((_entries(a, "data") for _, a in answers), "id")
+        data = _union((entries(a, "data") for _, a in answers), "id")
         return json_response({"object": "list", "data": data})
 
     async def version(self, request: web.Request) -> web.StreamResponse:
@@ -207,7 +140,7 @@ class Fleet:
         targets = self._pull_targets(model)
         result = await self._fan_out_progress(request, body, targets, "/api/pull", "pull")
         for node in result.succeeded:
-            self.served_on_disk(node, model)
+            self.discovery.served_on_disk(node, model)
         return result.response
 
     async def create(self, request: web.Request) -> web.StreamResponse:
@@ -215,13 +148,8 @@ class Fleet:
         targets = self._healthy()
         result = await self._fan_out_progress(request, body, targets, "/api/create", "create")
         for node in result.succeeded:
-            self.served_on_disk(node, model)
+            self.discovery.served_on_disk(node, model)
         return result.response
-
-    def served_on_disk(self, node: Node, model: str) -> None:
-        if node.models is not None:
-            node.models.add(model)
-        self.refresh_soon(node)
 
     def _pull_targets(self, model: str) -> list[Node]:
         healthy = self._healthy()
@@ -477,16 +405,6 @@ async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     return body, normalize_model(model)
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
-    """The whole body, or None past ``cap`` bytes: a listing that large is not one."""
-    body = bytearray()
-    async for piece in resp.content.iter_any():
-        body += piece
-        if len(body) > cap:
-            return None
-    return bytes(body)
-
-
 def _json_line(line: bytes) -> dict[str, Any]:
     try:
         value = json.loads(line)
@@ -505,38 +423,17 @@ def _error_text(body: str, status: int) -> str:
     return f"status {status}"
 
 
-def _entries(answer: Any, key: str) -> list[dict[str, Any]]:
-    items = answer.get(key) if isinstance(answer, dict) else None
-    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
-
-
-def _model_names(answer: Any) -> list[str]:
-    names = (e.get("model") or e.get("name") for e in _entries(answer, "models"))
-    return [n for n in names if isinstance(n, str)]
-
-
 def _union(lists: Any, *keys: str) -> list[dict[str, Any]]:
     """Entries of several nodes' lists, each once (by the first of ``keys`` it has)."""
     seen: set[str] = set()
     merged = []
-    for entries in lists:
-        for entry in entries:
+    for node_entries in lists:
+        for entry in node_entries:
             key = next((str(entry[k]) for k in keys if k in entry), None)
             if key is not None and normalize_model(key) not in seen:
                 seen.add(normalize_model(key))
                 merged.append(entry)
     return merged
-
-
-_FRACTION = re.compile(r"(\.\d{6})\d+")
-
-
-def _expiry(value: object) -> float:
-    """Ollama's expires_at (RFC 3339, nanoseconds) as a wall-clock timestamp."""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
-    return time.time() + DEFAULT_KEEP_ALIVE
 
 
 def _version_key(version: str) -> tuple[int, ...]:

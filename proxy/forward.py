@@ -30,13 +30,13 @@ from aiohttp import web
 from .accesslog import AccessLog
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
+from .discovery import Discovery
 from .errors import (
     BadRequest,
     ProxyError,
     Unavailable,
     UpstreamError,
 )
-from .fleet import Fleet
 from .health import Health
 from .metrics import Metrics, endpoint_label
 from .models import normalize_model
@@ -112,11 +112,11 @@ class Forwarder:
         pool: Pool,
         health: Health,
         metrics: Metrics,
-        fleet: Fleet,
+        discovery: Discovery,
         config: Config,
     ) -> None:
         self.pool = pool
-        self.fleet = fleet
+        self.discovery = discovery
         self.upstreams = Upstreams(config.upstream.connect_timeout, config.upstream.idle_timeout)
         self.health = health
         self.metrics = metrics
@@ -353,11 +353,11 @@ class Forwarder:
         if head.status == 200 and ex.path in TELEMETRY_PATHS:
             ex.usage = usage_from_tail(tail, _content_type(head))
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
-            self.fleet.served(node, ex.model_key)
+            self.discovery.served(node, ex.model_key)
             if ex.usage is not None:
                 node.record_usage(ex.model_key, ex.usage)
             if ex.cold:  # loading it may have pushed another model out of memory
-                self.fleet.refresh_soon(node)
+                self.discovery.refresh_soon(node)
 
 
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's

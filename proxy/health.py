@@ -16,7 +16,7 @@ import logging
 import aiohttp
 
 from .config import HealthCheckConfig
-from .fleet import Fleet
+from .discovery import Discovery
 from .pool import Node, Pool
 
 log = logging.getLogger("ollama_proxy.health")
@@ -30,12 +30,12 @@ class Health:
         pool: Pool,
         session: aiohttp.ClientSession,
         config: HealthCheckConfig,
-        fleet: Fleet,
+        discovery: Discovery,
     ) -> None:
         self.pool = pool
         self.session = session
         self.config = config
-        self.fleet = fleet
+        self.discovery = discovery
 
     async def run(self) -> None:
         """Probe every node each interval, forever (cancelled on shutdown)."""
@@ -91,7 +91,7 @@ class Health:
         node.up = up
         log.warning("node %s is %s: %s", node.name, "up" if up else "down", reason)
         if up:  # it may have changed while away: learn what it holds before using it
-            self.fleet.refresh_soon(node)
+            self.discovery.refresh_soon(node)
         self.pool.changed()
 
 

@@ -1,0 +1,143 @@
+"""What each node holds: models on disk and models in memory, kept up to date.
+
+Each node's ``/api/tags`` (on disk) and ``/api/ps`` (in memory, with ``expires_at``) are read
+on a timer, after the node recovers, and after the proxy itself changed what it holds (a pull,
+a create, a copy, a delete, or a cold load that may have pushed another model out). Between
+two readings the proxy's own traffic keeps the picture current: a node that just answered for
+a model holds it in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .models import normalize_model
+from .pool import Node, Pool
+
+log = logging.getLogger("ollama_proxy.discovery")
+
+DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default: 5 minutes
+MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well under 1 MiB
+
+
+class Discovery:
+    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: Config) -> None:
+        self.pool = pool
+        self.session = session
+        self._refreshing: set[Node] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.interval = config.discovery.interval
+        self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
+
+    async def run(self) -> None:
+        """Refresh every node's inventory each interval, forever (cancelled on shutdown)."""
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.refresh_all()
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(n) for n in self.pool.nodes.values() if n.up))
+
+    async def refresh(self, node: Node) -> None:
+        tags, ps = await asyncio.gather(
+            self.get_json(node, "/api/tags"), self.get_json(node, "/api/ps")
+        )
+        if tags is not None:
+            node.models = {normalize_model(m) for m in model_names(tags)}
+        if ps is not None:
+            node.resident = {
+                normalize_model(name): _expiry(entry.get("expires_at"))
+                for entry in entries(ps, "models")
+                if (name := entry.get("model") or entry.get("name"))
+            }
+
+    def refresh_soon(self, node: Node) -> None:
+        """Refresh one node in the background (at most one refresh per node at a time)."""
+        if node in self._refreshing:
+            return
+        self._refreshing.add(node)
+
+        async def refresh() -> None:
+            try:
+                await self.refresh(node)
+            finally:
+                self._refreshing.discard(node)
+
+        self._spawn(refresh())
+
+    def served(self, node: Node, model: str) -> None:
+        """The node just answered for ``model``: it has it, and holds it in memory."""
+        if node.models is not None:
+            node.models.add(model)
+        node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def get_json(self, node: Node, path: str) -> Any:
+        """A node's JSON answer to a GET, or None when it has none to give."""
+        try:
+            async with self.session.get(node.url + path, timeout=self.timeout) as resp:
+                body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
+                return json.loads(body) if body is not None else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("%s %s failed: %s", node.name, path, exc)
+            return None
+
+    def served_on_disk(self, node: Node, model: str) -> None:
+        """The proxy just put ``model`` on the node's disk (pull, create, copy)."""
+        if node.models is not None:
+            node.models.add(model)
+        self.refresh_soon(node)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """The whole body, or None past ``cap`` bytes: a listing that large is not one."""
+    body = bytearray()
+    async for piece in resp.content.iter_any():
+        body += piece
+        if len(body) > cap:
+            return None
+    return bytes(body)
+
+
+def entries(answer: Any, key: str) -> list[dict[str, Any]]:
+    items = answer.get(key) if isinstance(answer, dict) else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def model_names(answer: Any) -> list[str]:
+    names = (e.get("model") or e.get("name") for e in entries(answer, "models"))
+    return [n for n in names if isinstance(n, str)]
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _expiry(value: object) -> float:
+    """Ollama's expires_at (RFC 3339, nanoseconds) as a wall-clock timestamp."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
+    return time.time() + DEFAULT_KEEP_ALIVE
