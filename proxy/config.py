@@ -47,6 +47,10 @@ class HealthCheckConfig:
     timeout: float
     rise: int  # consecutive passes that bring a down node back
     fall: int  # consecutive failures that take an up node out
+    # A node taken out by failing requests (while its checks may still pass) stays out this
+    # long, doubling at each repeat up to max_ejection_time, so it cannot flap in and out.
+    ejection_time: float
+    max_ejection_time: float
 
 
 @dataclass(frozen=True)
@@ -253,12 +257,17 @@ def _node_url(r: _Reader, value: object, path: str) -> str:
 
 def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:
     p = "health_check"
-    r.no_unknown_keys(raw, p, {"interval", "timeout", "rise", "fall"})
+    known = {"interval", "timeout", "rise", "fall", "ejection_time", "max_ejection_time"}
+    r.no_unknown_keys(raw, p, known)
     return HealthCheckConfig(
         interval=r.number(raw.get("interval", 5), f"{p}.interval", minimum=0.05),
         timeout=r.number(raw.get("timeout", 2), f"{p}.timeout", minimum=0.01),
         rise=r.integer(raw.get("rise", 2), f"{p}.rise", 1),
         fall=r.integer(raw.get("fall", 3), f"{p}.fall", 1),
+        ejection_time=r.number(raw.get("ejection_time", 30), f"{p}.ejection_time", minimum=0),
+        max_ejection_time=r.number(
+            raw.get("max_ejection_time", 300), f"{p}.max_ejection_time", minimum=0
+        ),
     )
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 import aiohttp
 
@@ -67,7 +68,8 @@ class Health:
         if ok:
             node.passes_in_row += 1
             node.failures_in_row = 0
-            if not node.up and (first or node.passes_in_row >= self.config.rise):
+            ejected = time.monotonic() < node.ejected_until
+            if not node.up and not ejected and (first or node.passes_in_row >= self.config.rise):
                 self._set_up(node, True, "health checks pass")
         else:
             node.passes_in_row = 0
@@ -82,10 +84,18 @@ class Health:
         node.record_error(f"request failed: {kind}")
         others_up = any(n.up for n in self.pool.nodes.values() if n is not node)
         if node.up and others_up and node.failures_in_row >= self.config.fall:
-            self._set_up(node, False, node.last_error)
+            self._eject(node)
+
+    def _eject(self, node: Node) -> None:
+        """Out for a while even if its checks pass: they may, while its generations fail."""
+        hold = min(self.config.ejection_time * 2**node.ejections, self.config.max_ejection_time)
+        node.ejections += 1
+        node.ejected_until = time.monotonic() + hold
+        self._set_up(node, False, f"{node.last_error}; out for at least {hold:g}s")
 
     def passive_success(self, node: Node) -> None:
         node.failures_in_row = 0
+        node.ejections = 0  # it serves again: the next ejection starts short
 
     def _set_up(self, node: Node, up: bool, reason: str) -> None:
         node.up = up

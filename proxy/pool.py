@@ -38,6 +38,8 @@ class Node:
     checked: bool = False  # has had at least one active health check
     failures_in_row: int = 0  # consecutive failed checks or passive failures
     passes_in_row: int = 0  # consecutive passed checks
+    ejections: int = 0  # times in a row failing requests took it out
+    ejected_until: float = 0.0  # monotonic time before which passing checks cannot restore it
     recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=10))
     # What the node holds: models on disk (None until first listed) and models in memory
     # with the wall-clock time they expire (from /api/ps, and from its own answers).

@@ -91,7 +91,13 @@ def proxy_config_data(
             }
             for i, n in enumerate(nodes)
         ],
-        "health_check": {"interval": 0.2, "timeout": 0.5, "rise": 1, "fall": 2},
+        "health_check": {
+            "interval": 0.2,
+            "timeout": 0.5,
+            "rise": 1,
+            "fall": 2,
+            "ejection_time": 0.3,
+        },
     }
     for key, value in top.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

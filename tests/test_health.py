@@ -135,3 +135,20 @@ async def test_read_timeout_is_not_retried(
             assert "did not answer in time" in (await resp.json())["error"]
     assert sum(len(generations(n)) for n in nodes) == 1
     await asyncio.gather(*(n.wait_for(lambda s: s.active == 0) for n in nodes))
+
+
+async def test_node_failing_requests_stays_out_despite_passing_checks(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    good, broken = await start_nodes(2)
+    broken.settings.fault = "error500"  # its /api/version still answers 200
+    proxy = await start_proxy([good, broken], health_check={"ejection_time": 0.6})
+    async with aiohttp.ClientSession() as session:
+        while await node_up(proxy, broken) == 1:  # requests until it is taken out
+            async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+                await resp.read()
+        out_at = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.4)  # two passing checks (interval 0.2, rise 1) in this time
+        assert await node_up(proxy, broken) == 0
+        await wait_node_up(proxy, broken, 1)  # back once the ejection time is over
+        assert asyncio.get_running_loop().time() - out_at >= 0.55
