@@ -39,7 +39,9 @@ class Runtime:
         self.discovery = Discovery(self.pool, self._session, config)
         self.fleet = Fleet(self.pool, self._session, self.discovery, config)
         self.health = Health(self.pool, self._session, config.health_check, self.discovery)
-        self.forwarder = Forwarder(self.pool, self.health, self.metrics, self.discovery, config)
+        self.forwarder = Forwarder(
+            self.pool, self.health, self.metrics, self.discovery, self.fleet, config
+        )
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""

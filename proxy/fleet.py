@@ -189,6 +189,16 @@ class Fleet:
                 node.models.add(normalize_model(destination))
         return _summarise(outcomes, "copy", ok=(200,), gone=404, model=source)
 
+    async def unload(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
+        """``ollama stop``: unload the model on every node that has it; one node's answer."""
+        holders = [n for n in self._healthy() if n.has_model(model)]
+        outcomes = await self._send_all(holders, "POST", request.path, body)
+        for node, status, _ in outcomes:
+            if status == 200:
+                node.resident.pop(model, None)
+        _, status, answer = next((o for o in outcomes if o[1] == 200), outcomes[0])
+        return web.Response(status=status, body=answer, headers={"Content-Type": JSON_TYPE})
+
     async def blob_exists(self, request: web.Request) -> web.StreamResponse:
         """200 only when every healthy node has the blob, so a client uploads it otherwise."""
         nodes = self._healthy()

@@ -37,9 +37,10 @@ from .errors import (
     Unavailable,
     UpstreamError,
 )
+from .fleet import Fleet
 from .health import Health
 from .metrics import Metrics, endpoint_label
-from .models import normalize_model
+from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .routing import availability, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
@@ -93,6 +94,7 @@ class Exchange:
     model: str | None = None  # as the client named it
     model_key: str | None = None  # normalised, when the request must go to a node that has it
     takes_slot: bool = False
+    unload: bool = False  # `ollama stop`: goes to every node that has the model
     cold: bool = False  # sent to a node that did not hold the model in memory
     node: Node | None = None
     status: int = 0
@@ -113,10 +115,12 @@ class Forwarder:
         health: Health,
         metrics: Metrics,
         discovery: Discovery,
+        fleet: Fleet,
         config: Config,
     ) -> None:
         self.pool = pool
         self.discovery = discovery
+        self.fleet = fleet
         self.upstreams = Upstreams(config.upstream.connect_timeout, config.upstream.idle_timeout)
         self.health = health
         self.metrics = metrics
@@ -184,6 +188,9 @@ class Forwarder:
 
     async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         await self._read(request, ex)
+        if ex.unload and ex.model_key is not None:
+            self._check_model_available(ex.model_key, ex.model or ex.model_key)
+            return await self.fleet.unload(request, ex.body, ex.model_key)
         return await self._forward(request, ex)
 
     # -- read -------------------------------------------------------------------------------
@@ -197,15 +204,21 @@ class Forwarder:
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
             raise BadRequest("model is required")
+        # A model loaded on several nodes must leave all of them, not the one that was asked.
+        ex.unload = payload is not None and is_unload_request(request.path, payload)
         # Inference, including future POST paths that name a model (a new Ollama endpoint
         # must not slip past the caps).
-        ex.takes_slot = request.path in INFERENCE_PATHS or (
-            ex.model is not None
-            and request.method == "POST"
-            and request.path not in MODEL_INFO_PATHS
+        ex.takes_slot = not ex.unload and (
+            request.path in INFERENCE_PATHS
+            or (
+                ex.model is not None
+                and request.method == "POST"
+                and request.path not in MODEL_INFO_PATHS
+            )
         )
         if ex.model is not None and (
             ex.takes_slot
+            or ex.unload
             or request.path in MODEL_INFO_PATHS
             or request.path.startswith(OPENAI_MODEL_PREFIX)
         ):

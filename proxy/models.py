@@ -1,6 +1,8 @@
-"""Model names as Ollama compares them."""
+"""Model names as Ollama compares them, and requests whose meaning is about a model."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def normalize_model(name: str) -> str:
@@ -8,3 +10,15 @@ def normalize_model(name: str) -> str:
     name = name.strip()
     last_part = name.rsplit("/", 1)[-1]
     return name if ":" in last_part or not name else name + ":latest"
+
+
+def is_unload_request(path: str, body: dict[str, Any]) -> bool:
+    """Ollama's unload request: ``keep_alive`` 0 and nothing to generate (``ollama stop``)."""
+    if path not in ("/api/generate", "/api/chat") or body.get("keep_alive") not in UNLOAD:
+        return False
+    if path == "/api/chat":
+        return not body.get("messages")
+    return not body.get("prompt") and not body.get("images")
+
+
+UNLOAD = (0, "0", "0s", "0m")

@@ -39,6 +39,8 @@ from typing import Any, NoReturn
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .models import is_unload_request
+
 __all__ = [
     "BUSY_MESSAGE",
     "RUNNER_DIED_MESSAGE",
@@ -859,6 +861,19 @@ class SimNode:
 
     # ---- models on disk and in memory
 
+    def _unload(self, body: dict[str, Any], empty: dict[str, Any]) -> web.Response:
+        """What ``ollama stop`` asks for: out of memory now, no generation, no slot."""
+        model = _model_field(body, "model")
+        if not self._has_model(model):
+            raise _ApiError(404, f'model "{model}" not found, try pulling it first')
+        wanted = normalize_model(model)
+        self.settings.resident[:] = [
+            m for m in self.settings.resident if normalize_model(m) != wanted
+        ]
+        self._changed()
+        done = {"done": True, "done_reason": "unload"}
+        return _json_response({"model": model, "created_at": _iso_now(), **empty, **done})
+
     def _has_model(self, name: str) -> bool:
         wanted = normalize_model(name)
         return any(normalize_model(model) == wanted for model in self.settings.models)
@@ -1090,12 +1105,16 @@ class SimNode:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
+        if is_unload_request(request.path, body):
+            return self._unload(body, {"response": ""})
         prompt = [body.get("system"), body.get("prompt")]
         plan = _plan_native(body, self.settings.tokens, prompt)
         return await self._serve_generation(request, plan, _GenerateFormat(plan))
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await _json_object(request)
+        if is_unload_request(request.path, body):
+            return self._unload(body, {"message": {"role": "assistant", "content": ""}})
         plan = _plan_native(body, self.settings.tokens, body.get("messages"))
         return await self._serve_generation(request, plan, _ChatFormat(plan))
 

@@ -274,3 +274,21 @@ async def test_every_node_down_is_503_not_404(
     proxy = await start_proxy([node])
     status, body = await post(proxy, "/api/generate", {"model": "llama3.2", "prompt": "x"})
     assert status == 503 and "down" in json.loads(body)["error"]
+
+
+async def test_ollama_stop_unloads_on_every_node(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    nodes = await start_nodes(3, models=[LLAMA, QWEN], resident=[LLAMA, QWEN])
+    proxy = await start_proxy(nodes)
+    client = ollama.AsyncClient(host=proxy.url)
+    try:
+        # What `ollama stop llama3.2` sends.
+        answer = await client.generate("llama3.2", keep_alive=0)
+        assert answer.done_reason == "unload"
+        ps = await client.ps()
+    finally:
+        await client.close()
+    assert all(n.settings.resident == [QWEN] for n in nodes)
+    assert [m.model for m in ps.models] == [QWEN]
+    assert all(n.stats.active == 0 and n.stats.max_active == 0 for n in nodes)  # no slot used
