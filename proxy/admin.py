@@ -59,7 +59,13 @@ class _Admin:
     async def nodes(self, request: web.Request) -> web.Response:
         pool = self.runtime.pool
         return web.json_response(
-            {"queue_depth": pool.queue_depth, "nodes": [node_state(n) for n in pool.all_nodes()]}
+            {
+                "queue_depth": pool.queue_depth,
+                "nodes": [
+                    {**node_state(n), "queued_for_it": pool.waiting_for(n)}
+                    for n in pool.all_nodes()
+                ],
+            }
         )
 
     async def reload(self, request: web.Request) -> web.Response:

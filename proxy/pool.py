@@ -209,6 +209,10 @@ class Pool:
     def queue_depth(self) -> int:
         return len(self._waiters)
 
+    def waiting_for(self, node: Node) -> int:
+        """Queued requests this node could take (for /-/nodes; not on the request path)."""
+        return sum(1 for w in self._waiters if node not in w.want.exclude and w.want.eligible(node))
+
     async def acquire(self, want: Want = ANY) -> Lease:
         """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise."""
         if not self._waiters:  # nobody ahead: no need to queue

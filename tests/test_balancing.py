@@ -90,6 +90,8 @@ async def test_queue_full_is_503_with_retry_after(
         (holder,) = await start_holding(session, proxy, node)
         queued = [asyncio.create_task(generate(session, proxy.url)) for _ in range(2)]
         await wait_until(lambda: proxy.pool.queue_depth == 2)
+        async with session.get(proxy.url + "/-/nodes") as state:
+            assert (await state.json())["nodes"][0]["queued_for_it"] == 2
         async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
             assert resp.status == 503
             assert int(resp.headers["Retry-After"]) >= 1
