@@ -6,15 +6,21 @@ request, and prints its tables. The parsing helpers are checked on their own.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from proxy.bench import cores
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
 from proxy.bench.report import percentile, render
+from proxy.bench.scale import SMOKE, Scale
+from proxy.bench.scenarios import _latency_load, _shares, _stream_load
+from proxy.bench.specs import StreamOutcome, pooled
+from proxy.bench.stacks import Front
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SECONDS = 45  # a smoke run takes about 8 s on 2 cores; leave room for a busy machine
@@ -35,6 +41,9 @@ def test_smoke_run_prints_both_tables() -> None:
     for header in ("Machine:", "relay", "direct", "proxy", "CPU per streamed chunk", "scheduling"):
         assert header in out, out
     assert "errors (stream / hold / embed)" in out
+    assert "Cores" in out  # pinned, or why not
+    for load in (SMOKE.streams, SMOKE.latency_streams):  # the full load's and the light one's
+        assert f"added TTFB vs direct p99 (ms), {load} streams" in out, out
     assert "nginx" in out  # a column when installed, else "nginx not installed, skipped"
 
 
@@ -80,3 +89,55 @@ def test_hotspots_count_self_and_total_time() -> None:
     assert (by_function[0].self_share, by_function[0].total_share) == (0.75, 0.75)
     assert by_function[1].total_share == 1.0
     assert by_file[0].function == "proxy/forward.py"
+
+
+def test_the_front_gets_the_last_cpu_and_the_rest_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda _pid, _cpus: None, raising=False)
+    chosen = cores.choose()
+    assert (chosen.front, chosen.others) == ({3}, {0, 1, 2})
+    assert "the front alone on CPU 3" in chosen.summary()
+    assert not cores.choose(pin=False).pinned
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {5}, raising=False)
+    assert cores.choose().summary() == "Cores: shared by every process (only 1 CPU)"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs sched_setaffinity and 2 CPUs",
+)
+def test_pinned_moves_processes_for_the_block_only() -> None:
+    chosen = cores.choose()
+    everywhere = chosen.front | chosen.others
+    front = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with cores.pinned(chosen, [front.pid], [other.pid]):
+            assert os.sched_getaffinity(front.pid) == chosen.front
+            assert os.sched_getaffinity(other.pid) == chosen.others
+            assert os.sched_getaffinity(0) == chosen.others  # so what it starts meanwhile too
+        for pid in (front.pid, other.pid, 0):
+            assert os.sched_getaffinity(pid) == everywhere
+    finally:
+        for child in (front, other):
+            child.kill()
+            child.wait()
+
+
+def test_rounds_share_the_streams_and_pool_them() -> None:
+    assert _shares(2000, 4) == [500] * 4
+    assert _shares(10, 4) == [3, 3, 2, 2]
+    assert _shares(2, 4) == [1, 1]
+    parts = [
+        StreamOutcome(2, 0, 10, 0.5, 1.0, [0.1, 0.2], [1.0, 1.1]),
+        StreamOutcome(1, 1, 3, 0.25, 2.0, [], []),
+    ]
+    assert pooled(parts) == StreamOutcome(3, 1, 13, 0.75, 3.0, [0.1, 0.2], [1.0, 1.1])
+
+
+def test_clients_start_spread_over_one_stream() -> None:
+    front, scale = Front("direct", ["http://127.0.0.1:1"]), Scale()
+    assert _stream_load(front, scale, 10).stagger == pytest.approx(0.5)  # 100 tokens at 5 ms
+    assert _latency_load(front, scale, 10).stagger == pytest.approx(0.05)  # 10 tokens

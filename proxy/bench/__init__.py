@@ -19,7 +19,14 @@ It prints two tables. Relay, for direct access / proxy / nginx:
 - CPU time of the front's processes per streamed chunk (utime + stime from /proc/PID/stat
   around the measured phase, divided by the NDJSON lines the clients received), 100 concurrent
   streams of 100 tokens at 5 ms per token on 2 nodes;
-- time to first byte, p50 and p99, and what the front adds to direct access's;
+- time to first byte, p50 and p99, and what the front adds to direct access's: over those
+  streams, and again at a light load (10 concurrent streams of 10 tokens, 1,500 measured),
+  where a busy machine cannot hide the front's own cost. Both loads are measured in 3 rounds
+  that take the fronts in turn, and the clients' first streams are spread over one stream's
+  length, so that new requests do not all arrive in step. On Linux with 2 CPUs or more, the
+  front being measured (the proxy, or nginx's master and worker) runs alone on the last CPU
+  during these loads, the nodes and the load generator on the others (``cores.py``;
+  ``--no-pin`` to share them);
 - streams held at once (5,000) with the front's resident memory, idle and holding them;
 - ``/api/embed`` requests per second, by the wall clock and per core of the front (requests
   divided by the front's CPU seconds, so that a front not saturated on a shared machine is

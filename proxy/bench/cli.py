@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cores import choose
 from .processes import BenchError, raise_fd_limit
 from .profiling import profile_streaming
 from .report import error_count, machine_summary, relay_table, scheduling_table
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
     p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the stream scenario's processes share every core (by default the front "
+        "runs alone on one)",
+    )
+    p.add_argument(
         "--only",
         default=",".join(SCENARIOS),
         help="comma-separated scenarios to run, of: %(default)s",
@@ -39,8 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, help="streams measured per front (default 2000)")
     p.add_argument("--tokens", type=int, help="tokens per stream (default 100)")
     p.add_argument("--token-interval", type=float, help="seconds per token (default 0.005)")
+    p.add_argument(
+        "--latency-streams",
+        type=int,
+        help="concurrent streams of the light load's time to first byte (default 10; 0: skip)",
+    )
+    p.add_argument(
+        "--latency-requests", type=int, help="streams measured at the light load (default 1500)"
+    )
+    p.add_argument(
+        "--rounds", type=int, help="rounds taking the fronts in turn, per stream load (default 3)"
+    )
+    p.add_argument(
+        "--stagger",
+        type=float,
+        help="spread the clients' first streams over this many streams' length (default 1; "
+        "0: all at once)",
+    )
     p.add_argument("--hold-streams", type=int, help="streams held at once (default 5000)")
-    p.add_argument("--embed-requests", type=int, help="embed requests per front (default 5000)")
+    p.add_argument("--embed-requests", type=int, help="embed requests per front (default 10000)")
     return p
 
 
@@ -51,6 +75,10 @@ def _scale(args: argparse.Namespace) -> Scale:
         "stream_requests": args.requests,
         "tokens": args.tokens,
         "token_interval": args.token_interval,
+        "latency_streams": args.latency_streams,
+        "latency_requests": args.latency_requests,
+        "rounds": args.rounds,
+        "stagger": args.stagger,
         "hold_streams": args.hold_streams,
         "embed_requests": args.embed_requests,
     }
@@ -76,7 +104,10 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
     _cancel_on_sigterm()
     raise_fd_limit()
     nginx = None if args.no_nginx else nginx_version()
+    cores = choose(pin=not args.no_pin)
     print(machine_summary(nginx), flush=True)
+    if "stream" in scenarios and not args.profile:
+        print(cores.summary(), flush=True)
     if nginx is None:
         print("nginx skipped (--no-nginx)" if args.no_nginx else "nginx not installed, skipped")
     with tempfile.TemporaryDirectory(prefix="ollama-proxy-bench-") as tmp:
@@ -84,7 +115,9 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
         if args.profile:
             print("\n" + await profile_streaming(workdir, scale, log_progress))
             return
-        results = await measure_all(workdir, scale, nginx is not None, scenarios, log_progress)
+        results = await measure_all(
+            workdir, scale, nginx is not None, scenarios, log_progress, cores
+        )
     _print_tables(results, scale)
     if errors := error_count(results):
         raise BenchError(f"{errors} requests failed (see the errors rows)")

@@ -70,17 +70,26 @@ async def _post(client: Client, path: str, body: bytes, expected_lines: int | No
 
 
 async def _closed_loop(
-    clients: list[Client], path: str, work: list[bytes], expected_lines: int | None
+    clients: list[Client],
+    path: str,
+    work: list[bytes],
+    expected_lines: int | None,
+    stagger: float = 0.0,
 ) -> list[_Sample]:
-    """Every client sends the next body of ``work`` as soon as it is free; each body once."""
+    """Every client sends the next body of ``work`` as soon as it is free; each body once.
+    Client i starts ``stagger * i / len(clients)`` seconds after the first."""
     bodies = iter(work)  # shared by the clients
     samples: list[_Sample] = []
 
-    async def run_client(client: Client) -> None:
+    async def run_client(client: Client, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
         for body in bodies:
             samples.append(await _post(client, path, body, expected_lines))
 
-    await asyncio.gather(*(run_client(client) for client in clients))
+    await asyncio.gather(
+        *(run_client(client, stagger * i / len(clients)) for i, client in enumerate(clients))
+    )
     return samples
 
 
@@ -95,7 +104,8 @@ async def _warm_and_measure(
         if load.warmup:
             await _closed_loop(clients, path, work[:1] * len(clients), None)
         cpu_before, started = cpu_seconds(load.watch_pids), time.perf_counter()
-        samples = await _closed_loop(clients, path, work, expected_lines)
+        stagger = load.stagger if isinstance(load, StreamLoad) else 0.0
+        samples = await _closed_loop(clients, path, work, expected_lines, stagger)
         wall, cpu = time.perf_counter() - started, cpu_seconds(load.watch_pids) - cpu_before
     finally:
         for client in clients:

@@ -83,6 +83,11 @@ class Processes:
     async def start_python(self, name: str, args: list[str], **kwargs: bool) -> Child:
         return await self.start(name, [sys.executable, *args], **kwargs)
 
+    @property
+    def pids(self) -> list[int]:
+        """The running children's process ids (not their own children: nginx's worker)."""
+        return [child.pid for child in self._children]
+
     async def stop(self, child: Child, sig: signal.Signals = signal.SIGTERM) -> None:
         if child in self._children:
             self._children.remove(child)

@@ -58,9 +58,12 @@ def _cpu_per_chunk_us(c: Column) -> float | None:
     return c.stream.cpu_seconds / c.stream.chunks * 1e6
 
 
-def _ttfb_ms(q: float) -> Figure:
+def _ttfb_ms(q: float, *, light: bool = False) -> Figure:
+    """A percentile of time to first byte: under the full load, or the light one's."""
+
     def figure(c: Column) -> float | None:
-        return None if c.stream is None else percentile(c.stream.ttfb, q) * 1000
+        outcome = c.latency if light else c.stream
+        return None if outcome is None else percentile(outcome.ttfb, q) * 1000
 
     return figure
 
@@ -92,8 +95,11 @@ def _embed_rate_per_core(c: Column) -> float | None:
 
 
 def _errors(c: Column) -> str:
-    parts = (c.stream, c.hold, c.embed)
-    return " / ".join(NONE if part is None else str(part.errors) for part in parts)
+    streams = [part.errors for part in (c.stream, c.latency) if part is not None]
+    counts = [sum(streams) if streams else None] + [
+        None if part is None else part.errors for part in (c.hold, c.embed)
+    ]
+    return " / ".join(NONE if count is None else str(count) for count in counts)
 
 
 def _ratio(columns: dict[str, Column], figure: Figure) -> str:
@@ -122,7 +128,7 @@ def error_count(results: Results) -> int:
     relay = sum(
         part.errors
         for column in results.relay.values()
-        for part in (column.stream, column.hold, column.embed)
+        for part in (column.stream, column.latency, column.hold, column.embed)
         if part is not None
     )
     return relay + sum(row.outcome.errors for row in results.scheduling.values())
@@ -130,12 +136,21 @@ def error_count(results: Results) -> int:
 
 def _relay_figures(columns: dict[str, Column], scale: Scale) -> list[tuple[str, Figure, int, bool]]:
     """The rows of the relay table: label, figure, digits shown, and whether a ratio is wanted."""
+    loads = [(f"{scale.streams} streams", False)]
+    if scale.latency_streams > 0:
+        loads.append((f"{scale.latency_streams} streams", True))
+    ttfb: list[tuple[str, Figure, int, bool]] = []
+    for load, light in loads:
+        p50, p99 = _ttfb_ms(50, light=light), _ttfb_ms(99, light=light)
+        ttfb += [
+            (f"time to first byte p50 (ms), {load}", p50, 2, False),
+            (f"time to first byte p99 (ms), {load}", p99, 2, False),
+            (f"added TTFB vs direct p50 (ms), {load}", _added_to_direct(p50, columns), 2, False),
+            (f"added TTFB vs direct p99 (ms), {load}", _added_to_direct(p99, columns), 2, False),
+        ]
     return [
         ("CPU per streamed chunk (us)", _cpu_per_chunk_us, 2, True),
-        ("time to first byte p50 (ms)", _ttfb_ms(50), 2, False),
-        ("time to first byte p99 (ms)", _ttfb_ms(99), 2, False),
-        ("added TTFB vs direct p50 (ms)", _added_to_direct(_ttfb_ms(50), columns), 2, False),
-        ("added TTFB vs direct p99 (ms)", _added_to_direct(_ttfb_ms(99), columns), 2, False),
+        *ttfb,
         (f"streams held (of {scale.hold_streams})", _held, 0, False),
         ("time to open them (s)", _open_seconds, 1, False),
         ("RSS idle (MB)", _rss_idle_mb, 1, False),
@@ -163,9 +178,19 @@ def _relay_title(scale: Scale) -> str:
     return (
         f"Relay: {scale.nodes} simulated nodes; {scale.streams} concurrent streams of "
         f"{scale.tokens} tokens at {scale.token_interval * 1000:g} ms per token "
-        f"({scale.stream_requests} streams measured); {scale.hold_streams} streams held for "
+        f"({scale.stream_requests} streams measured){_light_load(scale)}; "
+        f"{scale.hold_streams} streams held for "
         f"{scale.hold_seconds:g} s; {scale.embed_requests} /api/embed requests from "
         f"{scale.embed_clients} clients."
+    )
+
+
+def _light_load(scale: Scale) -> str:
+    if scale.latency_streams <= 0:
+        return ""
+    return (
+        f", and time to first byte at {scale.latency_streams} concurrent streams of "
+        f"{scale.latency_tokens} tokens ({scale.latency_requests} measured)"
     )
 
 

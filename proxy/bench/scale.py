@@ -18,6 +18,17 @@ class Scale:
     stream_requests: int = 2000  # generations measured per front
     tokens: int = 100
     token_interval: float = 0.005  # seconds between tokens
+    # Time to first byte at a light load too, where a busy machine cannot hide the front's own
+    # cost: few streams, short ones so that many are measured in seconds (0 streams: skipped).
+    latency_streams: int = 10
+    latency_requests: int = 1500
+    latency_tokens: int = 10
+    # Both stream loads are measured in rounds that take the fronts in turn (see
+    # ``scenarios._interleaved``), so that a slow spell of a shared machine hits every front.
+    rounds: int = 3  # with 3 fronts, each is measured once in each place of the order
+    # The clients' first measured streams spread over this many streams' length (0: all at once,
+    # in step ever after; see ``StreamLoad.stagger``).
+    stagger: float = 1.0
     # Held streams: open this many at once, then hold them.
     hold_streams: int = 5000
     hold_seconds: float = 3.0
@@ -45,6 +56,10 @@ SMOKE = Scale(
     stream_requests=8,
     tokens=5,
     token_interval=0.001,
+    latency_streams=2,
+    latency_requests=6,
+    latency_tokens=3,
+    rounds=2,
     hold_streams=20,
     hold_seconds=0.1,
     embed_clients=2,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .cores import Cores, pinned
 from .processes import STOP_GRACE, BenchError, Processes
 from .scale import CHAT_MODEL, EMBED_MODEL, OTHER_CHAT_MODEL, Scale
 from .specs import (
@@ -23,6 +24,7 @@ from .specs import (
     StreamOutcome,
     decode_outcome,
     encode,
+    pooled,
 )
 from .stacks import Front, SimNodeSpec, cold_load_counter, start_nginx, start_proxy, start_sims
 
@@ -48,6 +50,7 @@ class Column:
 
     watched: bool  # whether it has processes of its own to measure (direct access has none)
     stream: StreamOutcome | None = None
+    latency: StreamOutcome | None = None  # the light load's streams: time to first byte only
     embed: EmbedOutcome | None = None
     hold: HoldOutcome | None = None
 
@@ -98,38 +101,111 @@ async def _fronts(
 
 
 async def measure_relay(
-    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log
+    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log, cores: Cores
 ) -> dict[str, Column]:
-    """Streams (CPU per chunk, time to first byte) and embeddings through each front."""
+    """Streams (CPU per chunk, time to first byte), time to first byte again at a light load,
+    and embeddings, through each front."""
     cap = scale.streams + scale.embed_clients  # room for every client: nothing queues
     node = SimNodeSpec(scale.token_interval, cap, (CHAT_MODEL, EMBED_MODEL))
-    columns: dict[str, Column] = {}
     async with Processes(workdir) as procs:
         urls = await start_sims(procs, [node] * scale.nodes)
-        for front in await _fronts(procs, workdir, urls, cap, nginx, scale):
-            column = columns[front.name] = Column(watched=bool(front.pids))
-            if "stream" in scenarios:
-                log(f"{scale.streams} concurrent streams through {front.name}")
-                column.stream = await run_load(
-                    procs, _stream_load(front, scale), StreamOutcome, scale.load_timeout
-                )
-            if "embed" in scenarios:
+        fronts = await _fronts(procs, workdir, urls, cap, nginx, scale)
+        columns = {front.name: Column(watched=bool(front.pids)) for front in fronts}
+        if "stream" in scenarios:
+            await _measure_streams(procs, fronts, columns, scale, log, cores)
+        if "embed" in scenarios:
+            for front in fronts:
                 log(f"{scale.embed_requests} embed requests through {front.name}")
                 load = EmbedLoad(
                     front.urls, scale.embed_clients, scale.embed_requests, EMBED_MODEL, front.pids
                 )
-                column.embed = await run_load(procs, load, EmbedOutcome, scale.load_timeout)
+                columns[front.name].embed = await run_load(
+                    procs, load, EmbedOutcome, scale.load_timeout
+                )
     return columns
 
 
-def _stream_load(front: Front, scale: Scale) -> StreamLoad:
+async def _measure_streams(
+    procs: Processes,
+    fronts: list[Front],
+    columns: dict[str, Column],
+    scale: Scale,
+    log: Log,
+    cores: Cores,
+) -> None:
+    """The issue's streams, then the light load's, with the fronts alone on their core."""
+    front_pids = {pid for front in fronts for pid in front.pids}
+    other_pids = [pid for pid in procs.pids if pid not in front_pids]
+    with pinned(cores, front_pids, other_pids):
+        what = f"{scale.streams} concurrent streams"
+        total = scale.stream_requests
+        streams = await _interleaved(procs, fronts, _stream_load, total, scale, what, log)
+        for name, outcome in streams.items():
+            columns[name].stream = outcome
+        if scale.latency_streams > 0:
+            what = f"time to first byte at {scale.latency_streams} streams"
+            total = scale.latency_requests
+            light = await _interleaved(procs, fronts, _latency_load, total, scale, what, log)
+            for name, outcome in light.items():
+                columns[name].latency = outcome
+
+
+StreamLoadOf = Callable[[Front, Scale, int], StreamLoad]  # a front's load of so many streams
+
+
+async def _interleaved(
+    procs: Processes,
+    fronts: list[Front],
+    load_of: StreamLoadOf,
+    total: int,
+    scale: Scale,
+    what: str,
+    log: Log,
+) -> dict[str, StreamOutcome]:
+    """``total`` streams per front, measured in ``scale.rounds`` rounds that take the fronts in
+    turn (each round starting one front further), and pooled: whatever slows the machine for a
+    while slows every front alike, instead of the one that happened to be measured then."""
+    parts: dict[str, list[StreamOutcome]] = {front.name: [] for front in fronts}
+    shares = _shares(total, scale.rounds)
+    for index, requests in enumerate(shares):
+        turn = index % len(fronts)
+        for front in fronts[turn:] + fronts[:turn]:
+            log(f"{what} through {front.name} (round {index + 1} of {len(shares)})")
+            load = load_of(front, scale, requests)
+            parts[front.name].append(await run_load(procs, load, StreamOutcome, scale.load_timeout))
+    return {name: pooled(outcomes) for name, outcomes in parts.items()}
+
+
+def _shares(total: int, rounds: int) -> list[int]:
+    """``total`` in ``rounds`` near-equal parts, none empty."""
+    rounds = max(1, min(rounds, total))
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
+
+
+def _stream_load(front: Front, scale: Scale, requests: int) -> StreamLoad:
+    """The issue's streams, 100 at a time by default."""
     return StreamLoad(
         urls=front.urls,
         concurrency=scale.streams,
-        requests=scale.stream_requests,
+        requests=requests,
         tokens=scale.tokens,
         models=[CHAT_MODEL],
         watch_pids=front.pids,
+        stagger=scale.stagger * scale.tokens * scale.token_interval,
+    )
+
+
+def _latency_load(front: Front, scale: Scale, requests: int) -> StreamLoad:
+    """Few short streams: the front idles between requests, so a new one waits for nothing
+    but the front's own work (and the same machine's cost for direct access)."""
+    return StreamLoad(
+        urls=front.urls,
+        concurrency=scale.latency_streams,
+        requests=requests,
+        tokens=scale.latency_tokens,
+        models=[CHAT_MODEL],
+        watch_pids=front.pids,
+        stagger=scale.stagger * scale.latency_tokens * scale.token_interval,
     )
 
 
@@ -221,11 +297,11 @@ async def measure_scheduling(
 
 
 async def measure_all(
-    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log
+    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log, cores: Cores
 ) -> Results:
     results = Results()
     if scenarios & {"stream", "embed"}:
-        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log)
+        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log, cores)
     if "hold" in scenarios:
         for name, held in (await measure_hold(workdir, scale, nginx, log)).items():
             results.relay.setdefault(name, held).hold = held.hold

@@ -26,6 +26,10 @@ class StreamLoad:
     watch_pids: list[int]  # processes whose CPU time is read around the measured phase
     warmup: bool = True  # one unmeasured generation per client first (connections, caches)
     seed: int = 1
+    # Seconds over which the clients' first measured requests are spread (client i waits
+    # i / concurrency of it): streams of equal length started together stay in step, and
+    # every new request would arrive in a burst with all the others.
+    stagger: float = 0.0
     kind: Literal["stream"] = "stream"
 
 
@@ -67,6 +71,19 @@ class StreamOutcome:
     wall_seconds: float
     ttfb: list[float]  # seconds to the first body byte, successful requests only
     latency: list[float]  # seconds to the end of the body, successful requests only
+
+
+def pooled(parts: list[StreamOutcome]) -> StreamOutcome:
+    """Several runs of one load as one: counts and times added, samples put together."""
+    return StreamOutcome(
+        requests=sum(part.requests for part in parts),
+        errors=sum(part.errors for part in parts),
+        chunks=sum(part.chunks for part in parts),
+        cpu_seconds=sum(part.cpu_seconds for part in parts),
+        wall_seconds=sum(part.wall_seconds for part in parts),
+        ttfb=[value for part in parts for value in part.ttfb],
+        latency=[value for part in parts for value in part.latency],
+    )
 
 
 @dataclass
