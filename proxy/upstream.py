@@ -100,11 +100,15 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    # Decoded as UTF-8 because aiohttp encodes response headers as UTF-8: ASCII and UTF-8
+    # values reach the client as the node sent them (Ollama's are ASCII).
     def on_status(self, status: bytes) -> None:
-        self._status_reason = status.decode("latin-1")
+        self._status_reason = status.decode("utf-8", "replace")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_items.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._header_items.append(
+            (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+        )
 
     def on_headers_complete(self) -> None:
         ex = self.answer

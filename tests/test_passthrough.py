@@ -57,6 +57,7 @@ class RawNode:
                 "Connection": "X-Hop-Reply",
                 "X-Hop-Reply": "dropped",
                 "Set-Cookie": "a=1",
+                "X-Name": "Café ☕",  # not ASCII: must not be re-encoded on the way
             },
         )
         await response.prepare(request)
@@ -99,6 +100,9 @@ async def test_bytes_status_and_headers_unchanged(
         assert body == b'{"a":1}\n{"b":2}\n\x00\xff raw \r\n'
         assert resp.headers["X-End-To-End"] == "kept"
         assert resp.headers["Set-Cookie"] == "a=1"
+        assert resp.raw_headers[[k for k, _ in resp.raw_headers].index(b"X-Name")][1] == (
+            "Café ☕".encode()
+        )
         assert "X-Hop-Reply" not in resp.headers
     seen = raw_node.seen_headers[-1]
     assert raw_node.seen_bodies[-1] == b"\x01 not json"
