@@ -21,7 +21,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import ProxyError, Unavailable
-from .models import normalize_model
 from .telemetry import Usage
 
 if TYPE_CHECKING:
@@ -225,8 +224,8 @@ class Metrics:
         if ex.first_byte is not None:
             self.ttfb.labels(node).observe(ex.first_byte - ex.started)
         self.duration.labels(node).observe(time.monotonic() - ex.started)
-        if ex.usage is not None and ex.model is not None:
-            self._usage(node, normalize_model(ex.model), ex.usage)
+        if ex.usage is not None and ex.model_key is not None:
+            self._usage(node, ex.model_key, ex.usage)
 
     def _usage(self, node: str, model: str, usage: Usage) -> None:
         self.tokens.labels(node, model, "prompt").inc(usage.prompt_tokens)

@@ -184,28 +184,26 @@ def _shares(total: int, rounds: int) -> list[int]:
 
 def _stream_load(front: Front, scale: Scale, requests: int) -> StreamLoad:
     """The issue's streams, 100 at a time by default."""
-    return StreamLoad(
-        urls=front.urls,
-        concurrency=scale.streams,
-        requests=requests,
-        tokens=scale.tokens,
-        models=[CHAT_MODEL],
-        watch_pids=front.pids,
-        stagger=scale.stagger * scale.tokens * scale.token_interval,
-    )
+    return _streams(front, scale, requests, scale.streams, scale.tokens)
 
 
 def _latency_load(front: Front, scale: Scale, requests: int) -> StreamLoad:
     """Few short streams: the front idles between requests, so a new one waits for nothing
     but the front's own work (and the same machine's cost for direct access)."""
+    return _streams(front, scale, requests, scale.latency_streams, scale.latency_tokens)
+
+
+def _streams(
+    front: Front, scale: Scale, requests: int, concurrency: int, tokens: int
+) -> StreamLoad:
     return StreamLoad(
         urls=front.urls,
-        concurrency=scale.latency_streams,
+        concurrency=concurrency,
         requests=requests,
-        tokens=scale.latency_tokens,
+        tokens=tokens,
         models=[CHAT_MODEL],
         watch_pids=front.pids,
-        stagger=scale.stagger * scale.latency_tokens * scale.token_interval,
+        stagger=scale.stagger * tokens * scale.token_interval,
     )
 
 
