@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -174,8 +175,8 @@ async def start_nginx(
 ) -> Front:
     """nginx in front of the nodes, with room for ``streams`` concurrent streams."""
     (port,) = free_ports(1)
-    directory = workdir / f"nginx-{port}"
-    directory.mkdir()
+    # A directory of its own each time: a port freed by an earlier nginx may come round again.
+    directory = Path(tempfile.mkdtemp(prefix=f"nginx-{port}-", dir=workdir))
     conf = directory / "nginx.conf"
     conf.write_text(nginx_config(directory, port, node_urls, balance, streams))
     argv = ["nginx", "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
