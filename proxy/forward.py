@@ -5,9 +5,10 @@ Invariants kept here:
   hop-by-hop headers are dropped and ``Host`` is the node's.
 - A slot is held from admission until the response ends or the client leaves, and released
   exactly once (``finally``).
-- The commit point is ``response.prepare``: before it a failure may be retried on another node
-  or answered with a proper ``{"error"}`` status; after it, never retried, and a broken node
-  ends the client's stream with an error line and an unterminated body, so it cannot look
+- Nothing is retried once the node has answered. The client gets the head when the node's
+  has come (a streamed body) or once the whole body has (a short one of known length, so that a
+  node that breaks off gets the client a proper ``{"error"}`` status). After the head, a broken
+  node ends the client's stream with an error line and an unterminated body, so it cannot look
   complete.
 - A client that leaves closes the upstream connection at once (Ollama stops generating when
   its connection closes) and is never blamed on the node.
@@ -23,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -64,6 +64,10 @@ CLIENT_BUFFER_LOW = 64 * 1024
 # Chunks kept for reading the final one; Ollama's final chunk may span several reads when a
 # generate answer carries a long "context".
 TAIL_CHUNKS = 16
+# A node's answer with a Content-Length up to this size (a non-streamed generation, an
+# embedding) is taken whole before the client gets its head: head and body then leave in one
+# write, and a node that breaks off mid-body gets a 502 instead of a short body.
+WHOLE_BODY_MAX = 1024 * 1024
 
 # RFC 9110 §7.6.1: meaningful for one connection only; never forwarded, in either direction.
 HOP_BY_HOP = frozenset(
@@ -337,8 +341,10 @@ class Forwarder:
         node = ex.node
         assert node is not None
         head = upstream.head
+        if upstream.answer.body_expected and (head.content_length or 0) in _WHOLE_BODY_SIZES:
+            return await self._relay_whole(ex, node, upstream)
         response = web.StreamResponse(status=head.status, reason=head.reason)
-        _copy_end_to_end(head.headers, response.headers)
+        response.headers.extend(_end_to_end(head.headers))
         if head.content_length is None and request.version >= (1, 1):
             response.enable_chunked_encoding()  # as the node did; the framing is ours
         ex.status = head.status
@@ -356,7 +362,25 @@ class Forwarder:
         await response.write_eof()
         return response
 
-    def _after_response(self, ex: Exchange, node: Node, head: Head, tail: deque[bytes]) -> None:
+    async def _relay_whole(self, ex: Exchange, node: Node, upstream: Upstream) -> web.Response:
+        """A short answer of known length: taken whole, then sent with its head at once."""
+        pieces: list[bytes] = []
+        upstream.conn.attach(pieces.append)
+        try:
+            await upstream.answer.body_done
+        except UpstreamError as err:
+            self.health.passive_failure(node, err.kind)
+            self.metrics.upstream_error(node, err.kind)
+            raise _gateway_error(node, err) from None  # nothing was sent: a clean error
+        upstream.complete = True
+        head = upstream.head
+        headers = _end_to_end(head.headers)
+        body = b"".join(pieces)
+        ex.status = head.status
+        self._after_response(ex, node, head, (body,))
+        return web.Response(body=body, status=head.status, reason=head.reason, headers=headers)
+
+    def _after_response(self, ex: Exchange, node: Node, head: Head, tail: Iterable[bytes]) -> None:
         """Once per request, after the last byte: health evidence and token telemetry."""
         if head.status >= 500 and head.status != 503:  # 503 is load, not a fault
             self.health.passive_failure(node, "status_5xx")
@@ -377,6 +401,9 @@ _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from anothe
 _request_numbers = itertools.count(1)
 
 
+_WHOLE_BODY_SIZES = range(1, WHOLE_BODY_MAX + 1)
+
+
 def _new_request_id() -> str:
     """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
@@ -393,12 +420,13 @@ def _request_headers(request: web.Request) -> list[tuple[str, str]]:
     ]
 
 
-def _copy_end_to_end(source: list[tuple[str, str]], target: Any) -> None:
+def _end_to_end(source: list[tuple[str, str]]) -> list[tuple[str, str]]:
     named = _connection_tokens(v for k, v in source if k.lower() == "connection")
-    for key, value in source:
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
-            target.add(key, value)
+    return [
+        (key, value)
+        for key, value in source
+        if (lower := key.lower()) not in HOP_BY_HOP and lower not in named
+    ]
 
 
 def _connection_tokens(connection_values: Iterable[str]) -> set[str]:

@@ -43,6 +43,14 @@ class RawNode:
         self.seen_headers.append(dict(request.headers))
         self.seen_targets.append(request.raw_path)
         self.seen_bodies.append(await request.read())
+        if request.path == "/short":  # promises 100 bytes, sends 10 and hangs up
+            short = web.StreamResponse(headers={"Content-Type": "application/json"})
+            short.content_length = 100
+            await short.prepare(request)
+            await short.write(b'{"a":"1234')
+            assert request.transport is not None
+            request.transport.abort()
+            return short
         if request.path == "/gzip":
             return web.Response(
                 body=GZIPPED,
@@ -288,6 +296,16 @@ async def test_sse_stream_broken_gets_an_sse_error_event(
     last_event = received.strip().split(b"\n\n")[-1]
     assert last_event.startswith(b"data: ") and b'"error"' in last_event
     assert b"[DONE]" not in received
+
+
+async def test_node_breaking_off_a_short_answer_is_502_json(
+    raw_node: RawNode, start_proxy: StartProxy
+) -> None:
+    """An answer of known length is taken whole before the client sees it: a node that
+    breaks off mid-body gets the client a clean error, never a short body."""
+    proxy = await start_proxy([raw_node])  # type: ignore[list-item]
+    status, got = await post_json(proxy, "/short", b"{}")
+    assert status == 502 and "closed the connection mid-response" in str(got["error"])
 
 
 async def test_node_unreachable_is_502_json(
