@@ -5,11 +5,11 @@ Invariants kept here:
   hop-by-hop headers are dropped and ``Host`` is the node's.
 - A slot is held from admission until the response ends or the client leaves, and released
   exactly once (``finally``).
-- Nothing is retried once the node has answered, but for its 503 (busy). The client gets the head when the node's
-  has come (a streamed body) or once the whole body has (a short one of known length, so that a
-  node that breaks off gets the client a proper ``{"error"}`` status). After the head, a broken
-  node ends the client's stream with an error line and an unterminated body, so it cannot look
-  complete.
+- Nothing is retried once the node has answered, but for its 503 (busy). The client gets the
+  head when the node's has come (a streamed body) or once the whole body has (a short one of
+  known length, so that a node that breaks off gets the client a proper ``{"error"}``
+  status). After the head, a broken node ends the client's stream with an error line and an
+  unterminated body, so it cannot look complete.
 - A client that leaves closes the upstream connection at once (Ollama stops generating when
   its connection closes) and is never blamed on the node.
 """

@@ -26,6 +26,16 @@ TELEMETRY_PATHS = frozenset(
     }
 )
 NS = 1e-9
+# Keys written after the bulk of an answer, as compact JSON writes them (Go's encoder and
+# Python's json.dumps with separators both put no space after the comma).
+_COUNT_KEYS = (
+    b',"total_duration":',
+    b',"load_duration":',
+    b',"prompt_eval_count":',
+    b',"eval_count":',
+    b',"usage":',
+)
+SUFFIX_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,28 @@ def usage_from_tail(chunks: Iterable[bytes], content_type: str) -> Usage | None:
         objects = _sse_objects_last_first(tail)
     else:  # NDJSON's final line, or a whole JSON body
         stripped = tail.rstrip()
-        objects = [_object(stripped[stripped.rfind(b"\n") + 1 :])]
+        objects = [_last_object(stripped[stripped.rfind(b"\n") + 1 :])]
     for obj in objects:
         usage = obj and (_from_ollama(obj) or _from_openai(obj))
         if usage:
             return usage
     return None
+
+
+def _last_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object ``data``, or of a large one the top-level fields at its end.
+
+    An embedding answer is kilobytes to megabytes of floats, and Ollama and the OpenAI API
+    write the counts last: parsing from the first count key in the last few kilobytes reads
+    the same fields for a fraction of the work. When that key is not at the top level (the
+    braces do not balance) the whole object is parsed.
+    """
+    if len(data) > SUFFIX_WINDOW:
+        window = data[-SUFFIX_WINDOW:]
+        starts = [at for key in _COUNT_KEYS if (at := window.find(key)) >= 0]
+        if starts and (fields := _object(b"{" + window[min(starts) + 1 :])) is not None:
+            return fields
+    return _object(data)
 
 
 def _sse_objects_last_first(tail: bytes) -> list[dict[str, Any] | None]:

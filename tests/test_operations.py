@@ -150,6 +150,8 @@ async def test_token_counters_match_the_nodes(
             ("/api/chat", chat),
             ("/api/chat", {**chat, "stream": False}),
             ("/api/generate", {**GENERATE, "options": {"num_predict": 3}}),
+            # Kilobytes of floats: the counts are read from the end of the body only.
+            ("/api/embed", {"model": "llama3.2", "input": ["one two", "three four five"]}),
         ]:
             async with session.post(proxy.url + path, json=body) as resp:
                 assert resp.status == 200
@@ -166,6 +168,7 @@ async def test_token_counters_match_the_nodes(
 
     assert total("completion") == sum(n.stats.eval_count_total for n in nodes) == 31
     assert total("prompt") == sum(n.stats.prompt_eval_count_total for n in nodes)
+    assert sum(n.stats.completed for n in nodes) == 6  # the embedding's 5 tokens among them
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/-/nodes") as resp:
         state = await resp.json()
     speeds = [n["tokens_per_second"].get("llama3.2:latest", 0) for n in state["nodes"]]

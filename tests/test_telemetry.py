@@ -1,0 +1,43 @@
+"""Token counts read from the end of an answer, the large ones without parsing it all."""
+
+from __future__ import annotations
+
+import json
+
+from proxy.telemetry import SUFFIX_WINDOW, Usage, usage_from_tail
+
+
+def compact(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def test_large_embedding_counts_come_from_its_end() -> None:
+    vectors = [[0.123456789] * 1000]
+    body = compact(
+        {"model": "m", "embeddings": vectors, "total_duration": 5, "prompt_eval_count": 7}
+    )
+    assert len(body) > SUFFIX_WINDOW
+    usage = usage_from_tail([body], "application/json")
+    assert usage == Usage(prompt_tokens=7, completion_tokens=0, eval_seconds=0.0, load_seconds=None)
+
+
+def test_count_key_nested_near_the_end_falls_back_to_the_whole_object() -> None:
+    """A count key inside a nested object is not a top-level field: the whole body is parsed."""
+    body = compact(
+        {
+            "data": [0.5] * 1000,
+            "meta": {"x": 1, "usage": {"prompt_tokens": 99}},
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+        }
+    )
+    # The first count key in the window is the nested one; its suffix does not balance.
+    window = body[-SUFFIX_WINDOW:]
+    assert window.find(b',"usage":') < window.rfind(b',"usage":')
+    usage = usage_from_tail([body], "application/json")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (3, 4)
+
+
+def test_small_body_is_parsed_whole() -> None:
+    body = compact({"model": "m", "done": True, "eval_count": 2, "eval_duration": 10**9})
+    usage = usage_from_tail([body[:10], body[10:]], "application/json")
+    assert usage is not None and usage.completion_tokens == 2 and usage.tokens_per_second == 2
