@@ -365,7 +365,7 @@ class Forwarder:
     async def _relay_whole(self, ex: Exchange, node: Node, upstream: Upstream) -> web.Response:
         """A short answer of known length: taken whole, then sent with its head at once."""
         pieces: list[bytes] = []
-        upstream.conn.attach(pieces.append)
+        upstream.conn.attach(lambda _read, parsed, _whole: pieces.extend(parsed))
         try:
             await upstream.answer.body_done
         except UpstreamError as err:
@@ -485,8 +485,10 @@ class Upstream:
 class _Relay:
     """Moves body bytes from the node's connection to the client's, from the read callback.
 
-    Each piece is written to the client in the callback that parsed it: no task switch per
-    chunk. A reference to the last pieces is kept for the token counts in the final one.
+    Each read is written to the client in the callback that parsed it: no task switch per
+    chunk. A read of whole chunks goes out as the node framed it; other pieces of a chunked
+    body are framed anew. A reference to the last pieces is kept for the token counts in the
+    final one.
     """
 
     def __init__(
@@ -509,15 +511,17 @@ class _Relay:
             if self.resuming is not None:
                 self.resuming.cancel()
 
-    def write(self, piece: bytes) -> None:
-        self.recent.append(piece)
+    def write(self, read: bytes, pieces: list[bytes], whole_chunks: bool) -> None:
+        self.recent.extend(pieces)
         transport = self.transport
         if transport.is_closing():
             return  # the client left: the handler is being cancelled and will close the node
-        if self.chunked:
-            transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        if not self.chunked:
+            transport.writelines(pieces)
+        elif whole_chunks:
+            transport.write(read)  # the node's own chunk framing, unchanged
         else:
-            transport.write(piece)
+            transport.write(b"".join([b"%x\r\n%b\r\n" % (len(p), p) for p in pieces]))
         if transport.get_write_buffer_size() > CLIENT_BUFFER_HIGH and self.resuming is None:
             self.upstream.conn.pause()  # stop reading the node until the client catches up
             self.resuming = asyncio.ensure_future(self._resume_when_client_caught_up())

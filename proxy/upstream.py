@@ -1,9 +1,14 @@
 """The connection to a node, at the level of bytes: one HTTP/1.1 exchange at a time.
 
 aiohttp's client costs about 20 µs of Python per streamed chunk (a StreamReader, a future and
-a timer per read). Here a chunk from the node is parsed by httptools (C) and handed, in the
+a timer per read). Here each read from the node is parsed by httptools (C) and handed, in the
 same callback, to a ``sink`` that writes it to the client: no task switch, no copy of the
 body into a buffer. Flow control runs both ways: a slow client pauses reading from the node.
+
+Per read, the only Python frames are ``data_received`` and the sink: httptools hands body
+pieces and chunk boundaries to C callables (``list.append``). A read that holds whole chunks
+of a chunked body, and nothing else, is marked as such, so that the relay can pass the node's
+chunked framing on as it is instead of framing the pieces anew.
 
 Connections are kept alive and reused per node. The idle timeout is checked lazily (one timer
 per timeout period, not one per chunk).
@@ -12,6 +17,7 @@ per timeout period, not one per chunk).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +27,10 @@ import httptools
 
 from .errors import UpstreamError
 
-Sink = Callable[[bytes], None]
+# Per read from the node: the bytes as read, the body pieces httptools parsed from them, and
+# whether those bytes are exactly whole chunks of a chunked body (nothing of the head, of a
+# chunk begun or finished in another read, or of the last chunk).
+Sink = Callable[[bytes, list[bytes], bool], None]
 
 
 @dataclass
@@ -44,7 +53,7 @@ class Answer:
     body_done: asyncio.Future[None]
     head: Head | None = None
     body_expected: bool = True
-    pending: list[bytes] = field(default_factory=list)  # body before a sink is attached
+    pending: list[bytes] = field(default_factory=list)  # body pieces before a sink is attached
 
 
 class Connection(asyncio.Protocol):
@@ -60,6 +69,14 @@ class Connection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._header_items: list[tuple[str, str]] = []
         self._status_reason = ""
+        # httptools calls these per piece and per chunk: C callables, no Python frame.
+        self._pieces: list[bytes] = []
+        self.on_body = self._pieces.append
+        self._chunk_marks: list[int] = []  # +1 per chunk begun, -1 per chunk finished
+        self.on_chunk_header = functools.partial(self._chunk_marks.append, 1)
+        self.on_chunk_complete = functools.partial(self._chunk_marks.append, -1)
+        self._chunked_body = False  # in the body of a chunked answer
+        self._open_chunks = 0  # chunks begun and not finished
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -68,14 +85,32 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        starts_between_chunks = self._chunked_body and self._open_chunks == 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("broken", f"invalid HTTP from node: {exc}"))
             self.close()
+            return
         except httptools.HttpParserUpgrade:  # pragma: no cover - Ollama never upgrades
             self._fail(UpstreamError("broken", "node tried to upgrade the connection"))
             self.close()
+            return
+        marks = self._chunk_marks
+        if marks:
+            self._open_chunks += sum(marks)
+            marks.clear()
+        pieces = self._pieces
+        if not pieces:
+            return
+        if self.sink is not None:
+            whole_chunks = (
+                starts_between_chunks and self._open_chunks == 0 and self._chunked_body
+            )  # the last chunk ends the body (on_message_complete): never whole
+            self.sink(data, pieces, whole_chunks)
+        elif self.answer is not None:
+            self.answer.pending.extend(pieces)
+        pieces.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -127,6 +162,7 @@ class Connection(asyncio.Protocol):
             elif lower == "transfer-encoding" and "chunked" in value.lower():
                 head.chunked = True
         ex.head = head
+        self._chunked_body = head.chunked
         has_body = ex.body_expected and head.status not in (204, 304) and head.status >= 200
         if not has_body:
             ex.body_done.set_result(None)  # a HEAD answer: its Content-Length is not a body
@@ -134,13 +170,8 @@ class Connection(asyncio.Protocol):
         if not ex.headers_done.done():
             ex.headers_done.set_result(head)
 
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink(body)
-        elif self.answer is not None:
-            self.answer.pending.append(body)
-
     def on_message_complete(self) -> None:
+        self._chunked_body = False
         ex = self.answer
         if ex is not None and not ex.body_done.done():
             ex.body_done.set_result(None)
@@ -154,6 +185,8 @@ class Connection(asyncio.Protocol):
         )
         self.parser = httptools.HttpResponseParser(self)
         self._header_items = []
+        self._chunked_body = False
+        self._open_chunks = 0
         self.last_activity = self.loop.time()
         self.transport.write(request)
         self._arm_idle_timer()
@@ -165,8 +198,7 @@ class Connection(asyncio.Protocol):
         ex = self.answer
         if ex is not None and ex.pending:
             pending, ex.pending = ex.pending, []
-            for piece in pending:
-                sink(piece)
+            sink(b"", pending, False)
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over: back to the pool when clean, else closed."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import itertools
 import json
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -401,3 +403,90 @@ async def test_slow_client_pauses_the_node_instead_of_buffering(
         assert received == node.total == node.sent
     finally:
         await node.server.close()
+
+
+HELLO = b'{"version": "0.12.6", "models": []}'  # for health checks and discovery
+
+
+class ScriptedNode:
+    """A node on a bare socket: answers checks and discovery, and to anything else a chunked
+    body sent in the given pieces, each only once the client has received ``after`` the last."""
+
+    def __init__(self, script: list[tuple[bytes, bytes]]) -> None:
+        self.script = script  # (bytes to send, what the client must hold before the next)
+        self.name = "scripted"
+        self.url = ""
+        self.client_got = b""
+        self.client_progress = asyncio.Condition()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def received(self, data: bytes) -> None:
+        async with self.client_progress:
+            self.client_got += data
+            self.client_progress.notify_all()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if not head.startswith(b"POST"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(HELLO))
+                    writer.write(HELLO)
+                    continue
+                for piece, after in self.script:
+                    writer.write(piece)
+                    async with self.client_progress:
+                        await self.client_progress.wait_for(lambda a=after: a in self.client_got)
+        writer.close()
+
+
+async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
+    start_proxy: StartProxy,
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    node = ScriptedNode(
+        [
+            (head + b"5\r\nhello\r\n", b"hello"),  # with the head: framed anew
+            (b"0005\r\nworld\r\n", b"world"),  # one whole chunk in a read: as the node framed it
+            (b"3\r\nab", b"ab"),  # a chunk begun
+            (b"c\r\n4\r\ndefg\r\n0\r\n", b"defg"),  # ... finished, a whole one, the last begun
+            (b"\r\n", b""),  # the end of the body
+        ]
+    )
+    await node.start()
+    proxy = await start_proxy([node])  # type: ignore[list-item]
+    reader, writer = await asyncio.open_connection(*yarl.URL(proxy.url).raw_authority.split(":"))
+    writer.write(
+        b"POST /api/experimental/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}"
+    )
+    while data := await reader.read(65536):
+        await node.received(data)
+    writer.close()
+    assert node.server is not None
+    node.server.close()
+    status_and_headers, _, body = node.client_got.partition(b"\r\n\r\n")
+    assert status_and_headers.startswith(b"HTTP/1.1 200 OK")
+    assert b"\r\n0005\r\nworld\r\n" in body
+    assert dechunk(body) == b"helloworldabcdefg"
+
+
+def dechunk(body: bytes) -> bytes:
+    """Strictly: every chunk complete, the last one there, nothing after it."""
+    content = b""
+    while True:
+        size_line, crlf, body = body.partition(b"\r\n")
+        assert crlf, "chunk size line cut off"
+        size = int(size_line, 16)
+        if size == 0:
+            assert body == b"\r\n", "bytes after the last chunk"
+            return content
+        assert body[size : size + 2] == b"\r\n", "chunk data cut off"
+        content, body = content + body[:size], body[size + 2 :]
