@@ -44,7 +44,7 @@ from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .routing import availability, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
-from .upstream import Answer, Connection, Head, Upstreams, request_bytes
+from .upstream import Answer, ClientSide, Connection, Head, Upstreams, request_bytes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -358,16 +358,14 @@ class Forwarder:
             await _break_stream(request, response, node, err)
             return response
         upstream.complete = True
-        self._after_response(ex, node, head, relay.recent)
+        self._after_response(ex, node, head, relay.client.tail)
         await response.write_eof()
         return response
 
     async def _relay_whole(self, ex: Exchange, node: Node, upstream: Upstream) -> web.Response:
         """A short answer of known length: taken whole, then sent with its head at once."""
-        pieces: list[bytes] = []
-        upstream.conn.attach(lambda _read, parsed, _whole: pieces.extend(parsed))
         try:
-            await upstream.answer.body_done
+            await upstream.answer.body_done  # the pieces wait in the answer
         except UpstreamError as err:
             self.health.passive_failure(node, err.kind)
             self.metrics.upstream_error(node, err.kind)
@@ -375,7 +373,7 @@ class Forwarder:
         upstream.complete = True
         head = upstream.head
         headers = _end_to_end(head.headers)
-        body = b"".join(pieces)
+        body = b"".join(upstream.answer.pending)
         ex.status = head.status
         self._after_response(ex, node, head, (body,))
         return web.Response(body=body, status=head.status, reason=head.reason, headers=headers)
@@ -485,10 +483,9 @@ class Upstream:
 class _Relay:
     """Moves body bytes from the node's connection to the client's, from the read callback.
 
-    Each read is written to the client in the callback that parsed it: no task switch per
-    chunk. A read of whole chunks goes out as the node framed it; other pieces of a chunked
-    body are framed anew. A reference to the last pieces is kept for the token counts in the
-    final one.
+    The connection writes each read to the client in the callback that parsed it
+    (``Connection.data_received``): no task switch per chunk. This waits for the end, and
+    pauses the node while the client lags behind.
     """
 
     def __init__(
@@ -497,32 +494,27 @@ class _Relay:
         transport = request.transport
         assert transport is not None
         self.transport = transport
-        self.chunked = response.chunked
         self.upstream = upstream
-        self.recent: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        self.client = ClientSide(
+            transport,
+            response.chunked,
+            deque(maxlen=TAIL_CHUNKS),
+            CLIENT_BUFFER_HIGH,
+            self._client_full,
+        )
         self.resuming: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Until the node's answer has ended; raises the node's failure, if any."""
-        self.upstream.conn.attach(self.write)
+        self.upstream.conn.relay_to(self.client)
         try:
             await self.upstream.answer.body_done
         finally:
             if self.resuming is not None:
                 self.resuming.cancel()
 
-    def write(self, read: bytes, pieces: list[bytes], whole_chunks: bool) -> None:
-        self.recent.extend(pieces)
-        transport = self.transport
-        if transport.is_closing():
-            return  # the client left: the handler is being cancelled and will close the node
-        if not self.chunked:
-            transport.writelines(pieces)
-        elif whole_chunks:
-            transport.write(read)  # the node's own chunk framing, unchanged
-        else:
-            transport.write(b"".join([b"%x\r\n%b\r\n" % (len(p), p) for p in pieces]))
-        if transport.get_write_buffer_size() > CLIENT_BUFFER_HIGH and self.resuming is None:
+    def _client_full(self) -> None:
+        if self.resuming is None:
             self.upstream.conn.pause()  # stop reading the node until the client catches up
             self.resuming = asyncio.ensure_future(self._resume_when_client_caught_up())
 

@@ -1,24 +1,22 @@
 """The connection to a node, at the level of bytes: one HTTP/1.1 exchange at a time.
 
 aiohttp's client costs about 20 µs of Python per streamed chunk (a StreamReader, a future and
-a timer per read). Here each read from the node is parsed by httptools (C) and handed, in the
-same callback, to a ``sink`` that writes it to the client: no task switch, no copy of the
-body into a buffer. Flow control runs both ways: a slow client pauses reading from the node.
+a timer per read). Here each read from the node is parsed by httptools (C) and its body
+pieces are written to the client's transport in the same callback: no task switch, no copy
+of the body into a buffer. Flow control runs both ways: a slow client pauses reading from the
+node.
 
-Per read, the only Python frames are ``data_received`` and the sink: httptools hands body
-pieces and chunk boundaries to C callables (``list.append``). A read that holds whole chunks
-of a chunked body, and nothing else, is marked as such, so that the relay can pass the node's
-chunked framing on as it is instead of framing the pieces anew.
-
-Connections are kept alive and reused per node. The idle timeout is checked lazily (one timer
-per timeout period, not one per chunk).
+Per read, the only Python frame is ``data_received``: httptools hands body pieces and chunk
+boundaries to C callables (``list.append``, ``itertools.count``). A read that holds whole
+chunks of a chunked body, and nothing else, goes to the client as the node framed it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import itertools
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -27,10 +25,18 @@ import httptools
 
 from .errors import UpstreamError
 
-# Per read from the node: the bytes as read, the body pieces httptools parsed from them, and
-# whether those bytes are exactly whole chunks of a chunked body (nothing of the head, of a
-# chunk begun or finished in another read, or of the last chunk).
-Sink = Callable[[bytes, list[bytes], bool], None]
+
+@dataclass(slots=True)
+class ClientSide:
+    """Where a node's body goes as it arrives: the client's transport, framed as the client's
+    response is (chunked or not), the last pieces kept for the token counts in the final one,
+    and what to do when the client falls ``high_water`` bytes behind."""
+
+    transport: asyncio.WriteTransport
+    chunked: bool
+    tail: deque[bytes]
+    high_water: int
+    on_full: Callable[[], None]
 
 
 @dataclass
@@ -53,7 +59,7 @@ class Answer:
     body_done: asyncio.Future[None]
     head: Head | None = None
     body_expected: bool = True
-    pending: list[bytes] = field(default_factory=list)  # body pieces before a sink is attached
+    pending: list[bytes] = field(default_factory=list)  # body pieces before the relay begins
 
 
 class Connection(asyncio.Protocol):
@@ -63,7 +69,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.answer: Answer | None = None
-        self.sink: Sink | None = None
+        self.client: ClientSide | None = None
         self.closed = False
         self.last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -72,11 +78,9 @@ class Connection(asyncio.Protocol):
         # httptools calls these per piece and per chunk: C callables, no Python frame.
         self._pieces: list[bytes] = []
         self.on_body = self._pieces.append
-        self._chunk_marks: list[int] = []  # +1 per chunk begun, -1 per chunk finished
-        self.on_chunk_header = functools.partial(self._chunk_marks.append, 1)
-        self.on_chunk_complete = functools.partial(self._chunk_marks.append, -1)
+        self._count_chunk_boundaries()
         self._chunked_body = False  # in the body of a chunked answer
-        self._open_chunks = 0  # chunks begun and not finished
+        self._between_chunks = False  # ... and the last read ended between two chunks
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -84,8 +88,14 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a TCP transport
 
     def data_received(self, data: bytes) -> None:
+        """Parse a read; pass its body pieces to the client in the same callback.
+
+        A read that begins and ends between two chunks of a chunked body holds whole chunks
+        only: written as the node framed them. Any other read (the head, a chunk begun or
+        finished in another read, the last chunk) has its pieces framed anew.
+        """
         self.last_activity = self.loop.time()
-        starts_between_chunks = self._chunked_body and self._open_chunks == 0
+        began_between_chunks = self._between_chunks
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -96,18 +106,26 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamError("broken", "node tried to upgrade the connection"))
             self.close()
             return
-        marks = self._chunk_marks
-        if marks:
-            self._open_chunks += sum(marks)
-            marks.clear()
+        # Both counters step once here, so equal values mean as many chunks ended as began.
+        self._between_chunks = self._chunked_body and next(self._chunks_begun) == next(
+            self._chunks_ended
+        )
         pieces = self._pieces
         if not pieces:
             return
-        if self.sink is not None:
-            whole_chunks = (
-                starts_between_chunks and self._open_chunks == 0 and self._chunked_body
-            )  # the last chunk ends the body (on_message_complete): never whole
-            self.sink(data, pieces, whole_chunks)
+        client = self.client
+        if client is not None:
+            client.tail.extend(pieces)
+            out = client.transport
+            if not out.is_closing():  # else the client left: its handler closes this connection
+                if not client.chunked:
+                    out.writelines(pieces)
+                elif began_between_chunks and self._between_chunks:
+                    out.write(data)  # whole chunks, as the node framed them
+                else:
+                    out.write(_chunk_framed(pieces))
+                if out.get_write_buffer_size() > client.high_water:
+                    client.on_full()
         elif self.answer is not None:
             self.answer.pending.extend(pieces)
         pieces.clear()
@@ -162,7 +180,7 @@ class Connection(asyncio.Protocol):
             elif lower == "transfer-encoding" and "chunked" in value.lower():
                 head.chunked = True
         ex.head = head
-        self._chunked_body = head.chunked
+        self._chunked_body = head.chunked  # the next read begins between chunks, or in one
         has_body = ex.body_expected and head.status not in (204, 304) and head.status >= 200
         if not has_body:
             ex.body_done.set_result(None)  # a HEAD answer: its Content-Length is not a body
@@ -183,22 +201,32 @@ class Connection(asyncio.Protocol):
         self.answer = Answer(
             self.loop.create_future(), self.loop.create_future(), body_expected=body_expected
         )
-        self.parser = httptools.HttpResponseParser(self)
+        self._count_chunk_boundaries()
+        self.parser = httptools.HttpResponseParser(self)  # takes the callbacks as they are now
         self._header_items = []
-        self._chunked_body = False
-        self._open_chunks = 0
+        self._chunked_body = self._between_chunks = False
         self.last_activity = self.loop.time()
         self.transport.write(request)
         self._arm_idle_timer()
         return self.answer
 
-    def attach(self, sink: Sink) -> None:
-        """From now on body bytes go to ``sink`` as they arrive (pending ones first)."""
-        self.sink = sink
+    def relay_to(self, client: ClientSide) -> None:
+        """From now on body pieces go to ``client`` as they arrive (pending ones first)."""
+        self.client = client
         ex = self.answer
         if ex is not None and ex.pending:
             pending, ex.pending = ex.pending, []
-            sink(b"", pending, False)
+            client.tail.extend(pending)
+            if not client.transport.is_closing():
+                client.transport.write(
+                    _chunk_framed(pending) if client.chunked else b"".join(pending)
+                )
+
+    def _count_chunk_boundaries(self) -> None:
+        self._chunks_begun = itertools.count()
+        self._chunks_ended = itertools.count()
+        self.on_chunk_header = self._chunks_begun.__next__
+        self.on_chunk_complete = self._chunks_ended.__next__
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over: back to the pool when clean, else closed."""
@@ -212,7 +240,7 @@ class Connection(asyncio.Protocol):
             and not self.closed
         )
         self.answer = None
-        self.sink = None
+        self.client = None
         self._cancel_idle_timer()
         if clean:
             self.pool.give_back(self)
@@ -339,6 +367,10 @@ class Upstreams:
     def close(self) -> None:
         for node in self.by_url.values():
             node.close_all()
+
+
+def _chunk_framed(pieces: list[bytes]) -> bytes:
+    return b"".join([b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces])
 
 
 def request_bytes(
