@@ -180,9 +180,17 @@ class Forwarder:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
             return exc.response()
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             ex.client_gone = True  # not the node's fault: never counted against it
             raise
+        except ConnectionError:
+            if not _client_left(request):
+                raise
+            # The client left while its head or its end was being written. aiohttp logs an
+            # exception raised from here as a server error, with a traceback; a response
+            # returned instead it fails to send, and ends the request quietly.
+            ex.client_gone = True
+            return web.Response()
         finally:
             self.metrics.request_done(ex, endpoint_label(request.path))
             self.access_log.record(ex)
@@ -433,6 +441,10 @@ def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
     for value in connection_values:
         tokens.update(t.strip().lower() for t in value.split(","))
     return tokens
+
+
+def _client_left(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _gateway_error(node: Node, err: UpstreamError) -> ProxyError:

@@ -839,6 +839,10 @@ class SimNode:
             return _json_response(body, error.status)
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
             return _go_not_found()
+        except ConnectionError:
+            if request.transport is not None and not request.transport.is_closing():
+                raise
+            return web.Response()  # the client left mid-write: Ollama logs no error for that
 
     async def _record(self, request: web.Request) -> None:
         body = await request.read()
@@ -1004,7 +1008,7 @@ class SimNode:
         try:
             with self._using(model):
                 yield ticket
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):  # a ConnectionError: writing to it
             if not ticket.node_died:
                 self._count_cancelled()
             raise

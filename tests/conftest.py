@@ -111,9 +111,11 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     After the test every slot must be back and the queue empty: a leak fails the test.
     """
     servers: list[tuple[TestServer, web.Application]] = []
+    bare_nodes: list[BareNode] = []
 
     async def start(nodes: list[SimNode], config_path: Path | None = None, **kwargs: Any) -> Proxy:
         """From ``config_path`` when given (reloads watch it), else from the arguments."""
+        bare_nodes.extend(n for n in nodes if isinstance(n, BareNode))
         config = load_config(config_path) if config_path else proxy_config(nodes, **kwargs)
         app = make_app(config, config_path)
         server = TestServer(app, host="127.0.0.1")
@@ -125,6 +127,43 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     for server, app in servers:
         await wait_until(lambda app=app: pool_is_idle(app[RUNTIME].pool), what="slots released")
         await server.close()
+    for node in bare_nodes:
+        if node.server is not None:
+            node.server.close()
+            await node.server.wait_closed()
+
+
+class BareNode:
+    """A node on a bare socket, for what aiohttp's server would not send: answers health checks
+    and discovery, and every POST with ``answer``. Stopped by ``start_proxy``'s teardown."""
+
+    HELLO = b'{"version": "0.12.6", "models": []}'  # a version for checks, no models
+
+    def __init__(self) -> None:
+        self.name = "bare"
+        self.url = ""
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def answer(self, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if head.startswith(b"POST"):
+                    await self.answer(writer)
+                else:
+                    hello = self.HELLO
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(hello))
+                    writer.write(hello)
+        writer.close()
 
 
 PROXY_OWN_PATHS = frozenset({"/api/version", "/api/tags", "/api/ps"})  # checks, discovery

@@ -14,6 +14,7 @@ import yaml
 from proxy.simnode import SimNode
 
 from .conftest import (
+    BareNode,
     StartNodes,
     StartProxy,
     generations,
@@ -141,3 +142,70 @@ async def test_real_entry_point_cancels_non_streaming(
     body = {**GENERATE, "stream": False}
     await leave_while_waiting(proxy_process, body, await node_active(slow_node))
     await assert_cancelled_quickly(slow_node)
+
+
+async def test_clients_leaving_at_any_moment_log_no_server_errors(
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client gone while its head or its end is written is a disconnect, not a crash."""
+    (node,) = await start_nodes(1, tokens=3, token_interval=0)
+    proxy = await start_proxy([node], caps=[50])
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = b'{"model": "llama3.2", "prompt": "short story"}'
+    request = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
+    )
+
+    async def leave_after(read_bytes: int, reset: bool) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        if read_bytes:
+            await reader.read(read_bytes)
+        if reset:
+            writer.transport.abort()
+        else:
+            writer.close()  # a FIN: aiohttp closes its side before it hears of the loss
+
+    for _ in range(5):
+        await asyncio.gather(
+            *(leave_after(n, reset) for n in (0, 0, 1, 10, 100, 300) for reset in (True, False))
+        )
+    await wait_until(lambda: pool_is_idle(proxy.pool))
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, errors[0].getMessage()
+
+
+class AnswersAsTheClientLeaves(BareNode):
+    """Holds each POST until the test sends the answer, in the callback where the client
+    hangs up: the proxy learns both in one turn of its loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: asyncio.Queue[tuple[asyncio.StreamWriter, asyncio.Future[None]]]
+        self.asked = asyncio.Queue()
+
+    async def answer(self, writer: asyncio.StreamWriter) -> None:
+        answered = asyncio.get_running_loop().create_future()
+        await self.asked.put((writer, answered))
+        await answered
+
+
+async def test_client_leaving_as_the_node_answers_logs_no_server_error(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = AnswersAsTheClientLeaves()
+    await node.start()
+    proxy = await start_proxy([node])  # type: ignore[list-item]
+    host, port = proxy.url.removeprefix("http://").split(":")
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    for _ in range(20):
+        _, client = await asyncio.open_connection(host, int(port))
+        client.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        to_proxy, answered = await node.asked.get()
+        client.close()  # a FIN: the proxy closes its side before it hears of the loss
+        to_proxy.write(answer)
+        answered.set_result(None)
+    await wait_until(lambda: pool_is_idle(proxy.pool))
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, errors[0].getMessage()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import io
 import itertools
 import json
-import re
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +19,7 @@ import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from .conftest import Proxy, StartNodes, StartProxy, generations
+from .conftest import BareNode, Proxy, StartNodes, StartProxy, generations
 
 GZIPPED = gzip.compress(b'{"models":[]}' * 100)
 
@@ -405,45 +403,26 @@ async def test_slow_client_pauses_the_node_instead_of_buffering(
         await node.server.close()
 
 
-HELLO = b'{"version": "0.12.6", "models": []}'  # for health checks and discovery
-
-
-class ScriptedNode:
-    """A node on a bare socket: answers checks and discovery, and to anything else a chunked
-    body sent in the given pieces, each only once the client has received ``after`` the last."""
+class ScriptedNode(BareNode):
+    """To a POST, a chunked body sent in the given pieces, each only once the client has
+    received ``after`` the last."""
 
     def __init__(self, script: list[tuple[bytes, bytes]]) -> None:
+        super().__init__()
         self.script = script  # (bytes to send, what the client must hold before the next)
-        self.name = "scripted"
-        self.url = ""
         self.client_got = b""
         self.client_progress = asyncio.Condition()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def received(self, data: bytes) -> None:
         async with self.client_progress:
             self.client_got += data
             self.client_progress.notify_all()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)content-length: *(\d+)", head)
-                await reader.readexactly(int(length.group(1)) if length else 0)
-                if not head.startswith(b"POST"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(HELLO))
-                    writer.write(HELLO)
-                    continue
-                for piece, after in self.script:
-                    writer.write(piece)
-                    async with self.client_progress:
-                        await self.client_progress.wait_for(lambda a=after: a in self.client_got)
-        writer.close()
+    async def answer(self, writer: asyncio.StreamWriter) -> None:
+        for piece, after in self.script:
+            writer.write(piece)
+            async with self.client_progress:
+                await self.client_progress.wait_for(lambda a=after: a in self.client_got)
 
 
 async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
@@ -470,8 +449,6 @@ async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
     while data := await reader.read(65536):
         await node.received(data)
     writer.close()
-    assert node.server is not None
-    node.server.close()
     status_and_headers, _, body = node.client_got.partition(b"\r\n\r\n")
     assert status_and_headers.startswith(b"HTTP/1.1 200 OK")
     assert b"\r\n0005\r\nworld\r\n" in body
