@@ -6,6 +6,7 @@ node up, queue depth) are read from the pool at scrape time instead of being kep
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -204,6 +205,13 @@ class Metrics:
             registry=r,
         )
         r.register(_PoolCollector(pool))
+        # The per-request series, each child looked up once: prometheus-client's labels()
+        # takes a lock and checks its arguments (about 2 µs a call, 0.4 µs for the update).
+        self._requests_for = functools.cache(self.requests.labels)
+        self._ttfb_for = functools.cache(self.ttfb.labels)
+        self._duration_for = functools.cache(self.duration.labels)
+        self._tokens_for = functools.cache(self.tokens.labels)
+        self._generation_seconds_for = functools.cache(self.generation_seconds.labels)
         # Known label values start at 0, so the first event is an increase, not a new series.
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
@@ -218,20 +226,20 @@ class Metrics:
     def request_done(self, ex: Exchange, endpoint: str) -> None:
         node = ex.node.name if ex.node is not None else ""
         code = "499" if ex.client_gone else str(ex.status or 500)
-        self.requests.labels(node, endpoint, code).inc()
+        self._requests_for(node, endpoint, code).inc()
         if ex.client_gone:
             self.client_disconnects.inc()
         if ex.first_byte is not None:
-            self.ttfb.labels(node).observe(ex.first_byte - ex.started)
-        self.duration.labels(node).observe(time.monotonic() - ex.started)
+            self._ttfb_for(node).observe(ex.first_byte - ex.started)
+        self._duration_for(node).observe(time.monotonic() - ex.started)
         if ex.usage is not None and ex.model_key is not None:
             self._usage(node, ex.model_key, ex.usage)
 
     def _usage(self, node: str, model: str, usage: Usage) -> None:
-        self.tokens.labels(node, model, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(node, model, "completion").inc(usage.completion_tokens)
+        self._tokens_for(node, model, "prompt").inc(usage.prompt_tokens)
+        self._tokens_for(node, model, "completion").inc(usage.completion_tokens)
         if usage.eval_seconds > 0:
-            self.generation_seconds.labels(node, model).inc(usage.eval_seconds)
+            self._generation_seconds_for(node, model).inc(usage.eval_seconds)
         if usage.load_seconds is not None:
             self.model_load.labels(node, model).observe(usage.load_seconds)
 
