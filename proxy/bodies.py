@@ -14,6 +14,11 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
     """The whole body, or 413 as soon as it passes ``limit`` (announced or sent chunked)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    if request.content.is_eof():  # the usual short body came with the head: take it at once
+        whole = request.content.read_nowait()
+        if len(whole) > limit:
+            raise BodyTooLarge(limit)
+        return whole
     body = bytearray()
     async for piece in request.content.iter_any():
         body += piece
