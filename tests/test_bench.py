@@ -29,7 +29,7 @@ SMOKE_SECONDS = 45  # a smoke run takes about 8 s on 2 cores; leave room for a b
 @pytest.mark.timeout(SMOKE_SECONDS + 15)
 def test_smoke_run_prints_both_tables() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.bench", "--smoke"],
+        [sys.executable, "-m", "proxy.bench", "--smoke", "--floor"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -38,7 +38,8 @@ def test_smoke_run_prints_both_tables() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    for header in ("Machine:", "relay", "direct", "proxy", "CPU per streamed chunk", "scheduling"):
+    headers = ("Machine:", "relay", "direct", "proxy", "bare relay", "CPU per streamed chunk")
+    for header in (*headers, "scheduling"):
         assert header in out, out
     assert "errors (stream / hold / embed)" in out
     assert "Cores" in out  # pinned, or why not

@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
     p.add_argument(
+        "--floor",
+        action="store_true",
+        help="add the bare relay (proxy/bench/bare.py): the same relay with nothing else, "
+        "the floor under the proxy on this runtime",
+    )
+    p.add_argument(
         "--no-pin",
         action="store_true",
         help="let the stream scenario's processes share every core (by default the front "
@@ -116,7 +122,7 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
             print("\n" + await profile_streaming(workdir, scale, log_progress))
             return
         results = await measure_all(
-            workdir, scale, nginx is not None, scenarios, log_progress, cores
+            workdir, scale, nginx is not None, scenarios, log_progress, cores, floor=args.floor
         )
     _print_tables(results, scale)
     if errors := error_count(results):

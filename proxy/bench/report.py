@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .scale import CHAT_MODEL, OTHER_CHAT_MODEL, Scale
 from .scenarios import Column, Results, SchedulingRow
+from .stacks import BARE_RELAY
 
 NONE = "-"
 MB = 1024 * 1024
@@ -102,13 +103,13 @@ def _errors(c: Column) -> str:
     return " / ".join(NONE if count is None else str(count) for count in counts)
 
 
-def _ratio(columns: dict[str, Column], figure: Figure) -> str:
-    if "proxy" not in columns or "nginx" not in columns:
+def _ratio(columns: dict[str, Column], figure: Figure, front: str = "proxy") -> str:
+    if front not in columns or "nginx" not in columns:
         return NONE
-    proxy, nginx = figure(columns["proxy"]), figure(columns["nginx"])
-    if proxy is None or nginx is None or not nginx:
+    value, nginx = figure(columns[front]), figure(columns["nginx"])
+    if value is None or nginx is None or not nginx:
         return NONE
-    return f"{proxy / nginx:.2f}"
+    return f"{value / nginx:.2f}"
 
 
 def _added_to_direct(figure: Figure, columns: dict[str, Column]) -> Figure:
@@ -163,14 +164,15 @@ def _relay_figures(columns: dict[str, Column], scale: Scale) -> list[tuple[str, 
 def relay_table(results: Results, scale: Scale) -> str:
     columns = results.relay
     names = list(columns)
-    with_ratio = "nginx" in columns
+    # Ratios to nginx: the proxy's, and the bare relay's when it ran (--floor).
+    compared = [f for f in ("proxy", BARE_RELAY) if f in columns] if "nginx" in columns else []
     rows = []
     for label, figure, digits, ratio in _relay_figures(columns, scale):
         row = [label, *(_number(figure(columns[name]), digits) for name in names)]
-        rows.append(row + ([_ratio(columns, figure) if ratio else NONE] if with_ratio else []))
+        rows.append(row + [_ratio(columns, figure, f) if ratio else NONE for f in compared])
     errors = ["errors (stream / hold / embed)", *(_errors(columns[name]) for name in names)]
-    rows.append(errors + ([NONE] if with_ratio else []))
-    headers = ["relay", *names] + (["proxy/nginx"] if with_ratio else [])
+    rows.append(errors + [NONE for _ in compared])
+    headers = ["relay", *names, *(f"{f.split()[0]}/nginx" for f in compared)]
     return f"{_relay_title(scale)}\n{render(headers, rows)}"
 
 

@@ -26,7 +26,15 @@ from .specs import (
     encode,
     pooled,
 )
-from .stacks import Front, SimNodeSpec, cold_load_counter, start_nginx, start_proxy, start_sims
+from .stacks import (
+    Front,
+    SimNodeSpec,
+    cold_load_counter,
+    start_bare_relay,
+    start_nginx,
+    start_proxy,
+    start_sims,
+)
 
 Log = Callable[[str], None]
 Policy = Literal["proxy", "least_conn", "round_robin"]
@@ -89,11 +97,20 @@ async def run_load(procs: Processes, load: Load, kind: type[Outcome], time_limit
 
 
 async def _fronts(
-    procs: Processes, workdir: Path, urls: list[str], cap: int, nginx: bool, scale: Scale
+    procs: Processes,
+    workdir: Path,
+    urls: list[str],
+    cap: int,
+    nginx: bool,
+    scale: Scale,
+    floor: bool,
 ) -> list[Front]:
-    """Direct access, the proxy, and nginx least_conn when it is installed."""
+    """Direct access, the proxy, the bare relay with ``--floor``, and nginx least_conn when
+    it is installed."""
     fronts = [Front("direct", urls)]
     fronts.append(await start_proxy(procs, workdir, urls, [cap] * len(urls)))
+    if floor:
+        fronts.append(await start_bare_relay(procs, urls))
     if nginx:
         streams = scale.hold_streams
         fronts.append(await start_nginx(procs, workdir, urls, "least_conn", streams=streams))
@@ -101,7 +118,13 @@ async def _fronts(
 
 
 async def measure_relay(
-    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log, cores: Cores
+    workdir: Path,
+    scale: Scale,
+    nginx: bool,
+    scenarios: set[str],
+    log: Log,
+    cores: Cores,
+    floor: bool,
 ) -> dict[str, Column]:
     """Streams (CPU per chunk, time to first byte), time to first byte again at a light load,
     and embeddings, through each front."""
@@ -109,7 +132,7 @@ async def measure_relay(
     node = SimNodeSpec(scale.token_interval, cap, (CHAT_MODEL, EMBED_MODEL))
     async with Processes(workdir) as procs:
         urls = await start_sims(procs, [node] * scale.nodes)
-        fronts = await _fronts(procs, workdir, urls, cap, nginx, scale)
+        fronts = await _fronts(procs, workdir, urls, cap, nginx, scale, floor)
         columns = {front.name: Column(watched=bool(front.pids)) for front in fronts}
         if "stream" in scenarios:
             await _measure_streams(procs, fronts, columns, scale, log, cores)
@@ -207,14 +230,16 @@ def _streams(
     )
 
 
-async def measure_hold(workdir: Path, scale: Scale, nginx: bool, log: Log) -> dict[str, Column]:
+async def measure_hold(
+    workdir: Path, scale: Scale, nginx: bool, log: Log, floor: bool
+) -> dict[str, Column]:
     """Many concurrent open streams: does each front hold them all, and in how much memory."""
     cap = scale.hold_streams  # any node may get them all
     node = SimNodeSpec(scale.hold_token_interval, cap, (CHAT_MODEL,))
     columns: dict[str, Column] = {}
     async with Processes(workdir) as procs:
         urls = await start_sims(procs, [node] * scale.nodes)
-        for front in await _fronts(procs, workdir, urls, cap, nginx, scale):
+        for front in await _fronts(procs, workdir, urls, cap, nginx, scale, floor):
             log(f"{scale.hold_streams} held streams through {front.name}")
             load = HoldLoad(
                 front.urls,
@@ -295,13 +320,21 @@ async def measure_scheduling(
 
 
 async def measure_all(
-    workdir: Path, scale: Scale, nginx: bool, scenarios: set[str], log: Log, cores: Cores
+    workdir: Path,
+    scale: Scale,
+    nginx: bool,
+    scenarios: set[str],
+    log: Log,
+    cores: Cores,
+    *,
+    floor: bool = False,
 ) -> Results:
+    """Every scenario asked for; ``floor`` adds the bare relay to the relay table."""
     results = Results()
     if scenarios & {"stream", "embed"}:
-        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log, cores)
+        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log, cores, floor)
     if "hold" in scenarios:
-        for name, held in (await measure_hold(workdir, scale, nginx, log)).items():
+        for name, held in (await measure_hold(workdir, scale, nginx, log, floor)).items():
             results.relay.setdefault(name, held).hold = held.hold
     if "sched" in scenarios:
         results.scheduling = await measure_scheduling(workdir, scale, nginx, log)

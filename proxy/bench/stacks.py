@@ -17,6 +17,7 @@ from .processes import BenchError, Child, Processes, free_ports, raise_fd_limit,
 from .procstat import children
 
 Balance = Literal["least_conn", "round_robin"]
+BARE_RELAY = "bare relay"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,15 @@ async def start_proxy(
     url = f"http://127.0.0.1:{port}"
     await wait_ready(child, url + "/-/ready")
     return Front("proxy", [url], [child.pid], child)
+
+
+async def start_bare_relay(procs: Processes, node_urls: list[str]) -> Front:
+    """The floor under the proxy (``bare.py``): the same relay, nothing else."""
+    (port,) = free_ports(1)
+    child = await procs.start_python("bare", ["-m", "proxy.bench.bare", str(port), *node_urls])
+    url = f"http://127.0.0.1:{port}"
+    await wait_ready(child, url + "/")
+    return Front(BARE_RELAY, [url], [child.pid], child)
 
 
 # --------------------------------------------------------------------------- nginx
