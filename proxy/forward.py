@@ -350,27 +350,24 @@ class Forwarder:
         assert node is not None
         head = upstream.head
         if upstream.answer.body_expected and (head.content_length or 0) in _WHOLE_BODY_SIZES:
-            return await self._relay_whole(ex, node, upstream)
-        response = web.StreamResponse(status=head.status, reason=head.reason)
-        response.headers.extend(_end_to_end(head.headers))
-        if head.content_length is None and request.version >= (1, 1):
-            response.enable_chunked_encoding()  # as the node did; the framing is ours
+            return await self._relay_whole(request, ex, node, upstream)
+        framing = _Framing.of(request, upstream)
         ex.status = head.status
-        await response.prepare(request)  # the commit point: no retry after this
-        relay = _Relay(request, response, upstream)
+        relay = _Relay(_client_transport(request), _response_head(head, framing), framing, upstream)
         try:
-            await relay.run()
+            await relay.run()  # the head goes out first: the commit point, no retry after it
         except UpstreamError as err:
             self.health.passive_failure(node, err.kind)
             self.metrics.upstream_error(node, err.kind)
-            await _break_stream(request, response, node, err)
-            return response
+            _break_stream(relay.transport, framing.chunked, head, node, err)
+            return _Relayed(head.status, keep_alive=False)
         upstream.complete = True
         self._after_response(ex, node, head, relay.client.tail)
-        await response.write_eof()
-        return response
+        return _Relayed(head.status, keep_alive=framing.keep_alive)
 
-    async def _relay_whole(self, ex: Exchange, node: Node, upstream: Upstream) -> web.Response:
+    async def _relay_whole(
+        self, request: web.Request, ex: Exchange, node: Node, upstream: Upstream
+    ) -> web.StreamResponse:
         """A short answer of known length: taken whole, then sent with its head at once."""
         try:
             await upstream.answer.body_done  # the pieces wait in the answer
@@ -380,11 +377,12 @@ class Forwarder:
             raise _gateway_error(node, err) from None  # nothing was sent: a clean error
         upstream.complete = True
         head = upstream.head
-        headers = _end_to_end(head.headers)
         body = b"".join(upstream.answer.pending)
         ex.status = head.status
         self._after_response(ex, node, head, (body,))
-        return web.Response(body=body, status=head.status, reason=head.reason, headers=headers)
+        framing = _Framing.of(request, upstream)
+        _client_transport(request).write(_response_head(head, framing) + body)
+        return _Relayed(head.status, keep_alive=framing.keep_alive)
 
     def _after_response(self, ex: Exchange, node: Node, head: Head, tail: Iterable[bytes]) -> None:
         """Once per request, after the last byte: health evidence and token telemetry."""
@@ -426,15 +424,6 @@ def _request_headers(request: web.Request) -> list[tuple[str, str]]:
     ]
 
 
-def _end_to_end(source: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    named = _connection_tokens(v for k, v in source if k.lower() == "connection")
-    return [
-        (key, value)
-        for key, value in source
-        if (lower := key.lower()) not in HOP_BY_HOP and lower not in named
-    ]
-
-
 def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
     """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
     tokens: set[str] = set()
@@ -453,8 +442,8 @@ def _gateway_error(node: Node, err: UpstreamError) -> ProxyError:
     return ProxyError(502, f"node {node.name} failed: {err.detail}")
 
 
-async def _break_stream(
-    request: web.Request, response: web.StreamResponse, node: Node, err: UpstreamError
+def _break_stream(
+    transport: asyncio.Transport, chunked: bool, head: Head, node: Node, err: UpstreamError
 ) -> None:
     """The node failed mid-body: end the client's stream so that it cannot look complete.
 
@@ -463,16 +452,14 @@ async def _break_stream(
     chunk. A body with a Content-Length just closes short of its length.
     """
     message = f"node {node.name} failed mid-response: {err.detail}"
-    if response.chunked:
-        if response.content_type == "text/event-stream":
+    if chunked:
+        if _content_type(head) == "text/event-stream":
             event = {"error": {"message": message, "type": "api_error"}}
             line = b"data: " + json.dumps(event).encode() + b"\n\n"
         else:
             line = json.dumps({"error": message}).encode() + b"\n"
-        await response.write(line)
-    transport = request.transport
-    if transport is not None:
-        transport.close()  # flushes what was written, then FIN: never the final chunk
+        transport.write(b"%x\r\n%b\r\n" % (len(line), line))
+    transport.close()  # flushes what was written, then FIN: never the last chunk
 
 
 def _content_type(head: Head) -> str:
@@ -492,6 +479,73 @@ class Upstream:
     complete: bool = False  # the whole body was relayed: the connection may be reused
 
 
+@dataclass(frozen=True)
+class _Framing:
+    """How the client's response is delimited, and whether its connection stays open."""
+
+    chunked: bool  # the client gets chunks (the node's, or framed anew), then a last chunk
+    keep_alive: bool
+
+    @classmethod
+    def of(cls, request: web.Request, upstream: Upstream) -> _Framing:
+        head = upstream.head
+        has_body = upstream.answer.body_expected and head.status >= 200
+        has_body = has_body and head.status not in (204, 304)
+        http11 = request.version >= (1, 1)
+        chunked = has_body and head.content_length is None and http11
+        # Without chunks or a length, only the connection's end can delimit the body.
+        delimited = chunked or head.content_length is not None or not has_body
+        return cls(chunked, request.keep_alive and http11 and delimited)
+
+
+class _Relayed(web.StreamResponse):
+    """An answer the request path wrote to the client's transport itself, head and body.
+
+    The head is the node's, byte for byte (aiohttp's writer would add a ``Server`` header the
+    node never sent), and goes out with the first body bytes, the last chunk with the last
+    ones: a system call less for each. Returned to aiohttp, it writes nothing more.
+    """
+
+    def __init__(self, status: int, *, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._relayed_keep_alive = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._relayed_keep_alive
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def _client_transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client left")  # observe() ends the request quietly
+    return transport
+
+
+def _response_head(head: Head, framing: _Framing) -> bytes:
+    """The node's status line and end-to-end header lines as it sent them, and our framing."""
+    named = _connection_tokens(
+        v.decode("latin-1") for k, v in head.raw_headers if k.lower() == b"connection"
+    )
+    lines = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.raw_reason)]
+    for name, value in head.raw_headers:
+        lower = name.decode("latin-1").lower()
+        if lower not in HOP_BY_HOP and lower not in named:
+            lines.append(b"%b: %b\r\n" % (name, value))
+    if framing.chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not framing.keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 class _Relay:
     """Moves body bytes from the node's connection to the client's, from the read callback.
 
@@ -501,15 +555,14 @@ class _Relay:
     """
 
     def __init__(
-        self, request: web.Request, response: web.StreamResponse, upstream: Upstream
+        self, transport: asyncio.Transport, head: bytes, framing: _Framing, upstream: Upstream
     ) -> None:
-        transport = request.transport
-        assert transport is not None
         self.transport = transport
         self.upstream = upstream
         self.client = ClientSide(
             transport,
-            response.chunked,
+            head,
+            framing.chunked,
             deque(maxlen=TAIL_CHUNKS),
             CLIENT_BUFFER_HIGH,
             self._client_full,

@@ -28,12 +28,14 @@ from .errors import UpstreamError
 
 @dataclass(slots=True)
 class ClientSide:
-    """Where a node's body goes as it arrives: the client's transport, framed as the client's
-    response is (chunked or not), the last pieces kept for the token counts in the final one,
-    and what to do when the client falls ``high_water`` bytes behind."""
+    """Where a node's body goes as it arrives: the client's transport, after the response
+    head, framed as the client's response is (chunked or not); the last pieces kept for the
+    token counts in the final one, and what to do when the client falls ``high_water`` bytes
+    behind."""
 
     transport: asyncio.WriteTransport
-    chunked: bool
+    head: bytes  # the response head, written with the first body bytes
+    chunked: bool  # framed chunk by chunk, and ended with the last chunk after the node's end
     tail: deque[bytes]
     high_water: int
     on_full: Callable[[], None]
@@ -46,6 +48,8 @@ class Head:
     status: int
     reason: str
     headers: list[tuple[str, str]]
+    raw_reason: bytes = b""  # the status line's reason and the header lines, as sent
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_length: int | None = None
     chunked: bool = False
     keep_alive: bool = True
@@ -74,7 +78,8 @@ class Connection(asyncio.Protocol):
         self.last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._header_items: list[tuple[str, str]] = []
-        self._status_reason = ""
+        self._raw_header_items: list[tuple[bytes, bytes]] = []
+        self._status_reason = b""
         # httptools calls these per piece and per chunk: C callables, no Python frame.
         self._pieces: list[bytes] = []
         self.on_body = self._pieces.append
@@ -111,10 +116,11 @@ class Connection(asyncio.Protocol):
             self._chunks_ended
         )
         pieces = self._pieces
-        if not pieces:
-            return
         client = self.client
-        if client is not None:
+        if client is None:
+            if pieces and self.answer is not None:
+                self.answer.pending.extend(pieces)
+        elif pieces or self._ended_here(client):
             client.tail.extend(pieces)
             out = client.transport
             if not out.is_closing():  # else the client left: its handler closes this connection
@@ -122,13 +128,24 @@ class Connection(asyncio.Protocol):
                     out.writelines(pieces)
                 elif began_between_chunks and self._between_chunks:
                     out.write(data)  # whole chunks, as the node framed them
+                elif self._ended_here(client):
+                    out.write(_chunk_framed(pieces) + LAST_CHUNK)
                 else:
                     out.write(_chunk_framed(pieces))
                 if out.get_write_buffer_size() > client.high_water:
                     client.on_full()
-        elif self.answer is not None:
-            self.answer.pending.extend(pieces)
         pieces.clear()
+
+    def _ended_here(self, client: ClientSide) -> bool:
+        """The body has just ended, and the client's framing has an end of its own to send."""
+        ex = self.answer
+        return (
+            client.chunked
+            and ex is not None
+            and ex.body_done.done()
+            and not ex.body_done.cancelled()
+            and ex.body_done.exception() is None
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -153,12 +170,13 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
-    # Decoded as UTF-8 because aiohttp encodes response headers as UTF-8: ASCII and UTF-8
-    # values reach the client as the node sent them (Ollama's are ASCII).
+    # Decoded as UTF-8 to be read (content type, length); the raw bytes are what the client
+    # gets.
     def on_status(self, status: bytes) -> None:
-        self._status_reason = status.decode("utf-8", "replace")
+        self._status_reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_header_items.append((name, value))
         self._header_items.append(
             (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
         )
@@ -169,8 +187,10 @@ class Connection(asyncio.Protocol):
             return
         head = Head(
             status=self.parser.get_status_code(),
-            reason=self._status_reason,
+            reason=self._status_reason.decode("utf-8", "replace"),
             headers=self._header_items,
+            raw_reason=self._status_reason,
+            raw_headers=self._raw_header_items,
             keep_alive=self.parser.should_keep_alive(),
         )
         for name, value in head.headers:
@@ -204,6 +224,8 @@ class Connection(asyncio.Protocol):
         self._count_chunk_boundaries()
         self.parser = httptools.HttpResponseParser(self)  # takes the callbacks as they are now
         self._header_items = []
+        self._raw_header_items = []
+        self._status_reason = b""
         self._chunked_body = self._between_chunks = False
         self.last_activity = self.loop.time()
         self.transport.write(request)
@@ -214,13 +236,18 @@ class Connection(asyncio.Protocol):
         """From now on body pieces go to ``client`` as they arrive (pending ones first)."""
         self.client = client
         ex = self.answer
-        if ex is not None and ex.pending:
+        pending: list[bytes] = []
+        if ex is not None:
             pending, ex.pending = ex.pending, []
-            client.tail.extend(pending)
-            if not client.transport.is_closing():
-                client.transport.write(
-                    _chunk_framed(pending) if client.chunked else b"".join(pending)
-                )
+        client.tail.extend(pending)
+        if client.transport.is_closing():
+            return
+        if not client.chunked:
+            client.transport.write(client.head + b"".join(pending))
+        elif self._ended_here(client):  # the whole body came with the head
+            client.transport.write(client.head + _chunk_framed(pending) + LAST_CHUNK)
+        else:
+            client.transport.write(client.head + _chunk_framed(pending))
 
     def _count_chunk_boundaries(self) -> None:
         self._chunks_begun = itertools.count()
@@ -367,6 +394,9 @@ class Upstreams:
     def close(self) -> None:
         for node in self.by_url.values():
             node.close_all()
+
+
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def _chunk_framed(pieces: list[bytes]) -> bytes:

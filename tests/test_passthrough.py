@@ -425,20 +425,13 @@ class ScriptedNode(BareNode):
                 await self.client_progress.wait_for(lambda a=after: a in self.client_got)
 
 
-async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
-    start_proxy: StartProxy,
-) -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-    head += b"Transfer-Encoding: chunked\r\n\r\n"
-    node = ScriptedNode(
-        [
-            (head + b"5\r\nhello\r\n", b"hello"),  # with the head: framed anew
-            (b"0005\r\nworld\r\n", b"world"),  # one whole chunk in a read: as the node framed it
-            (b"3\r\nab", b"ab"),  # a chunk begun
-            (b"c\r\n4\r\ndefg\r\n0\r\n", b"defg"),  # ... finished, a whole one, the last begun
-            (b"\r\n", b""),  # the end of the body
-        ]
-    )
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def through_proxy(start_proxy: StartProxy, node: ScriptedNode) -> tuple[bytes, bytes]:
+    """The response head and body the client gets, as bytes, for a node's scripted answer."""
     await node.start()
     proxy = await start_proxy([node])  # type: ignore[list-item]
     reader, writer = await asyncio.open_connection(*yarl.URL(proxy.url).raw_authority.split(":"))
@@ -449,10 +442,36 @@ async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
     while data := await reader.read(65536):
         await node.received(data)
     writer.close()
-    status_and_headers, _, body = node.client_got.partition(b"\r\n\r\n")
-    assert status_and_headers.startswith(b"HTTP/1.1 200 OK")
+    head, _, body = node.client_got.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
+    start_proxy: StartProxy,
+) -> None:
+    node = ScriptedNode(
+        [
+            (CHUNKED_HEAD + b"5\r\nhello\r\n", b"hello"),  # with the head: framed anew
+            (b"0005\r\nworld\r\n", b"world"),  # one whole chunk in a read: as the node framed it
+            (b"3\r\nab", b"ab"),  # a chunk begun
+            (b"c\r\n4\r\ndefg\r\n0\r\n", b"defg"),  # ... finished, a whole one, the last begun
+            (b"\r\n", b""),  # the end of the body
+        ]
+    )
+    status_and_headers, body = await through_proxy(start_proxy, node)
+    # The node's head as it sent it (no Server or Date added), the framing and connection ours.
+    assert status_and_headers == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close"
+    )
     assert b"\r\n0005\r\nworld\r\n" in body
     assert dechunk(body) == b"helloworldabcdefg"
+
+
+async def test_whole_body_with_the_head_ends_properly(start_proxy: StartProxy) -> None:
+    node = ScriptedNode([(CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n", b"")])
+    _, body = await through_proxy(start_proxy, node)
+    assert dechunk(body) == b"hello"
 
 
 def dechunk(body: bytes) -> bytes:
@@ -467,3 +486,20 @@ def dechunk(body: bytes) -> bytes:
             return content
         assert body[size : size + 2] == b"\r\n", "chunk data cut off"
         content, body = content + body[:size], body[size + 2 :]
+
+
+async def test_http10_client_gets_the_stream_delimited_by_the_connection_end(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """HTTP/1.0 has no chunks: the body is sent as it is and the connection's end closes it."""
+    (node,) = await start_nodes(1, tokens=5)
+    proxy = await start_proxy([node])
+    body = b'{"model": "llama3.2", "prompt": "x"}'
+    reader, writer = await asyncio.open_connection(*yarl.URL(proxy.url).raw_authority.split(":"))
+    writer.write(b"POST /api/generate HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    answer = await reader.read()  # to the end of the connection
+    writer.close()
+    head, _, ndjson = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding" not in head
+    lines = [json.loads(line) for line in ndjson.splitlines()]
+    assert [line["done"] for line in lines] == [False] * 5 + [True]

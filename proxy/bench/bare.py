@@ -81,13 +81,14 @@ class BareRelay(asyncio.Protocol):
             answer = conn.send(request, body_expected=body_expected)
             head = await answer.headers_done
             chunked = head.content_length is None and body_expected
-            lines = [f"HTTP/1.1 {head.status} {head.reason}"]
-            lines += [f"{k}: {v}" for k, v in head.headers if k.lower() not in ("connection",)]
-            client.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            conn.relay_to(ClientSide(client, chunked, deque(maxlen=1), 1 << 30, lambda: None))
+            lines = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.raw_reason)]
+            lines += [
+                b"%b: %b\r\n" % kv for kv in head.raw_headers if kv[0].lower() != b"connection"
+            ]
+            response_head = b"".join(lines) + b"\r\n"  # the node's chunked framing, if any
+            relay = ClientSide(client, response_head, chunked, deque(maxlen=1), 1 << 30, _no_op)
+            conn.relay_to(relay)  # the last chunk goes out with the last piece
             await answer.body_done
-            if chunked:
-                client.write(b"0\r\n\r\n")
             conn.finish(reusable=True)
         except BaseException:
             conn.finish(reusable=False)
@@ -97,6 +98,10 @@ class BareRelay(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _no_op() -> None:
+    pass
 
 
 async def serve(port: int, node_urls: list[str]) -> None:
