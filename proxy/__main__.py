@@ -97,6 +97,8 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
             config_path = None  # the demo fleet is not in the file: never reload from it
         app = make_app(config, config_path)
         runtime = app[RUNTIME]
+        # Before listening: once "listening on" is logged, a SIGHUP must reload, not kill.
+        stop = _stop_on_signals(on_hangup=runtime.reload)
         runner = web.AppRunner(
             app,
             # Without this aiohttp notices a departed client only at its next write, so a
@@ -128,7 +130,7 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
                 config.listen_host,
                 config.listen_port,
             )
-        await _until_stop_signal(on_hangup=runtime.reload)
+        await stop.wait()
         await _drain(runtime, runner)
 
 
@@ -145,14 +147,14 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
-async def _until_stop_signal(on_hangup: Callable[[], object]) -> None:
-    """Wait for SIGTERM or SIGINT; reload the config on each SIGHUP meanwhile."""
+def _stop_on_signals(on_hangup: Callable[[], object]) -> asyncio.Event:
+    """Set on SIGTERM or SIGINT; the config reloads on each SIGHUP meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await stop.wait()
+    return stop
 
 
 async def _drain(runtime: Runtime, runner: web.AppRunner) -> None:
