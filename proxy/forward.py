@@ -361,6 +361,7 @@ class Forwarder:
             self.metrics.upstream_error(node, err.kind)
             _break_stream(relay.transport, framing.chunked, head, node, err)
             return _Relayed(head.status, keep_alive=False)
+        relay.client.end()  # a body the node delimited by closing ends here, not with a chunk
         upstream.complete = True
         self._after_response(ex, node, head, relay.client.tail)
         return _Relayed(head.status, keep_alive=framing.keep_alive)

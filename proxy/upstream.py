@@ -39,6 +39,13 @@ class ClientSide:
     tail: deque[bytes]
     high_water: int
     on_full: Callable[[], None]
+    ended: bool = False  # the last chunk went out (chunked only)
+
+    def end(self) -> None:
+        """Send the last chunk, unless it went out with the last piece."""
+        if self.chunked and not self.ended and not self.transport.is_closing():
+            self.transport.write(LAST_CHUNK)
+        self.ended = True
 
 
 @dataclass
@@ -130,6 +137,7 @@ class Connection(asyncio.Protocol):
                     out.write(data)  # whole chunks, as the node framed them
                 elif self._ended_here(client):
                     out.write(_chunk_framed(pieces) + LAST_CHUNK)
+                    client.ended = True
                 else:
                     out.write(_chunk_framed(pieces))
                 if out.get_write_buffer_size() > client.high_water:
@@ -246,6 +254,7 @@ class Connection(asyncio.Protocol):
             client.transport.write(client.head + b"".join(pending))
         elif self._ended_here(client):  # the whole body came with the head
             client.transport.write(client.head + _chunk_framed(pending) + LAST_CHUNK)
+            client.ended = True
         else:
             client.transport.write(client.head + _chunk_framed(pending))
 

@@ -474,6 +474,34 @@ async def test_whole_body_with_the_head_ends_properly(start_proxy: StartProxy) -
     assert dechunk(body) == b"hello"
 
 
+class ClosingNode(ScriptedNode):
+    """Ends its answer by closing the connection, as HTTP/1.0 servers do."""
+
+    async def answer(self, writer: asyncio.StreamWriter) -> None:
+        await super().answer(writer)
+        writer.close()
+
+
+async def test_body_ended_by_the_node_closing_gets_a_last_chunk(start_proxy: StartProxy) -> None:
+    """No length, no chunks: the node's end of connection ends the body; the client's chunked
+    answer must still end, or it would wait for ever on a kept-alive connection."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n"
+    node = ClosingNode([(head + b'{"a":1}\n', b'{"a":1}'), (b'{"b":2}\n', b'{"b":2}')])
+    head_got, body = await through_proxy(start_proxy, node)
+    assert b"Transfer-Encoding: chunked" in head_got
+    assert dechunk(body) == b'{"a":1}\n{"b":2}\n'
+
+
+async def test_length_beside_chunks_is_a_bad_gateway(start_proxy: StartProxy) -> None:
+    """Both a length and chunks (RFC 9112 6.3: a smuggling risk): llhttp refuses the answer,
+    and the client gets a 502 rather than a body framed two ways."""
+    head = CHUNKED_HEAD.replace(b"\r\n\r\n", b"\r\nContent-Length: 99\r\n\r\n")
+    node = ScriptedNode([(head + b"5\r\nhello\r\n0\r\n\r\n", b"")])
+    head_got, body = await through_proxy(start_proxy, node)
+    assert head_got.startswith(b"HTTP/1.1 502")
+    assert b"invalid HTTP from node" in body
+
+
 def dechunk(body: bytes) -> bytes:
     """Strictly: every chunk complete, the last one there, nothing after it."""
     content = b""
