@@ -16,7 +16,7 @@ from .processes import BenchError, raise_fd_limit
 from .profiling import profile_streaming
 from .report import error_count, machine_summary, relay_table, scheduling_table
 from .scale import SMOKE, Scale
-from .scenarios import Results, log_progress, measure_all
+from .scenarios import Others, Results, log_progress, measure_all
 from .stacks import nginx_version
 
 SCENARIOS = ("stream", "embed", "hold", "sched")
@@ -121,9 +121,8 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
         if args.profile:
             print("\n" + await profile_streaming(workdir, scale, log_progress))
             return
-        results = await measure_all(
-            workdir, scale, nginx is not None, scenarios, log_progress, cores, floor=args.floor
-        )
+        others = Others(nginx=nginx is not None, floor=args.floor)
+        results = await measure_all(workdir, scale, others, scenarios, log_progress, cores)
     _print_tables(results, scale)
     if errors := error_count(results):
         raise BenchError(f"{errors} requests failed (see the errors rows)")

@@ -96,35 +96,30 @@ async def run_load(procs: Processes, load: Load, kind: type[Outcome], time_limit
 # --------------------------------------------------------------------------- relay
 
 
+@dataclass(frozen=True)
+class Others:
+    """The fronts measured beside direct access and the proxy."""
+
+    nginx: bool  # nginx least_conn (and round robin in the scheduling table), when installed
+    floor: bool = False  # the bare relay (--floor)
+
+
 async def _fronts(
-    procs: Processes,
-    workdir: Path,
-    urls: list[str],
-    cap: int,
-    nginx: bool,
-    scale: Scale,
-    floor: bool,
+    procs: Processes, workdir: Path, urls: list[str], cap: int, others: Others, scale: Scale
 ) -> list[Front]:
-    """Direct access, the proxy, the bare relay with ``--floor``, and nginx least_conn when
-    it is installed."""
+    """Direct access, the proxy, and the others asked for."""
     fronts = [Front("direct", urls)]
     fronts.append(await start_proxy(procs, workdir, urls, [cap] * len(urls)))
-    if floor:
+    if others.floor:
         fronts.append(await start_bare_relay(procs, urls))
-    if nginx:
+    if others.nginx:
         streams = scale.hold_streams
         fronts.append(await start_nginx(procs, workdir, urls, "least_conn", streams=streams))
     return fronts
 
 
 async def measure_relay(
-    workdir: Path,
-    scale: Scale,
-    nginx: bool,
-    scenarios: set[str],
-    log: Log,
-    cores: Cores,
-    floor: bool,
+    workdir: Path, scale: Scale, others: Others, scenarios: set[str], log: Log, cores: Cores
 ) -> dict[str, Column]:
     """Streams (CPU per chunk, time to first byte), time to first byte again at a light load,
     and embeddings, through each front."""
@@ -132,7 +127,7 @@ async def measure_relay(
     node = SimNodeSpec(scale.token_interval, cap, (CHAT_MODEL, EMBED_MODEL))
     async with Processes(workdir) as procs:
         urls = await start_sims(procs, [node] * scale.nodes)
-        fronts = await _fronts(procs, workdir, urls, cap, nginx, scale, floor)
+        fronts = await _fronts(procs, workdir, urls, cap, others, scale)
         columns = {front.name: Column(watched=bool(front.pids)) for front in fronts}
         if "stream" in scenarios:
             await _measure_streams(procs, fronts, columns, scale, log, cores)
@@ -230,16 +225,14 @@ def _streams(
     )
 
 
-async def measure_hold(
-    workdir: Path, scale: Scale, nginx: bool, log: Log, floor: bool
-) -> dict[str, Column]:
+async def measure_hold(workdir: Path, scale: Scale, others: Others, log: Log) -> dict[str, Column]:
     """Many concurrent open streams: does each front hold them all, and in how much memory."""
     cap = scale.hold_streams  # any node may get them all
     node = SimNodeSpec(scale.hold_token_interval, cap, (CHAT_MODEL,))
     columns: dict[str, Column] = {}
     async with Processes(workdir) as procs:
         urls = await start_sims(procs, [node] * scale.nodes)
-        for front in await _fronts(procs, workdir, urls, cap, nginx, scale, floor):
+        for front in await _fronts(procs, workdir, urls, cap, others, scale):
             log(f"{scale.hold_streams} held streams through {front.name}")
             load = HoldLoad(
                 front.urls,
@@ -320,22 +313,14 @@ async def measure_scheduling(
 
 
 async def measure_all(
-    workdir: Path,
-    scale: Scale,
-    nginx: bool,
-    scenarios: set[str],
-    log: Log,
-    cores: Cores,
-    *,
-    floor: bool = False,
+    workdir: Path, scale: Scale, others: Others, scenarios: set[str], log: Log, cores: Cores
 ) -> Results:
-    """Every scenario asked for; ``floor`` adds the bare relay to the relay table."""
     results = Results()
     if scenarios & {"stream", "embed"}:
-        results.relay = await measure_relay(workdir, scale, nginx, scenarios, log, cores, floor)
+        results.relay = await measure_relay(workdir, scale, others, scenarios, log, cores)
     if "hold" in scenarios:
-        for name, held in (await measure_hold(workdir, scale, nginx, log, floor)).items():
+        for name, held in (await measure_hold(workdir, scale, others, log)).items():
             results.relay.setdefault(name, held).hold = held.hold
     if "sched" in scenarios:
-        results.scheduling = await measure_scheduling(workdir, scale, nginx, log)
+        results.scheduling = await measure_scheduling(workdir, scale, others.nginx, log)
     return results
