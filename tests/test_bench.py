@@ -48,6 +48,25 @@ def test_smoke_run_prints_both_tables() -> None:
     assert "nginx" in out  # a column when installed, else "nginx not installed, skipped"
 
 
+@pytest.mark.timeout(SMOKE_SECONDS + 15)
+def test_compare_runs_two_checkouts_side_by_side() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.bench", "--smoke", "--compare", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ("Compare: this checkout (A) against HEAD (B)", "streams of", "/api/embed"):
+        assert row in done.stdout, done.stdout
+    worktrees = subprocess.run(
+        ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "compare-checkout" not in worktrees.stdout  # the checkout is gone again
+
+
 def test_percentile_interpolates_between_ranks() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .compare import compare
 from .cores import choose
 from .processes import BenchError, raise_fd_limit
 from .profiling import profile_streaming
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a tiny run of seconds (CI)")
     p.add_argument("--profile", action="store_true", help="profile the proxy with py-spy")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
+    p.add_argument(
+        "--compare",
+        metavar="REV",
+        help="run this checkout's proxy and REV's (a git revision) side by side under the same "
+        "load, and print their CPU per chunk and per request; nothing else is run",
+    )
     p.add_argument(
         "--floor",
         action="store_true",
@@ -112,7 +119,7 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
     nginx = None if args.no_nginx else nginx_version()
     cores = choose(pin=not args.no_pin)
     print(machine_summary(nginx), flush=True)
-    if "stream" in scenarios and not args.profile:
+    if "stream" in scenarios and not (args.profile or args.compare):
         print(cores.summary(), flush=True)
     if nginx is None:
         print("nginx skipped (--no-nginx)" if args.no_nginx else "nginx not installed, skipped")
@@ -120,6 +127,9 @@ async def _run(args: argparse.Namespace, scale: Scale, scenarios: set[str]) -> N
         workdir = Path(tmp)
         if args.profile:
             print("\n" + await profile_streaming(workdir, scale, log_progress))
+            return
+        if args.compare:
+            print("\n" + await compare(workdir, args.compare, scale, log_progress))
             return
         others = Others(nginx=nginx is not None, floor=args.floor)
         results = await measure_all(workdir, scale, others, scenarios, log_progress, cores)

@@ -65,7 +65,9 @@ class Processes:
     ) -> None:
         await self.stop_all()
 
-    async def start(self, name: str, argv: list[str], *, capture_stdout: bool = False) -> Child:
+    async def start(
+        self, name: str, argv: list[str], *, capture_stdout: bool = False, cwd: Path = PROJECT_ROOT
+    ) -> Child:
         log = self.log_dir / f"{name}-{len(self._children)}.log"
         with log.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
@@ -73,15 +75,19 @@ class Processes:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if capture_stdout else log_file,
                 stderr=log_file,
-                cwd=PROJECT_ROOT,
+                cwd=cwd,  # ``python -m proxy`` runs the proxy found here
                 start_new_session=True,
             )
         child = Child(name, process, log)
         self._children.append(child)
         return child
 
-    async def start_python(self, name: str, args: list[str], **kwargs: bool) -> Child:
-        return await self.start(name, [sys.executable, *args], **kwargs)
+    async def start_python(
+        self, name: str, args: list[str], *, capture_stdout: bool = False, cwd: Path = PROJECT_ROOT
+    ) -> Child:
+        return await self.start(
+            name, [sys.executable, *args], capture_stdout=capture_stdout, cwd=cwd
+        )
 
     @property
     def pids(self) -> list[int]:

@@ -13,7 +13,15 @@ from typing import Literal
 
 import aiohttp
 
-from .processes import BenchError, Child, Processes, free_ports, raise_fd_limit, wait_ready
+from .processes import (
+    PROJECT_ROOT,
+    BenchError,
+    Child,
+    Processes,
+    free_ports,
+    raise_fd_limit,
+    wait_ready,
+)
 from .procstat import children
 
 Balance = Literal["least_conn", "round_robin"]
@@ -95,12 +103,13 @@ async def start_proxy(
     caps: list[int],
     *,
     python_args: tuple[str, ...] = (),  # e.g. ("-m", "cProfile", "-o", FILE) to profile it
+    source: Path | None = None,  # another checkout's proxy (--compare), else this one's
 ) -> Front:
     (port,) = free_ports(1)
     config = workdir / f"proxy-{port}.yaml"
     config.write_text(proxy_config(port, node_urls, caps))
     args = [*python_args, "-m", "proxy", "--config", str(config), "--log-level", "warning"]
-    child = await procs.start_python("proxy", args)
+    child = await procs.start_python("proxy", args, cwd=source or PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     await wait_ready(child, url + "/-/ready")
     return Front("proxy", [url], [child.pid], child)
