@@ -107,6 +107,10 @@ async def compare(workdir: Path, rev: str, scale: Scale, log: Log) -> str:
     checkout = workdir / "compare-checkout"
     _git("worktree", "add", "--detach", str(checkout), rev)
     try:
+        # ``python -m proxy`` in the checkout finds its package first, but without one it would
+        # fall back to the installed one, this checkout's: a comparison with itself.
+        if not (checkout / "proxy" / "__main__.py").exists():
+            raise BenchError(f"{rev} has no proxy package to run")
         return await _compare(workdir, checkout, rev, scale, log)
     finally:
         _git("worktree", "remove", "--force", str(checkout))
