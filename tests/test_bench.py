@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SECONDS = 45  # a smoke run takes about 8 s on 2 cores; leave room for a busy machine
 
 
-@pytest.mark.timeout(SMOKE_SECONDS + 15)
-def test_smoke_run_prints_both_tables() -> None:
+def smoke_run(*options: str) -> str:
+    """``python -m proxy.bench --smoke OPTIONS``: what it printed, once it has succeeded."""
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.bench", "--smoke", "--floor"],
+        [sys.executable, "-m", "proxy.bench", "--smoke", *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -37,7 +37,12 @@ def test_smoke_run_prints_both_tables() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    return done.stdout
+
+
+@pytest.mark.timeout(SMOKE_SECONDS + 15)
+def test_smoke_run_prints_both_tables() -> None:
+    out = smoke_run("--floor")
     headers = ("Machine:", "relay", "direct", "proxy", "bare relay", "CPU per streamed chunk")
     for header in (*headers, "scheduling"):
         assert header in out, out
@@ -50,17 +55,9 @@ def test_smoke_run_prints_both_tables() -> None:
 
 @pytest.mark.timeout(SMOKE_SECONDS + 15)
 def test_compare_runs_two_checkouts_side_by_side() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.bench", "--smoke", "--compare", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_SECONDS,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    out = smoke_run("--compare", "HEAD")
     for row in ("Compare: this checkout (A) against HEAD (B)", "streams of", "/api/embed"):
-        assert row in done.stdout, done.stdout
+        assert row in out, out
     worktrees = subprocess.run(
         ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
     )
