@@ -44,7 +44,15 @@ from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .routing import availability, want_for
 from .telemetry import TELEMETRY_PATHS, Usage, usage_from_tail
-from .upstream import Answer, ClientSide, Connection, Head, Upstreams, request_bytes
+from .upstream import (
+    Answer,
+    ClientSide,
+    Connection,
+    Head,
+    Upstreams,
+    chunk_framed,
+    request_bytes,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -459,7 +467,7 @@ def _break_stream(
             line = b"data: " + json.dumps(event).encode() + b"\n\n"
         else:
             line = json.dumps({"error": message}).encode() + b"\n"
-        transport.write(b"%x\r\n%b\r\n" % (len(line), line))
+        transport.write(chunk_framed([line]))
     transport.close()  # flushes what was written, then FIN: never the last chunk
 
 
@@ -490,12 +498,10 @@ class _Framing:
     @classmethod
     def of(cls, request: web.Request, upstream: Upstream) -> _Framing:
         head = upstream.head
-        has_body = upstream.answer.body_expected and head.status >= 200
-        has_body = has_body and head.status not in (204, 304)
         http11 = request.version >= (1, 1)
-        chunked = has_body and head.content_length is None and http11
+        chunked = head.has_body and head.content_length is None and http11
         # Without chunks or a length, only the connection's end can delimit the body.
-        delimited = chunked or head.content_length is not None or not has_body
+        delimited = chunked or head.content_length is not None or not head.has_body
         return cls(chunked, request.keep_alive and http11 and delimited)
 
 
@@ -523,10 +529,10 @@ class _Relayed(web.StreamResponse):
 
 
 def _client_transport(request: web.Request) -> asyncio.Transport:
-    transport = request.transport
-    if transport is None or transport.is_closing():
+    if _client_left(request):
         raise ConnectionResetError("the client left")  # observe() ends the request quietly
-    return transport
+    assert request.transport is not None  # _client_left said so
+    return request.transport
 
 
 def _response_head(head: Head, framing: _Framing) -> bytes:

@@ -60,6 +60,7 @@ class Head:
     content_length: int | None = None
     chunked: bool = False
     keep_alive: bool = True
+    has_body: bool = True  # not for HEAD, 1xx, 204, 304
 
 
 @dataclass
@@ -136,10 +137,10 @@ class Connection(asyncio.Protocol):
                 elif began_between_chunks and self._between_chunks:
                     out.write(data)  # whole chunks, as the node framed them
                 elif self._ended_here(client):
-                    out.write(_chunk_framed(pieces) + LAST_CHUNK)
+                    out.write(chunk_framed(pieces) + LAST_CHUNK)
                     client.ended = True
                 else:
-                    out.write(_chunk_framed(pieces))
+                    out.write(chunk_framed(pieces))
                 if out.get_write_buffer_size() > client.high_water:
                     client.on_full()
         pieces.clear()
@@ -209,8 +210,8 @@ class Connection(asyncio.Protocol):
                 head.chunked = True
         ex.head = head
         self._chunked_body = head.chunked  # the next read begins between chunks, or in one
-        has_body = ex.body_expected and head.status not in (204, 304) and head.status >= 200
-        if not has_body:
+        head.has_body = ex.body_expected and head.status not in (204, 304) and head.status >= 200
+        if not head.has_body:
             ex.body_done.set_result(None)  # a HEAD answer: its Content-Length is not a body
             head.keep_alive = False  # the parser would wait for that body: do not reuse
         if not ex.headers_done.done():
@@ -253,10 +254,10 @@ class Connection(asyncio.Protocol):
         if not client.chunked:
             client.transport.write(client.head + b"".join(pending))
         elif self._ended_here(client):  # the whole body came with the head
-            client.transport.write(client.head + _chunk_framed(pending) + LAST_CHUNK)
+            client.transport.write(client.head + chunk_framed(pending) + LAST_CHUNK)
             client.ended = True
         else:
-            client.transport.write(client.head + _chunk_framed(pending))
+            client.transport.write(client.head + chunk_framed(pending))
 
     def _count_chunk_boundaries(self) -> None:
         self._chunks_begun = itertools.count()
@@ -408,7 +409,7 @@ class Upstreams:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def _chunk_framed(pieces: list[bytes]) -> bytes:
+def chunk_framed(pieces: list[bytes]) -> bytes:
     return b"".join([b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces])
 
 
