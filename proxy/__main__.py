@@ -13,10 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from aiohttp import web
-
 from .app import RUNTIME, Runtime, make_app
 from .config import Config, ConfigError, NodeConfig, load_config, parse_config
+from .serving import Serving, serve
 
 log = logging.getLogger("ollama_proxy")
 
@@ -99,22 +98,10 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
         runtime = app[RUNTIME]
         # Before listening: once "listening on" is logged, a SIGHUP must reload, not kill.
         stop = _stop_on_signals(on_hangup=runtime.reload)
-        runner = web.AppRunner(
-            app,
-            # Without this aiohttp notices a departed client only at its next write, so a
-            # non-streaming generation would keep its GPU busy to the end for nobody.
-            handler_cancellation=True,
-            access_log=None,  # the proxy writes its own, with node, model and tokens
-            shutdown_timeout=1.0,  # the drain below is where requests get their time
-        )
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
         # reuse_port: a new proxy can start on the same port before the old one drains, so an
         # upgrade on one host refuses no connection.
-        site = web.TCPSite(
-            runner, config.listen_host, config.listen_port, reuse_address=True, reuse_port=True
-        )
-        await site.start()
+        serving = await serve(app, config.listen_host, config.listen_port, reuse_port=True)
+        stack.push_async_callback(serving.close)
         _tune_garbage_collector()
         log.info(
             "listening on http://%s:%d, %d nodes: %s",
@@ -131,7 +118,7 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
                 config.listen_port,
             )
         await stop.wait()
-        await _drain(runtime, runner)
+        await _drain(runtime, serving)
 
 
 def _tune_garbage_collector() -> None:
@@ -157,15 +144,12 @@ def _stop_on_signals(on_hangup: Callable[[], object]) -> asyncio.Event:
     return stop
 
 
-async def _drain(runtime: Runtime, runner: web.AppRunner) -> None:
+async def _drain(runtime: Runtime, serving: Serving) -> None:
     """Fail readiness, stop accepting, let requests in flight finish (bounded), then go."""
     runtime.shutting_down = True
     bound = runtime.config.shutdown.drain_timeout
     log.info("stopping: no new connections; waiting up to %gs for requests in flight", bound)
-    for site in list(runner.sites):
-        await site.stop()
-    if runner.server is not None:
-        runner.server.pre_shutdown()  # no new requests on kept-alive connections either
+    serving.stop_accepting()  # nor new requests on kept-alive connections
     try:
         await asyncio.wait_for(runtime.forwarder.idle.wait(), bound)
     except TimeoutError:

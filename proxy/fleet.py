@@ -34,6 +34,7 @@ BLOB_PIECE = 1024 * 1024
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Listing = Callable[[], Awaitable[web.StreamResponse]]
 
 
 def _answering_errors(handler: Handler) -> Handler:
@@ -44,6 +45,13 @@ def _answering_errors(handler: Handler) -> Handler:
             return exc.response()
 
     return answer
+
+
+def _ignoring_request(listing: Listing) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await listing()
+
+    return handler
 
 
 def compact(value: Any) -> bytes:
@@ -77,13 +85,24 @@ class Fleet:
         self.placement = config.placement
         self.max_body_size = config.max_body_size
 
+    @property
+    def listings(self) -> dict[str, Listing]:
+        """GET (and HEAD) paths answered from every node's answer, needing nothing of the
+        request: the front door serves them too, so a client's kept-alive connection stays
+        with it."""
+        return {
+            "/api/tags": self.tags,
+            "/api/ps": self.ps,
+            "/v1/models": self.openai_models,
+            "/api/version": self.version,
+        }
+
     def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
         """Route the fleet's paths; ``wrap`` adds the request accounting every path has."""
         routes: list[tuple[str, str, Handler]] = [
-            ("GET", "/api/tags", self.tags),
-            ("GET", "/api/ps", self.ps),
-            ("GET", "/v1/models", self.openai_models),
-            ("GET", "/api/version", self.version),
+            ("GET", path, _ignoring_request(listing)) for path, listing in self.listings.items()
+        ]
+        routes += [
             ("POST", "/api/pull", self.pull),
             ("POST", "/api/create", self.create),
             ("DELETE", "/api/delete", self.delete),
@@ -109,24 +128,24 @@ class Fleet:
         answers = await asyncio.gather(*(self.discovery.get_json(n, path) for n in nodes))
         return [(n, a) for n, a in zip(nodes, answers, strict=True) if a is not None]
 
-    async def tags(self, request: web.Request) -> web.StreamResponse:
+    async def tags(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/tags")
         for node, answer in answers:
             node.models = {normalize_model(m) for m in model_names(answer)}
         models = _union((entries(a, "models") for _, a in answers), "model", "name")
         return json_response({"models": models})
 
-    async def ps(self, request: web.Request) -> web.StreamResponse:
+    async def ps(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/ps")
         models = _union((entries(a, "models") for _, a in answers), "model", "name")
         return json_response({"models": models})
 
-    async def openai_models(self, request: web.Request) -> web.StreamResponse:
+    async def openai_models(self) -> web.StreamResponse:
         answers = await self._ask_all("/v1/models")
         data = _union((entries(a, "data") for _, a in answers), "id")
         return json_response({"object": "list", "data": data})
 
-    async def version(self, request: web.Request) -> web.StreamResponse:
+    async def version(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/version")
         versions = [a["version"] for _, a in answers if isinstance(a.get("version"), str)]
         if not versions:
@@ -189,10 +208,10 @@ class Fleet:
                 node.models.add(normalize_model(destination))
         return _summarise(outcomes, "copy", ok=(200,), gone=404, model=source)
 
-    async def unload(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
+    async def unload(self, path: str, body: bytes, model: str) -> web.StreamResponse:
         """``ollama stop``: unload the model on every node that has it; one node's answer."""
         holders = [n for n in self._healthy() if n.has_model(model)]
-        outcomes = await self._send_all(holders, "POST", request.path, body)
+        outcomes = await self._send_all(holders, "POST", path, body)
         for node, status, _ in outcomes:
             if status == 200:
                 node.resident.pop(model, None)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .accesslog import AccessLog
-from .bodies import json_object, model_of, read_bounded
+from .bodies import json_object, model_of
 from .config import Config
 from .discovery import Discovery
 from .errors import (
@@ -39,6 +39,7 @@ from .errors import (
 )
 from .fleet import Fleet
 from .health import Health
+from .incoming import Incoming
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
@@ -151,39 +152,53 @@ class Forwarder:
         self.access_log = AccessLog(config.access_log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Every request that neither the fleet nor the admin paths answer."""
-        return await self.observe(request, self._proxy)
+        """Every request through aiohttp that neither the fleet nor the admin paths answer."""
+        return await self.serve(Incoming.of(request))
+
+    async def serve(self, incoming: Incoming) -> web.StreamResponse:
+        """One request to pass to a node, from either server (aiohttp's, the front door).
+
+        The answer is either written already (``Relayed``) or the proxy's own to send.
+        """
+        return await self.observe(incoming, self._proxy)
 
     def observed(self, handler: Handler) -> Handler:
         """A fleet handler, counted, measured and logged like a proxied request."""
 
-        async def serve(request: web.Request, ex: Exchange) -> web.StreamResponse:
-            response = await handler(request)
-            ex.status = response.status
-            return response
-
         async def observed_handler(request: web.Request) -> web.StreamResponse:
-            return await self.observe(request, serve)
+            return await self.serve_own(Incoming.of(request), lambda: handler(request))
 
         return observed_handler
 
+    async def serve_own(
+        self, incoming: Incoming, answer: Callable[[], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """An answer of the proxy's own (a merged listing), counted, measured and logged."""
+
+        async def serve(incoming: Incoming, ex: Exchange) -> web.StreamResponse:
+            response = await answer()
+            ex.status = response.status
+            return response
+
+        return await self.observe(incoming, serve)
+
     async def observe(
         self,
-        request: web.Request,
-        serve: Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]],
+        incoming: Incoming,
+        serve: Callable[[Incoming, Exchange], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         """Run ``serve`` as one request: counted for the drain, then metrics and access log."""
         ex = Exchange(
-            request.method,
-            request.path,
+            incoming.method,
+            incoming.path,
             body=b"",
-            request_id=request.headers.get("X-Request-Id") or _new_request_id(),
-            client=request.remote or "",
+            request_id=incoming.headers.get("X-Request-Id") or _new_request_id(),
+            client=incoming.remote,
         )
         self.active += 1
         self.idle.clear()
         try:
-            return await serve(request, ex)
+            return await serve(incoming, ex)
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
@@ -192,7 +207,7 @@ class Forwarder:
             ex.client_gone = True  # not the node's fault: never counted against it
             raise
         except ConnectionError:
-            if not _client_left(request):
+            if not incoming.client_left():
                 raise
             # The client left while its head or its end was being written. aiohttp logs an
             # exception raised from here as a server error, with a traceback; a response
@@ -200,24 +215,24 @@ class Forwarder:
             ex.client_gone = True
             return web.Response()
         finally:
-            self.metrics.request_done(ex, endpoint_label(request.path))
+            self.metrics.request_done(ex, endpoint_label(incoming.path))
             self.access_log.record(ex)
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
 
-    async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        await self._read(request, ex)
+    async def _proxy(self, incoming: Incoming, ex: Exchange) -> web.StreamResponse:
+        await self._read(incoming, ex)
         if ex.unload and ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-            return await self.fleet.unload(request, ex.body, ex.model_key)
-        return await self._forward(request, ex)
+            return await self.fleet.unload(incoming.path, ex.body, ex.model_key)
+        return await self._forward(incoming, ex)
 
     # -- read -------------------------------------------------------------------------------
 
-    async def _read(self, request: web.Request, ex: Exchange) -> None:
+    async def _read(self, request: Incoming, ex: Exchange) -> None:
         """Buffer the body (bounded) and find its model."""
-        ex.body = await read_bounded(request, self.max_body_size)
+        ex.body = await request.read_body(self.max_body_size)
         payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
         ex.model = model_of(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
@@ -246,7 +261,7 @@ class Forwarder:
 
     # -- admit and attempt ------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    async def _forward(self, request: Incoming, ex: Exchange) -> web.StreamResponse:
         tried: list[Node] = []  # nodes that failed this request, not to be chosen again
         while True:
             lease = await self._admit(ex, tried)
@@ -264,7 +279,7 @@ class Forwarder:
                 lease.release()
 
     async def _attempt(
-        self, request: web.Request, ex: Exchange, node: Node, tried: list[Node]
+        self, request: Incoming, ex: Exchange, node: Node, tried: list[Node]
     ) -> Upstream | None:
         """The node's response headers, or None when the request should go to another node."""
         ex.node = node
@@ -323,12 +338,12 @@ class Forwarder:
         if where == "nowhere":
             raise ProxyError(404, f"model '{named}' not found, try pulling it first")
 
-    async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
+    async def _send(self, request: Incoming, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
         connections = self.upstreams.to(node.url)
         raw = request_bytes(
             request.method,
-            request.raw_path,  # the target exactly as the client sent it (path and query)
+            request.target,  # exactly as the client sent it (path and query)
             connections.host_header,
             _request_headers(request),
             ex.body,
@@ -351,7 +366,7 @@ class Forwarder:
     # -- relay ------------------------------------------------------------------------------
 
     async def _relay(
-        self, request: web.Request, ex: Exchange, upstream: Upstream
+        self, request: Incoming, ex: Exchange, upstream: Upstream
     ) -> web.StreamResponse:
         """Pass the node's response through, each chunk as it arrives."""
         node = ex.node
@@ -368,14 +383,14 @@ class Forwarder:
             self.health.passive_failure(node, err.kind)
             self.metrics.upstream_error(node, err.kind)
             _break_stream(relay.transport, framing.chunked, head, node, err)
-            return _Relayed(head.status, keep_alive=False)
+            return Relayed(head.status, keep_alive=False)
         relay.client.end()  # a body the node delimited by closing ends here, not with a chunk
         upstream.complete = True
         self._after_response(ex, node, head, relay.client.tail)
-        return _Relayed(head.status, keep_alive=framing.keep_alive)
+        return Relayed(head.status, keep_alive=framing.keep_alive)
 
     async def _relay_whole(
-        self, request: web.Request, ex: Exchange, node: Node, upstream: Upstream
+        self, request: Incoming, ex: Exchange, node: Node, upstream: Upstream
     ) -> web.StreamResponse:
         """A short answer of known length: taken whole, then sent with its head at once."""
         try:
@@ -391,7 +406,7 @@ class Forwarder:
         self._after_response(ex, node, head, (body,))
         framing = _Framing.of(request, upstream)
         _client_transport(request).write(_response_head(head, framing) + body)
-        return _Relayed(head.status, keep_alive=framing.keep_alive)
+        return Relayed(head.status, keep_alive=framing.keep_alive)
 
     def _after_response(self, ex: Exchange, node: Node, head: Head, tail: Iterable[bytes]) -> None:
         """Once per request, after the last byte: health evidence and token telemetry."""
@@ -422,7 +437,7 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
-def _request_headers(request: web.Request) -> list[tuple[str, str]]:
+def _request_headers(request: Incoming) -> list[tuple[str, str]]:
     named = _connection_tokens(request.headers.getall("Connection", ()))
     return [
         (k, v)
@@ -439,10 +454,6 @@ def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
     for value in connection_values:
         tokens.update(t.strip().lower() for t in value.split(","))
     return tokens
-
-
-def _client_left(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
 
 
 def _gateway_error(node: Node, err: UpstreamError) -> ProxyError:
@@ -496,7 +507,7 @@ class _Framing:
     keep_alive: bool
 
     @classmethod
-    def of(cls, request: web.Request, upstream: Upstream) -> _Framing:
+    def of(cls, request: Incoming, upstream: Upstream) -> _Framing:
         head = upstream.head
         http11 = request.version >= (1, 1)
         chunked = head.has_body and head.content_length is None and http11
@@ -505,7 +516,7 @@ class _Framing:
         return cls(chunked, request.keep_alive and http11 and delimited)
 
 
-class _Relayed(web.StreamResponse):
+class Relayed(web.StreamResponse):
     """An answer the request path wrote to the client's transport itself, head and body.
 
     The head is the node's, byte for byte (aiohttp's writer would add a ``Server`` header the
@@ -528,10 +539,10 @@ class _Relayed(web.StreamResponse):
         return None
 
 
-def _client_transport(request: web.Request) -> asyncio.Transport:
-    if _client_left(request):
+def _client_transport(request: Incoming) -> asyncio.Transport:
+    if request.client_left():
         raise ConnectionResetError("the client left")  # observe() ends the request quietly
-    assert request.transport is not None  # _client_left said so
+    assert request.transport is not None  # client_left() said so
     return request.transport
 
 

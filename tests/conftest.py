@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.app import RUNTIME, Runtime, make_app
 from proxy.config import Config, load_config, parse_config
 from proxy.pool import Pool
+from proxy.serving import Serving, serve
 from proxy.simnode import SimNode, SimRequest, SimSettings
 
 
@@ -28,7 +28,7 @@ from proxy.simnode import SimNode, SimRequest, SimSettings
 class Proxy:
     url: str
     app: web.Application
-    server: TestServer
+    serving: Serving
 
     @property
     def runtime(self) -> Runtime:
@@ -110,7 +110,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
     After the test every slot must be back and the queue empty: a leak fails the test.
     """
-    servers: list[tuple[TestServer, web.Application]] = []
+    servers: list[tuple[Serving, web.Application]] = []
     bare_nodes: list[BareNode] = []
 
     async def start(nodes: list[SimNode], config_path: Path | None = None, **kwargs: Any) -> Proxy:
@@ -118,15 +118,14 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         bare_nodes.extend(n for n in nodes if isinstance(n, BareNode))
         config = load_config(config_path) if config_path else proxy_config(nodes, **kwargs)
         app = make_app(config, config_path)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append((server, app))
-        return Proxy(str(server.make_url("")).rstrip("/"), app, server)
+        serving = await serve(app, "127.0.0.1", 0)  # as the proxy serves: front door first
+        servers.append((serving, app))
+        return Proxy(f"http://127.0.0.1:{serving.port}", app, serving)
 
     yield start
-    for server, app in servers:
+    for serving, app in servers:
         await wait_until(lambda app=app: pool_is_idle(app[RUNTIME].pool), what="slots released")
-        await server.close()
+        await serving.close()
     for node in bare_nodes:
         if node.server is not None:
             node.server.close()
