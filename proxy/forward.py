@@ -81,20 +81,20 @@ WHOLE_BODY_MAX = 1024 * 1024
 # RFC 9110 §7.6.1: meaningful for one connection only; never forwarded, in either direction.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-        "trailer",
-        "proxy-authenticate",
-        "proxy-authorization",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
     }
 )
 # Written anew for the node (upstream.request_bytes): the node's host (Ollama on loopback
 # answers 403 to any other) and the length of the body actually sent.
-RESET_REQUEST_HEADERS = frozenset({"host", "content-length", "expect"})
+RESET_REQUEST_HEADERS = frozenset({b"host", b"content-length", b"expect"})
 
 
 @dataclass
@@ -192,7 +192,7 @@ class Forwarder:
             incoming.method,
             incoming.path,
             body=b"",
-            request_id=incoming.headers.get("X-Request-Id") or _new_request_id(),
+            request_id=incoming.header(b"x-request-id") or _new_request_id(),
             client=incoming.remote,
         )
         self.active += 1
@@ -437,22 +437,23 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
-def _request_headers(request: Incoming) -> list[tuple[str, str]]:
-    named = _connection_tokens(request.headers.getall("Connection", ()))
+def _request_headers(request: Incoming) -> list[tuple[bytes, bytes]]:
+    """The client's end-to-end headers, as it sent them."""
+    named = _connection_tokens(v for k, v in request.raw_headers if k.lower() == b"connection")
     return [
         (k, v)
-        for k, v in request.headers.items()
+        for k, v in request.raw_headers
         if (lower := k.lower()) not in HOP_BY_HOP
         and lower not in RESET_REQUEST_HEADERS
         and lower not in named
     ]
 
 
-def _connection_tokens(connection_values: Iterable[str]) -> set[str]:
+def _connection_tokens(connection_values: Iterable[bytes]) -> set[bytes]:
     """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
-    tokens: set[str] = set()
+    tokens: set[bytes] = set()
     for value in connection_values:
-        tokens.update(t.strip().lower() for t in value.split(","))
+        tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
 
 
@@ -548,12 +549,10 @@ def _client_transport(request: Incoming) -> asyncio.Transport:
 
 def _response_head(head: Head, framing: _Framing) -> bytes:
     """The node's status line and end-to-end header lines as it sent them, and our framing."""
-    named = _connection_tokens(
-        v.decode("latin-1") for k, v in head.raw_headers if k.lower() == b"connection"
-    )
+    named = _connection_tokens(v for k, v in head.raw_headers if k.lower() == b"connection")
     lines = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.raw_reason)]
     for name, value in head.raw_headers:
-        lower = name.decode("latin-1").lower()
+        lower = name.lower()
         if lower not in HOP_BY_HOP and lower not in named:
             lines.append(b"%b: %b\r\n" % (name, value))
     if framing.chunked:

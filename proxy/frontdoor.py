@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .errors import error_response
 from .forward import Forwarder, Relayed
@@ -238,10 +237,7 @@ class ClientConnection(asyncio.Protocol):
             method,
             path,
             target.decode(),
-            CIMultiDict(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                for name, value in head.headers
-            ),
+            head.headers,
             version,
             parser.should_keep_alive(),
             self.peer,

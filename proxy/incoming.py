@@ -8,10 +8,10 @@ still to be read. This is all the request path needs of either.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from .bodies import read_bounded
 from .errors import BodyTooLarge
@@ -22,7 +22,7 @@ class Incoming:
     method: str
     path: str  # decoded, without the query
     target: str  # path and query exactly as the client sent them
-    headers: CIMultiDict[str] | CIMultiDictProxy[str]
+    raw_headers: Sequence[tuple[bytes, bytes]]  # names and values as the client sent them
     version: tuple[int, int]
     keep_alive: bool  # the client's framing lets its connection carry another request
     remote: str
@@ -36,7 +36,7 @@ class Incoming:
             request.method,
             request.path,
             request.raw_path,
-            request.headers,
+            request.raw_headers,
             request.version,
             request.keep_alive,
             request.remote or "",
@@ -52,6 +52,13 @@ class Incoming:
         if len(self.body) > limit:
             raise BodyTooLarge(limit)
         return self.body
+
+    def header(self, lower_name: bytes) -> str | None:
+        """The first value of a header, by its name in lower case."""
+        for name, value in self.raw_headers:
+            if name.lower() == lower_name:
+                return value.decode("utf-8", "surrogateescape")
+        return None
 
     def client_left(self) -> bool:
         return self.transport is None or self.transport.is_closing()

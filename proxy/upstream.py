@@ -414,12 +414,14 @@ def chunk_framed(pieces: list[bytes]) -> bytes:
 
 
 def request_bytes(
-    method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes
+    method: str, target: str, host: str, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> bytes:
-    """An HTTP/1.1 request: the client's end-to-end headers, the node's Host, the body."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers]
+    """An HTTP/1.1 request: the client's end-to-end headers as it sent them, the node's Host,
+    the body."""
+    # The target as the client sent it (aiohttp decoded it as UTF-8, keeping any other bytes).
+    line = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")
+    lines = [line, *[b"%b: %b\r\n" % header for header in headers]]
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        lines.append(f"Content-Length: {len(body)}")
-    # Header bytes as the client sent them (aiohttp decoded them as UTF-8, keeping any others).
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines += (b"\r\n", body)
+    return b"".join(lines)

@@ -33,7 +33,7 @@ class BareRelay(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.target = b""
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.relaying: asyncio.Task[None] | None = None  # referenced, so never collected early
 
@@ -54,7 +54,7 @@ class BareRelay(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() not in SKIPPED_HEADERS:
-            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self.headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
