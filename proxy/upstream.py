@@ -238,7 +238,10 @@ class Connection(asyncio.Protocol):
         self._chunked_body = self._between_chunks = False
         self.last_activity = self.loop.time()
         self.transport.write(request)
-        self._arm_idle_timer()
+        if self._idle_timer is None:  # else the one armed before looks again when it fires
+            self._idle_timer = self.loop.call_at(
+                self.last_activity + self.pool.idle_timeout, self._idle_check
+            )
         return self.answer
 
     def relay_to(self, client: ClientSide) -> None:
@@ -278,7 +281,6 @@ class Connection(asyncio.Protocol):
         )
         self.answer = None
         self.client = None
-        self._cancel_idle_timer()
         if clean:
             self.pool.give_back(self)
         else:
@@ -310,18 +312,19 @@ class Connection(asyncio.Protocol):
 
     # -- idle timeout -----------------------------------------------------------------------
 
-    def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = self.loop.call_at(
-            self.last_activity + self.pool.idle_timeout, self._idle_check
-        )
+    # One timer per connection, armed by the first request and kept across the ones after
+    # (a timer armed and cancelled per request costs more than the rest of the exchange's
+    # bookkeeping): when it fires it looks at the time of the last bytes, and at whether an
+    # answer is awaited at all.
 
     def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.answer is None:  # kept alive in the pool: nothing awaited, nothing to time
+            return
         deadline = self.last_activity + self.pool.idle_timeout
         if self.loop.time() < deadline:  # bytes came since: look again at the new deadline
             self._idle_timer = self.loop.call_at(deadline, self._idle_check)
             return
-        self._idle_timer = None
         timeout = self.pool.idle_timeout
         self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
         self.close()

@@ -281,6 +281,28 @@ async def test_node_stalling_mid_stream_times_out_as_an_error(
     await node.wait_for(lambda s: s.cancelled == 1)  # the stalled request was closed
 
 
+async def test_a_kept_alive_connection_times_out_its_next_answer_too(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """The idle timer is armed once per node connection and kept across its requests."""
+    (node,) = await start_nodes(1, tokens=3, token_interval=0.001, fault_after_tokens=1)
+    proxy = await start_proxy([node], upstream={"idle_timeout": 0.3})
+    chat = {"model": "llama3.2", "messages": []}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/chat", json=chat) as resp:
+            assert b'"done":true' in await resp.read()
+        kept = proxy.runtime.forwarder.upstreams.to(node.url).idle
+        assert len(kept) == 1  # the next request goes over this connection
+        node.settings.fault = "stall"  # the next answer stops after a token
+        lines = []
+        async with session.post(proxy.url + "/api/chat", json=chat) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for line in resp.content:
+                    lines.append(json.loads(line))
+    assert "error" in lines[-1] and "no bytes from the node" in lines[-1]["error"]
+    await node.wait_for(lambda s: s.cancelled == 1)
+
+
 async def test_sse_stream_broken_gets_an_sse_error_event(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
