@@ -12,10 +12,14 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import uvloop
 
 from proxy import frontdoor
+from proxy.app import make_app
+from proxy.serving import serve
+from proxy.simnode import SimNode, SimSettings
 
-from .conftest import Proxy, StartNodes, StartProxy, generations
+from .conftest import Proxy, StartNodes, StartProxy, generations, proxy_config
 
 
 @dataclass
@@ -236,3 +240,25 @@ async def test_stop_accepting_closes_idle_connections_and_finishes_streams(
     assert await busy_reader.read() == b""  # then closed
     idle_writer.close()
     busy_writer.close()
+
+
+def test_hand_off_on_uvloop() -> None:
+    """The proxy runs on uvloop (the tests on asyncio's loop): its transports must hand over
+    to aiohttp's protocol mid-connection just as asyncio's do."""
+
+    async def scenario() -> None:
+        node = SimNode(SimSettings(resident=["llama3.2:latest"], tokens=2, token_interval=0))
+        await node.start()
+        serving = await serve(make_app(proxy_config([node])), "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", serving.port)
+            for request in (post("/api/generate", GENERATE), get("/metrics"), get("/api/ps")):
+                assert (await exchange(reader, writer, request)).status == 200
+            assert not serving.door.connections  # aiohttp's since /metrics
+            assert [r.path for r in generations(node)] == ["/api/generate"]
+            writer.close()
+        finally:
+            await serving.close()
+            await node.stop()
+
+    uvloop.run(scenario())
