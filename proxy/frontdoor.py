@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ HEAD_MAX = 8 * 1024  # longer heads (rare) go to aiohttp, which has its own limi
 BUFFERED_MAX = 1024 * 1024  # bytes of pipelined requests held while one is served
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open; aiohttp's default
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_BARE_LF_END = re.compile(rb"\n\r?\n")  # a head's end without CRLFs: never ours to serve
 _AIOHTTP_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 
 Answer = Callable[[], Awaitable[web.StreamResponse]]
@@ -180,8 +182,8 @@ class ClientConnection(asyncio.Protocol):
         if self.head is None:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buffer) > HEAD_MAX:
-                    self._hand_off()
+                if len(self.buffer) > HEAD_MAX or _BARE_LF_END.search(self.buffer):
+                    self._hand_off()  # too long, or ended by bare LFs: aiohttp answers 400
                 return
             self.head = self._parse_head(self.buffer[: end + 4])
             if self.head is None:

@@ -164,6 +164,7 @@ async def test_a_request_in_small_pieces(start_nodes: StartNodes, start_proxy: S
         ),
         pytest.param(post("/api/generate", {**GENERATE, "pad": "x" * 300}), 413, id="too-large"),
         pytest.param(b"POST /api/generate HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400, id="bad"),
+        pytest.param(b"POST /api/generate HTTP/1.1\nContent-Length: 2\n\n{}", 400, id="bare-LF"),
     ],
 )
 async def test_unusual_requests_are_aiohttps(
