@@ -153,9 +153,9 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request through aiohttp that neither the fleet nor the admin paths answer."""
-        return await self.serve(Incoming.of(request))
+        return _for_aiohttp(await self.serve(Incoming.of(request)))
 
-    async def serve(self, incoming: Incoming) -> web.StreamResponse:
+    async def serve(self, incoming: Incoming) -> Outcome:
         """One request to pass to a node, from either server (aiohttp's, the front door).
 
         The answer is either written already (``Relayed``) or the proxy's own to send.
@@ -166,16 +166,17 @@ class Forwarder:
         """A fleet handler, counted, measured and logged like a proxied request."""
 
         async def observed_handler(request: web.Request) -> web.StreamResponse:
-            return await self.serve_own(Incoming.of(request), lambda: handler(request))
+            outcome = await self.serve_own(Incoming.of(request), lambda: handler(request))
+            return _for_aiohttp(outcome)
 
         return observed_handler
 
     async def serve_own(
         self, incoming: Incoming, answer: Callable[[], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    ) -> Outcome:
         """An answer of the proxy's own (a merged listing), counted, measured and logged."""
 
-        async def serve(incoming: Incoming, ex: Exchange) -> web.StreamResponse:
+        async def serve(incoming: Incoming, ex: Exchange) -> Outcome:
             response = await answer()
             ex.status = response.status
             return response
@@ -185,8 +186,8 @@ class Forwarder:
     async def observe(
         self,
         incoming: Incoming,
-        serve: Callable[[Incoming, Exchange], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
+        serve: Callable[[Incoming, Exchange], Awaitable[Outcome]],
+    ) -> Outcome:
         """Run ``serve`` as one request: counted for the drain, then metrics and access log."""
         ex = Exchange(
             incoming.method,
@@ -221,7 +222,7 @@ class Forwarder:
             if self.active == 0:
                 self.idle.set()
 
-    async def _proxy(self, incoming: Incoming, ex: Exchange) -> web.StreamResponse:
+    async def _proxy(self, incoming: Incoming, ex: Exchange) -> Outcome:
         await self._read(incoming, ex)
         if ex.unload and ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
@@ -261,7 +262,7 @@ class Forwarder:
 
     # -- admit and attempt ------------------------------------------------------------------
 
-    async def _forward(self, request: Incoming, ex: Exchange) -> web.StreamResponse:
+    async def _forward(self, request: Incoming, ex: Exchange) -> Outcome:
         tried: list[Node] = []  # nodes that failed this request, not to be chosen again
         while True:
             lease = await self._admit(ex, tried)
@@ -365,9 +366,7 @@ class Forwarder:
 
     # -- relay ------------------------------------------------------------------------------
 
-    async def _relay(
-        self, request: Incoming, ex: Exchange, upstream: Upstream
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Incoming, ex: Exchange, upstream: Upstream) -> Relayed:
         """Pass the node's response through, each chunk as it arrives."""
         node = ex.node
         assert node is not None
@@ -391,7 +390,7 @@ class Forwarder:
 
     async def _relay_whole(
         self, request: Incoming, ex: Exchange, node: Node, upstream: Upstream
-    ) -> web.StreamResponse:
+    ) -> Relayed:
         """A short answer of known length: taken whole, then sent with its head at once."""
         try:
             await upstream.answer.body_done  # the pieces wait in the answer
@@ -517,17 +516,32 @@ class _Framing:
         return cls(chunked, request.keep_alive and http11 and delimited)
 
 
-class Relayed(web.StreamResponse):
+@dataclass(slots=True)
+class Relayed:
     """An answer the request path wrote to the client's transport itself, head and body.
 
     The head is the node's, byte for byte (aiohttp's writer would add a ``Server`` header the
     node never sent), and goes out with the first body bytes, the last chunk with the last
-    ones: a system call less for each. Returned to aiohttp, it writes nothing more.
+    ones: a system call less for each.
     """
 
-    def __init__(self, status: int, *, keep_alive: bool) -> None:
-        super().__init__(status=status)
-        self._relayed_keep_alive = keep_alive
+    status: int
+    keep_alive: bool  # the client's connection may carry another request
+
+
+Outcome = web.StreamResponse | Relayed  # the proxy's own answer to send, or one sent
+
+
+def _for_aiohttp(outcome: Outcome) -> web.StreamResponse:
+    return _Written(outcome) if isinstance(outcome, Relayed) else outcome
+
+
+class _Written(web.StreamResponse):
+    """A relayed answer as aiohttp's server takes it: it writes nothing more."""
+
+    def __init__(self, relayed: Relayed) -> None:
+        super().__init__(status=relayed.status)
+        self._relayed_keep_alive = relayed.keep_alive
 
     @property
     def keep_alive(self) -> bool:
