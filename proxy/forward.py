@@ -483,9 +483,9 @@ def _break_stream(
 
 
 def _content_type(head: Head) -> str:
-    for name, value in head.headers:
-        if name.lower() == "content-type":
-            return value.split(";", 1)[0].strip().lower()
+    for name, value in head.raw_headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower().decode("latin-1")
     return ""
 
 

@@ -134,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self.door = door
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""  # read, not yet served
+        self.buffer: bytes | bytearray = b""  # read, not yet served
         self.head: RequestHead | None = None  # of the request being read
         self.serving: asyncio.Task[None] | None = None
         self.reading_paused = False
@@ -154,13 +154,19 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
         self.door.connections.add(self)
+        self.door.forwarder.metrics.client_connections.inc()
         self._idle_timer = self.loop.call_at(
             self.last_activity + KEEPALIVE_TIMEOUT, self._close_if_idle
         )
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        self.buffer = self.buffer + data if self.buffer else data
+        if not self.buffer:
+            self.buffer = data  # the usual case: a whole request in one read, not copied
+        elif isinstance(self.buffer, bytearray):
+            self.buffer += data
+        else:  # a request in several reads (a large body): grown in place, not copied each time
+            self.buffer = bytearray(self.buffer) + data
         if self.serving is None:
             self._take_request()
         elif len(self.buffer) > BUFFERED_MAX and self.transport is not None:
@@ -185,7 +191,7 @@ class ClientConnection(asyncio.Protocol):
                 if len(self.buffer) > HEAD_MAX or _BARE_LF_END.search(self.buffer):
                     self._hand_off()  # too long, or ended by bare LFs: aiohttp answers 400
                 return
-            self.head = self._parse_head(self.buffer[: end + 4])
+            self.head = self._parse_head(bytes(self.buffer[: end + 4]))
             if self.head is None:
                 self._hand_off()
                 return
@@ -195,8 +201,8 @@ class ClientConnection(asyncio.Protocol):
             return  # the rest of the body is on its way
         incoming = head.incoming
         assert incoming is not None  # _parse_head made it
-        incoming.body = self.buffer[head.size : end_of_body]
-        self.buffer = self.buffer[end_of_body:]
+        incoming.body = bytes(self.buffer[head.size : end_of_body])
+        self.buffer = bytes(self.buffer[end_of_body:])
         self.head = None
         self.serving = self.loop.create_task(self._serve(incoming, head.answer))
 
@@ -286,12 +292,13 @@ class ClientConnection(asyncio.Protocol):
         assert transport is not None
         self.door.connections.discard(self)
         self._cancel_idle_timer()
+        self.door.forwarder.metrics.connections_to_aiohttp.inc()
         handler = self.door.aiohttp_server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         buffered, self.buffer = self.buffer, b""
         if buffered:
-            handler.data_received(buffered)
+            handler.data_received(bytes(buffered))
         if self.reading_paused:
             transport.resume_reading()
 

@@ -143,6 +143,18 @@ class Metrics:
             "Requests whose client left before the end; the node's request was cancelled.",
             registry=r,
         )
+        self.client_connections = Counter(
+            "ollama_proxy_client_connections",
+            "Client connections accepted (by the front door).",
+            registry=r,
+        )
+        self.connections_to_aiohttp = Counter(
+            "ollama_proxy_connections_to_aiohttp",
+            "Client connections handed to aiohttp's server by a request the front door does "
+            "not serve (admin, metrics, pull, uploads, unusual framing); it serves them from "
+            "then on.",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "ollama_proxy_upstream_errors",
             "Failures talking to a node, by kind (connect, reset, timeout, broken, status_5xx).",

@@ -53,8 +53,6 @@ class Head:
     """The node's status line and headers."""
 
     status: int
-    reason: str
-    headers: list[tuple[str, str]]
     raw_reason: bytes = b""  # the status line's reason and the header lines, as sent
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_length: int | None = None
@@ -85,7 +83,6 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.last_activity = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._header_items: list[tuple[str, str]] = []
         self._raw_header_items: list[tuple[bytes, bytes]] = []
         self._status_reason = b""
         # httptools calls these per piece and per chunk: C callables, no Python frame.
@@ -179,16 +176,13 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
-    # Decoded as UTF-8 to be read (content type, length); the raw bytes are what the client
-    # gets.
+    # Kept as bytes: they are what the client gets, and the few the proxy reads (length,
+    # framing, content type) are ASCII.
     def on_status(self, status: bytes) -> None:
         self._status_reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_header_items.append((name, value))
-        self._header_items.append(
-            (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
-        )
 
     def on_headers_complete(self) -> None:
         ex = self.answer
@@ -196,17 +190,15 @@ class Connection(asyncio.Protocol):
             return
         head = Head(
             status=self.parser.get_status_code(),
-            reason=self._status_reason.decode("utf-8", "replace"),
-            headers=self._header_items,
             raw_reason=self._status_reason,
             raw_headers=self._raw_header_items,
             keep_alive=self.parser.should_keep_alive(),
         )
-        for name, value in head.headers:
+        for name, value in head.raw_headers:
             lower = name.lower()
-            if lower == "content-length" and value.strip().isdigit():
+            if lower == b"content-length" and value.strip().isdigit():
                 head.content_length = int(value)
-            elif lower == "transfer-encoding" and "chunked" in value.lower():
+            elif lower == b"transfer-encoding" and b"chunked" in value.lower():
                 head.chunked = True
         ex.head = head
         self._chunked_body = head.chunked  # the next read begins between chunks, or in one
@@ -232,7 +224,6 @@ class Connection(asyncio.Protocol):
         )
         self._count_chunk_boundaries()
         self.parser = httptools.HttpResponseParser(self)  # takes the callbacks as they are now
-        self._header_items = []
         self._raw_header_items = []
         self._status_reason = b""
         self._chunked_body = self._between_chunks = False

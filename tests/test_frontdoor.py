@@ -19,7 +19,7 @@ from proxy.app import make_app
 from proxy.serving import serve
 from proxy.simnode import SimNode, SimSettings
 
-from .conftest import Proxy, StartNodes, StartProxy, generations, proxy_config
+from .conftest import Proxy, StartNodes, StartProxy, generations, metric, proxy_config
 
 
 @dataclass
@@ -103,6 +103,9 @@ async def test_generations_and_listings_stay_in_the_front_door(
     assert [r.path for r in generations(node)] == ["/api/generate", "/api/embed"]
     assert len(proxy.serving.door.connections) == 1  # never handed to aiohttp
     writer.close()
+    metrics = await proxy.metrics_text()  # on a connection of its own, handed to aiohttp
+    assert metric(metrics, "ollama_proxy_client_connections_total") == 2
+    assert metric(metrics, "ollama_proxy_connections_to_aiohttp_total") == 1
 
 
 async def test_a_path_of_aiohttp_hands_it_the_connection(
@@ -152,6 +155,21 @@ async def test_a_request_in_small_pieces(start_nodes: StartNodes, start_proxy: S
         await asyncio.sleep(0)  # let each piece arrive on its own
     assert (await read_response(reader)).status == 200
     assert generations(node)[0].json == GENERATE
+    writer.close()
+
+
+async def test_a_large_body_in_many_reads(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    node, *_ = await start_nodes(1, tokens=2, token_interval=0.001)
+    proxy = await start_proxy([node])
+    reader, writer = await connect(proxy)
+    payload = {**GENERATE, "prompt": "x" * 3_000_000}  # a long document, or an image
+    request = post("/api/generate", payload)
+    for i in range(0, len(request), 65536):
+        writer.write(request[i : i + 65536])
+        await writer.drain()
+    assert (await read_response(reader)).status == 200
+    assert generations(node)[0].json == payload
+    assert len(proxy.serving.door.connections) == 1  # served by the front door
     writer.close()
 
 
