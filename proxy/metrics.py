@@ -224,6 +224,7 @@ class Metrics:
         self._duration_for = functools.cache(self.duration.labels)
         self._tokens_for = functools.cache(self.tokens.labels)
         self._generation_seconds_for = functools.cache(self.generation_seconds.labels)
+        self._model_load_for = functools.cache(self.model_load.labels)
         # Known label values start at 0, so the first event is an increase, not a new series.
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
@@ -253,7 +254,7 @@ class Metrics:
         if usage.eval_seconds > 0:
             self._generation_seconds_for(node, model).inc(usage.eval_seconds)
         if usage.load_seconds is not None:
-            self.model_load.labels(node, model).observe(usage.load_seconds)
+            self._model_load_for(node, model).observe(usage.load_seconds)
 
     def cold_load(self, node: Node, model: str) -> None:
         self.cold_loads.labels(node.name, model).inc()
