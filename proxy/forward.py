@@ -155,12 +155,12 @@ class Forwarder:
         """Every request through aiohttp that neither the fleet nor the admin paths answer."""
         return _for_aiohttp(await self.serve(Incoming.of(request)))
 
-    async def serve(self, incoming: Incoming) -> Outcome:
+    async def serve(self, request: Incoming) -> Outcome:
         """One request to pass to a node, from either server (aiohttp's, the front door).
 
         The answer is either written already (``Relayed``) or the proxy's own to send.
         """
-        return await self.observe(incoming, self._proxy)
+        return await self.observe(request, self._proxy)
 
     def observed(self, handler: Handler) -> Handler:
         """A fleet handler, counted, measured and logged like a proxied request."""
@@ -172,34 +172,34 @@ class Forwarder:
         return observed_handler
 
     async def serve_own(
-        self, incoming: Incoming, answer: Callable[[], Awaitable[web.StreamResponse]]
+        self, request: Incoming, answer: Callable[[], Awaitable[web.StreamResponse]]
     ) -> Outcome:
         """An answer of the proxy's own (a merged listing), counted, measured and logged."""
 
-        async def serve(incoming: Incoming, ex: Exchange) -> Outcome:
+        async def serve(request: Incoming, ex: Exchange) -> Outcome:
             response = await answer()
             ex.status = response.status
             return response
 
-        return await self.observe(incoming, serve)
+        return await self.observe(request, serve)
 
     async def observe(
         self,
-        incoming: Incoming,
+        request: Incoming,
         serve: Callable[[Incoming, Exchange], Awaitable[Outcome]],
     ) -> Outcome:
         """Run ``serve`` as one request: counted for the drain, then metrics and access log."""
         ex = Exchange(
-            incoming.method,
-            incoming.path,
+            request.method,
+            request.path,
             body=b"",
-            request_id=incoming.header(b"x-request-id") or _new_request_id(),
-            client=incoming.remote,
+            request_id=request.header(b"x-request-id") or _new_request_id(),
+            client=request.remote,
         )
         self.active += 1
         self.idle.clear()
         try:
-            return await serve(incoming, ex)
+            return await serve(request, ex)
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
@@ -208,7 +208,7 @@ class Forwarder:
             ex.client_gone = True  # not the node's fault: never counted against it
             raise
         except ConnectionError:
-            if not incoming.client_left():
+            if not request.client_left():
                 raise
             # The client left while its head or its end was being written. aiohttp logs an
             # exception raised from here as a server error, with a traceback; a response
@@ -216,18 +216,18 @@ class Forwarder:
             ex.client_gone = True
             return web.Response()
         finally:
-            self.metrics.request_done(ex, endpoint_label(incoming.path))
+            self.metrics.request_done(ex, endpoint_label(request.path))
             self.access_log.record(ex)
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
 
-    async def _proxy(self, incoming: Incoming, ex: Exchange) -> Outcome:
-        await self._read(incoming, ex)
+    async def _proxy(self, request: Incoming, ex: Exchange) -> Outcome:
+        await self._read(request, ex)
         if ex.unload and ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-            return await self.fleet.unload(incoming.path, ex.body, ex.model_key)
-        return await self._forward(incoming, ex)
+            return await self.fleet.unload(request.path, ex.body, ex.model_key)
+        return await self._forward(request, ex)
 
     # -- read -------------------------------------------------------------------------------
 
