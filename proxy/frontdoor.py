@@ -27,8 +27,11 @@ import asyncio
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from email.utils import formatdate
+from functools import lru_cache
 
 import httptools
 from aiohttp import web
@@ -326,14 +329,22 @@ class ClientConnection(asyncio.Protocol):
 
 
 def _serialised(response: web.StreamResponse, method: str, *, keep_alive: bool) -> bytes:
-    """The proxy's own short answer, framed as aiohttp would (less its Server and Date)."""
+    """The proxy's own short answer, framed as aiohttp would (less its Server header)."""
     assert isinstance(response, web.Response)  # the proxy's own answers are whole
     body = response.body if isinstance(response.body, bytes) else b""
-    lines = [b"HTTP/1.1 %d %b\r\n" % (response.status, response.reason.encode("latin-1"))]
+    lines = [
+        b"HTTP/1.1 %d %b\r\n" % (response.status, response.reason.encode("latin-1")),
+        b"Date: %b\r\n" % _http_date(int(time.time())),  # RFC 9110 §6.6.1: from a clock
+    ]
     for name, value in response.headers.items():
-        if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+        if name.lower() not in ("content-length", "connection", "transfer-encoding", "date"):
             lines.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     lines.append(b"Content-Length: %d\r\n" % len(body))
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
     return b"".join(lines) + b"\r\n" + (b"" if method == "HEAD" else body)
+
+
+@lru_cache(maxsize=1)
+def _http_date(second: int) -> bytes:
+    return formatdate(second, usegmt=True).encode()

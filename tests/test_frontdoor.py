@@ -93,6 +93,7 @@ async def test_generations_and_listings_stay_in_the_front_door(
     assert b'"done":true' in streamed.body.splitlines()[-1]
     tags = await exchange(reader, writer, get("/api/tags"))
     assert tags.status == 200 and "server" not in tags.headers  # the front door's own answer
+    assert tags.headers["date"].endswith(" GMT")
     assert "llama3.2:latest" in [m["name"] for m in json.loads(tags.body)["models"]]
     head = await exchange(reader, writer, get("/api/version", b"HEAD"))
     assert head.status == 200 and int(head.headers["content-length"]) > 0  # and no body read
