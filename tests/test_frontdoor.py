@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvloop
@@ -75,6 +76,15 @@ async def connect(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return await asyncio.open_connection("127.0.0.1", proxy.serving.port)
 
 
+async def through_proxy(
+    start_nodes: StartNodes, start_proxy: StartProxy, tokens: int, **proxy_settings: Any
+) -> tuple[SimNode, Proxy, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A node answering ``tokens`` tokens at once, a proxy in front of it, a socket to it."""
+    node, *_ = await start_nodes(1, tokens=tokens, token_interval=0.001)
+    proxy = await start_proxy([node], **proxy_settings)
+    return (node, proxy, *await connect(proxy))
+
+
 async def exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
 ) -> Response:
@@ -85,9 +95,7 @@ async def exchange(
 async def test_generations_and_listings_stay_in_the_front_door(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=5, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    node, proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 5)
     streamed = await exchange(reader, writer, post("/api/generate", GENERATE))
     assert streamed.status == 200 and streamed.headers["transfer-encoding"] == "chunked"
     assert b'"done":true' in streamed.body.splitlines()[-1]
@@ -112,9 +120,7 @@ async def test_generations_and_listings_stay_in_the_front_door(
 async def test_a_path_of_aiohttp_hands_it_the_connection(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=3, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    node, proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 3)
     assert (await exchange(reader, writer, post("/api/generate", GENERATE))).status == 200
     metrics = await exchange(reader, writer, get("/metrics"))
     assert metrics.status == 200 and b"ollama_proxy_requests_total" in metrics.body
@@ -129,9 +135,7 @@ async def test_a_path_of_aiohttp_hands_it_the_connection(
 async def test_pipelined_requests_are_answered_in_order(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=3, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    node, _proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 3)
     chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
     writer.write(
         post("/api/chat", {**chat, "stream": False})
@@ -146,9 +150,7 @@ async def test_pipelined_requests_are_answered_in_order(
 
 
 async def test_a_request_in_small_pieces(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
-    node, *_ = await start_nodes(1, tokens=2, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    node, _proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 2)
     request = post("/api/generate", GENERATE)
     for i in range(0, len(request), 7):
         writer.write(request[i : i + 7])
@@ -160,9 +162,7 @@ async def test_a_request_in_small_pieces(start_nodes: StartNodes, start_proxy: S
 
 
 async def test_a_large_body_in_many_reads(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
-    node, *_ = await start_nodes(1, tokens=2, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    node, proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 2)
     payload = {**GENERATE, "prompt": "x" * 3_000_000}  # a long document, or an image
     request = post("/api/generate", payload)
     for i in range(0, len(request), 65536):
@@ -189,9 +189,9 @@ async def test_a_large_body_in_many_reads(start_nodes: StartNodes, start_proxy: 
 async def test_unusual_requests_are_aiohttps(
     start_nodes: StartNodes, start_proxy: StartProxy, request_bytes: bytes, status: int
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=2, token_interval=0.001)
-    proxy = await start_proxy([node], max_body_size=200)
-    reader, writer = await connect(proxy)
+    node, proxy, reader, writer = await through_proxy(
+        start_nodes, start_proxy, 2, max_body_size=200
+    )
     response = await exchange(reader, writer, request_bytes)
     assert response.status == status
     assert not proxy.serving.door.connections  # aiohttp answered
@@ -205,9 +205,7 @@ async def test_unusual_requests_are_aiohttps(
 async def test_expect_continue_goes_to_aiohttp(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=2, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    _node, _proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 2)
     request = post("/api/generate", GENERATE, extra=b"Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")
     writer.write(head + b"\r\n\r\n")  # the body only once the server asks for it
@@ -219,9 +217,7 @@ async def test_expect_continue_goes_to_aiohttp(
 async def test_http10_client_gets_a_body_ended_by_close(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
-    node, *_ = await start_nodes(1, tokens=3, token_interval=0.001)
-    proxy = await start_proxy([node])
-    reader, writer = await connect(proxy)
+    _node, proxy, reader, writer = await through_proxy(start_nodes, start_proxy, 3)
     request = post("/api/generate", GENERATE).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     response = await exchange(reader, writer, request)
     assert response.status == 200 and "transfer-encoding" not in response.headers
