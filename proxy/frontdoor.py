@@ -151,8 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a TCP transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # As aiohttp's server: tokens leave at once, and a vanished peer is noticed.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # As aiohttp's server: a vanished peer is noticed. (TCP_NODELAY, so that tokens
+            # leave at once, both asyncio's and uvloop's transports set themselves.)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
