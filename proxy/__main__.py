@@ -149,7 +149,7 @@ async def _drain(runtime: Runtime, serving: Serving) -> None:
     runtime.shutting_down = True
     bound = runtime.config.shutdown.drain_timeout
     log.info("stopping: no new connections; waiting up to %gs for requests in flight", bound)
-    serving.stop_accepting()  # nor new requests on kept-alive connections
+    await serving.stop_accepting()  # nor new requests on kept-alive connections
     try:
         await asyncio.wait_for(runtime.forwarder.idle.wait(), bound)
     except TimeoutError:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import AccessLogConfig
-
-if TYPE_CHECKING:
-    from .forward import Exchange
+from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
 

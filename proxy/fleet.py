@@ -88,8 +88,7 @@ class Fleet:
     @property
     def listings(self) -> dict[str, Listing]:
         """GET (and HEAD) paths answered from every node's answer, needing nothing of the
-        request: the front door serves them too, so a client's kept-alive connection stays
-        with it."""
+        request."""
         return {
             "/api/tags": self.tags,
             "/api/ps": self.ps,

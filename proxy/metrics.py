@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,11 +21,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import ProxyError, Unavailable
+from .exchange import Exchange
+from .pool import Node, Pool
 from .telemetry import Usage
-
-if TYPE_CHECKING:
-    from .forward import Exchange
-    from .pool import Node, Pool
 
 # The *_created series double the output and no dashboard here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -141,18 +138,6 @@ class Metrics:
         self.client_disconnects = Counter(
             "ollama_proxy_client_disconnects",
             "Requests whose client left before the end; the node's request was cancelled.",
-            registry=r,
-        )
-        self.client_connections = Counter(
-            "ollama_proxy_client_connections",
-            "Client connections accepted (by the front door).",
-            registry=r,
-        )
-        self.connections_to_aiohttp = Counter(
-            "ollama_proxy_connections_to_aiohttp",
-            "Client connections handed to aiohttp's server by a request the front door does "
-            "not serve (admin, metrics, pull, uploads, unusual framing); it serves them from "
-            "then on.",
             registry=r,
         )
         self.upstream_errors = Counter(

@@ -1,96 +1,66 @@
-"""The connection to a node, at the level of bytes: one HTTP/1.1 exchange at a time.
+"""Connections to the nodes: one HTTP/1.1 exchange at a time, parsed by httptools (llhttp).
 
-aiohttp's client costs about 20 µs of Python per streamed chunk (a StreamReader, a future and
-a timer per read). Here each read from the node is parsed by httptools (C) and its body
-pieces are written to the client's transport in the same callback: no task switch, no copy
-of the body into a buffer. Flow control runs both ways: a slow client pauses reading from the
-node.
-
-Per read, the only Python frame is ``data_received``: httptools hands body pieces and chunk
-boundaries to C callables (``list.append``, ``itertools.count``). A read that holds whole
-chunks of a chunked body, and nothing else, goes to the client as the node framed it.
+A connection only parses. What httptools reports (the head, body pieces, the message's end)
+goes to the answer's sink (``answer.Answer``), given by the request path with each request;
+the connection never writes to a client. Its state is explicit (as httpcore's): NEW until its
+first request, ACTIVE while an exchange is under way, IDLE in its node's pool, CLOSED. It
+goes back to the pool only when the parser saw the whole answer, the node's framing allows
+another request, and the request itself was fully written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import enum
 import ssl
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
 from .errors import UpstreamError
+from .http1 import Head
 
 
-@dataclass(slots=True)
-class ClientSide:
-    """Where a node's body goes as it arrives: the client's transport, after the response
-    head, framed as the client's response is (chunked or not); the last pieces kept for the
-    token counts in the final one, and what to do when the client falls ``high_water`` bytes
-    behind."""
+class Sink(Protocol):
+    """Where a connection puts what it parsed of one answer."""
 
-    transport: asyncio.WriteTransport
-    head: bytes  # the response head, written with the first body bytes
-    chunked: bool  # framed chunk by chunk, and ended with the last chunk after the node's end
-    tail: deque[bytes]
-    high_water: int
-    on_full: Callable[[], None]
-    ended: bool = False  # the last chunk went out (chunked only)
+    def head_received(self, head: Head) -> None: ...
 
-    def end(self) -> None:
-        """Send the last chunk, unless it went out with the last piece."""
-        if self.chunked and not self.ended and not self.transport.is_closing():
-            self.transport.write(LAST_CHUNK)
-        self.ended = True
+    def body_received(self, pieces: list[bytes]) -> None: ...
+
+    def ended(self) -> None: ...
+
+    def failed(self, error: UpstreamError) -> None: ...
 
 
-@dataclass
-class Head:
-    """The node's status line and headers."""
-
-    status: int
-    raw_reason: bytes = b""  # the status line's reason and the header lines, as sent
-    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    content_length: int | None = None
-    chunked: bool = False
-    keep_alive: bool = True
-    has_body: bool = True  # not for HEAD, 1xx, 204, 304
-
-
-@dataclass
-class Answer:
-    """One request's answer as it arrives: its head, then the end of its body."""
-
-    headers_done: asyncio.Future[Head]
-    body_done: asyncio.Future[None]
-    head: Head | None = None
-    body_expected: bool = True
-    pending: list[bytes] = field(default_factory=list)  # body pieces before the relay begins
+class State(enum.Enum):
+    NEW = "new"  # connected, never used
+    ACTIVE = "active"  # a request sent, its answer not yet over
+    IDLE = "idle"  # kept alive in the node's pool
+    CLOSED = "closed"
 
 
 class Connection(asyncio.Protocol):
     def __init__(self, pool: NodeConnections) -> None:
         self.pool = pool
         self.loop = asyncio.get_running_loop()
+        self.state = State.NEW
         self.transport: asyncio.Transport | None = None
+        self.sink: Sink | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.answer: Answer | None = None
-        self.client: ClientSide | None = None
-        self.closed = False
+        self.head: Head | None = None
+        self.message_complete = False
+        self.unsolicited = False  # the node sent more than one answer
+        self.paused = False  # by the request path: the client is behind
+        self._informational = False
         self.last_activity = 0.0
+        self._body_expected = True
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._raw_header_items: list[tuple[bytes, bytes]] = []
-        self._status_reason = b""
-        # httptools calls these per piece and per chunk: C callables, no Python frame.
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_reason = b""
         self._pieces: list[bytes] = []
-        self.on_body = self._pieces.append
-        self._count_chunk_boundaries()
-        self._chunked_body = False  # in the body of a chunked answer
-        self._between_chunks = False  # ... and the last read ended between two chunks
+        self.on_body = self._pieces.append  # called by httptools per piece: a C callable
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -98,17 +68,14 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a TCP transport
 
     def data_received(self, data: bytes) -> None:
-        """Parse a read; pass its body pieces to the client in the same callback.
-
-        A read that begins and ends between two chunks of a chunked body holds whole chunks
-        only: written as the node framed them. Any other read (the head, a chunk begun or
-        finished in another read, the last chunk) has its pieces framed anew.
-        """
         self.last_activity = self.loop.time()
-        began_between_chunks = self._between_chunks
+        if self.state is not State.ACTIVE:  # bytes nobody asked for: the node is confused
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._hand_over_pieces()
             self._fail(UpstreamError("broken", f"invalid HTTP from node: {exc}"))
             self.close()
             return
@@ -116,203 +83,171 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamError("broken", "node tried to upgrade the connection"))
             self.close()
             return
-        # Both counters step once here, so equal values mean as many chunks ended as began.
-        self._between_chunks = self._chunked_body and next(self._chunks_begun) == next(
-            self._chunks_ended
-        )
-        pieces = self._pieces
-        client = self.client
-        if client is None:
-            if pieces and self.answer is not None:
-                self.answer.pending.extend(pieces)
-        elif pieces or self._ended_here(client):
-            client.tail.extend(pieces)
-            out = client.transport
-            if not out.is_closing():  # else the client left: its handler closes this connection
-                if not client.chunked:
-                    out.writelines(pieces)
-                elif began_between_chunks and self._between_chunks:
-                    out.write(data)  # whole chunks, as the node framed them
-                elif self._ended_here(client):
-                    out.write(chunk_framed(pieces) + LAST_CHUNK)
-                    client.ended = True
-                else:
-                    out.write(chunk_framed(pieces))
-                if out.get_write_buffer_size() > client.high_water:
-                    client.on_full()
-        pieces.clear()
-
-    def _ended_here(self, client: ClientSide) -> bool:
-        """The body has just ended, and the client's framing has an end of its own to send."""
-        ex = self.answer
-        return (
-            client.chunked
-            and ex is not None
-            and ex.body_done.done()
-            and not ex.body_done.cancelled()
-            and ex.body_done.exception() is None
-        )
+        self._hand_over_pieces()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        was_active = self.state is State.ACTIVE
+        self.state = State.CLOSED
         self._cancel_idle_timer()
         self.pool.forget(self)
-        ex = self.answer
-        if ex is None:
+        if not was_active or self.message_complete:
             return
-        if not ex.headers_done.done():
+        head = self.head
+        if head is None:
             self._fail(UpstreamError("reset", "connection closed before the node answered"))
-        elif not ex.body_done.done():
-            if ex.head is not None and ex.head.content_length is None and not ex.head.chunked:
-                ex.body_done.set_result(None)  # a body delimited by the connection's end
-            else:
-                self._fail(UpstreamError("broken", "node closed the connection mid-response"))
-
-    def pause_writing(self) -> None:  # requests are small; nothing to do
-        pass
-
-    def resume_writing(self) -> None:
-        pass
+        elif head.content_length is None and not self._chunked(head):
+            self._end()  # a body delimited by the connection's end (an HTTP/1.0 node)
+        else:
+            self._fail(UpstreamError("broken", "node closed the connection mid-response"))
 
     # -- httptools callbacks ----------------------------------------------------------------
 
     # Kept as bytes: they are what the client gets, and the few the proxy reads (length,
     # framing, content type) are ASCII.
     def on_status(self, status: bytes) -> None:
-        self._status_reason = status
+        self._raw_reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_header_items.append((name, value))
+        self._raw_headers.append((name, value))
+
+    def on_message_begin(self) -> None:
+        if self.message_complete:  # a second answer to one request: trust neither
+            self.sink = None
+            self.unsolicited = True
 
     def on_headers_complete(self) -> None:
-        ex = self.answer
-        if ex is None:
+        if self.parser.get_status_code() < 200:  # 1xx: informational, the answer follows
+            self._raw_headers, self._raw_reason = [], b""
+            self._informational = True
             return
         head = Head(
             status=self.parser.get_status_code(),
-            raw_reason=self._status_reason,
-            raw_headers=self._raw_header_items,
+            raw_reason=self._raw_reason,
+            raw_headers=self._raw_headers,
             keep_alive=self.parser.should_keep_alive(),
         )
         for name, value in head.raw_headers:
-            lower = name.lower()
-            if lower == b"content-length" and value.strip().isdigit():
-                head.content_length = int(value)
-            elif lower == b"transfer-encoding" and b"chunked" in value.lower():
-                head.chunked = True
-        ex.head = head
-        self._chunked_body = head.chunked  # the next read begins between chunks, or in one
-        head.has_body = ex.body_expected and head.status not in (204, 304) and head.status >= 200
+            if name.lower() == b"content-length":
+                head.content_length = int(value.strip())  # llhttp allows digits only, once
+        head.has_body = self._body_expected and head.status not in (204, 304)
+        self.head = head
+        if self.sink is not None:
+            self.sink.head_received(head)
         if not head.has_body:
-            ex.body_done.set_result(None)  # a HEAD answer: its Content-Length is not a body
-            head.keep_alive = False  # the parser would wait for that body: do not reuse
-        if not ex.headers_done.done():
-            ex.headers_done.set_result(head)
+            # A HEAD answer's Content-Length is not a body, but the parser would wait for
+            # one: the answer ends here, and the connection is not used again (the parser
+            # never says it is complete).
+            self._end()
 
     def on_message_complete(self) -> None:
-        self._chunked_body = False
-        ex = self.answer
-        if ex is not None and not ex.body_done.done():
-            ex.body_done.set_result(None)
+        if self._informational:
+            self._informational = False
+            return
+        self._hand_over_pieces()  # the last ones came in the read that ended the message
+        self.message_complete = True
+        self._end()
 
     # -- use --------------------------------------------------------------------------------
 
-    def send(self, request: bytes, *, body_expected: bool) -> Answer:
-        assert self.transport is not None
-        self.answer = Answer(
-            self.loop.create_future(), self.loop.create_future(), body_expected=body_expected
-        )
-        self._count_chunk_boundaries()
-        self.parser = httptools.HttpResponseParser(self)  # takes the callbacks as they are now
-        self._raw_header_items = []
-        self._status_reason = b""
-        self._chunked_body = self._between_chunks = False
+    def send(self, request: bytes, sink: Sink, *, body_expected: bool) -> None:
+        """Write one request; what comes back goes to ``sink``."""
+        assert self.transport is not None and self.state in (State.NEW, State.IDLE)
+        self.state = State.ACTIVE
+        self.sink = sink
+        self.parser = httptools.HttpResponseParser(self)
+        self.head = None
+        self.message_complete = self.unsolicited = self._informational = False
+        self._body_expected = body_expected
+        self._raw_headers = []
+        self._raw_reason = b""
         self.last_activity = self.loop.time()
         self.transport.write(request)
         if self._idle_timer is None:  # else the one armed before looks again when it fires
             self._idle_timer = self.loop.call_at(
                 self.last_activity + self.pool.idle_timeout, self._idle_check
             )
-        return self.answer
 
-    def relay_to(self, client: ClientSide) -> None:
-        """From now on body pieces go to ``client`` as they arrive (pending ones first)."""
-        self.client = client
-        ex = self.answer
-        pending: list[bytes] = []
-        if ex is not None:
-            pending, ex.pending = ex.pending, []
-        client.tail.extend(pending)
-        if client.transport.is_closing():
+    def finish(self) -> None:
+        """The exchange is over: back to the pool if it may carry another, else closed."""
+        if self.state is not State.ACTIVE:
             return
-        if not client.chunked:
-            client.transport.write(client.head + b"".join(pending))
-        elif self._ended_here(client):  # the whole body came with the head
-            client.transport.write(client.head + chunk_framed(pending) + LAST_CHUNK)
-            client.ended = True
-        else:
-            client.transport.write(client.head + chunk_framed(pending))
-
-    def _count_chunk_boundaries(self) -> None:
-        self._chunks_begun = itertools.count()
-        self._chunks_ended = itertools.count()
-        self.on_chunk_header = self._chunks_begun.__next__
-        self.on_chunk_complete = self._chunks_ended.__next__
-
-    def finish(self, *, reusable: bool) -> None:
-        """The exchange is over: back to the pool when clean, else closed."""
-        head = self.answer.head if self.answer is not None else None
-        clean = (
-            reusable
-            and head is not None
-            and head.keep_alive
-            and self.answer is not None
-            and self.answer.body_done.done()
-            and not self.closed
-        )
-        self.answer = None
-        self.client = None
-        if clean:
+        self.sink = None
+        if self.reusable:
+            self.resume_reading()
+            self.state = State.IDLE
             self.pool.give_back(self)
         else:
             self.close()
 
-    def pause(self) -> None:
-        if self.transport is not None and not self.closed:
+    @property
+    def reusable(self) -> bool:
+        """The parser saw the whole answer, the node keeps the connection, and the request
+        left entirely (a node may answer before it has read all of a request)."""
+        return (
+            self.message_complete
+            and not self.unsolicited
+            and self.head is not None
+            and self.head.keep_alive
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.transport.get_write_buffer_size() == 0
+        )
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.state is State.ACTIVE:
+            self.paused = True
             self.transport.pause_reading()
 
-    def resume(self) -> None:
-        if self.transport is not None and not self.closed:
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.paused and self.state is not State.CLOSED:
+            self.paused = False
+            self.last_activity = self.loop.time()  # the pause was the client's, not the node's
             self.transport.resume_reading()
 
     def close(self) -> None:
         """Close now: for a node, a closed connection is the signal to stop generating."""
-        self.closed = True
+        self.state = State.CLOSED
         self._cancel_idle_timer()
+        self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
 
+    # -- to the sink ------------------------------------------------------------------------
+
+    def _hand_over_pieces(self) -> None:
+        if self._pieces and self.sink is not None:
+            self.sink.body_received(self._pieces[:])
+        self._pieces.clear()
+
+    def _end(self) -> None:
+        if self.sink is not None:
+            self.sink.ended()
+
     def _fail(self, error: UpstreamError) -> None:
-        ex = self.answer
-        if ex is None:
-            return
-        for fut in (ex.headers_done, ex.body_done):
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()  # retrieved here; the waiter sees it too
+        if self.sink is not None:
+            self.sink.failed(error)
+
+    @staticmethod
+    def _chunked(head: Head) -> bool:
+        return any(
+            name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
+            for name, value in head.raw_headers
+        )
 
     # -- idle timeout -----------------------------------------------------------------------
 
-    # One timer per connection, armed by the first request and kept across the ones after
+    # One timer per connection, armed by its first request and kept across the ones after
     # (a timer armed and cancelled per request costs more than the rest of the exchange's
     # bookkeeping): when it fires it looks at the time of the last bytes, and at whether an
     # answer is awaited at all.
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        if self.answer is None:  # kept alive in the pool: nothing awaited, nothing to time
+        if self.state is not State.ACTIVE:  # in the pool, or closed: nothing awaited
             return
         deadline = self.last_activity + self.pool.idle_timeout
+        if self.paused:  # we stopped reading (the client is behind): not the node's silence
+            deadline = self.loop.time() + self.pool.idle_timeout
         if self.loop.time() < deadline:  # bytes came since: look again at the new deadline
             self._idle_timer = self.loop.call_at(deadline, self._idle_check)
             return
@@ -338,13 +273,14 @@ class NodeConnections:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.idle: list[Connection] = []
+        self.retired = False  # the node left the config: connections close when done
         self.tls = ssl.create_default_context() if self.https else None
 
     async def get(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused (a reused one may have gone stale)."""
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed:
+            if conn.state is State.IDLE:
                 return conn, True
         return await self._connect(), False
 
@@ -364,14 +300,17 @@ class NodeConnections:
         return protocol
 
     def give_back(self, conn: Connection) -> None:
-        self.idle.append(conn)
+        if self.retired:
+            conn.close()
+        else:
+            self.idle.append(conn)
 
     def forget(self, conn: Connection) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
 
     def close_all(self) -> None:
-        for conn in self.idle:
+        for conn in list(self.idle):
             conn.close()
         self.idle.clear()
 
@@ -383,11 +322,18 @@ class Upstreams:
         self.by_url: dict[str, NodeConnections] = {}
         self.configure(connect_timeout, idle_timeout)
 
-    def configure(self, connect_timeout: float, idle_timeout: float) -> None:
+    def configure(
+        self, connect_timeout: float, idle_timeout: float, urls: frozenset[str] | None = None
+    ) -> None:
+        """New timeouts; with ``urls``, the nodes that are left (others' idle ones close)."""
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        for node in self.by_url.values():
+        for url, node in list(self.by_url.items()):
             node.connect_timeout, node.idle_timeout = connect_timeout, idle_timeout
+            if urls is not None and url not in urls:
+                node.retired = True
+                node.close_all()
+                del self.by_url[url]
 
     def to(self, url: str) -> NodeConnections:
         node = self.by_url.get(url)
@@ -397,25 +343,5 @@ class Upstreams:
 
     def close(self) -> None:
         for node in self.by_url.values():
+            node.retired = True
             node.close_all()
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def chunk_framed(pieces: list[bytes]) -> bytes:
-    return b"".join([b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces])
-
-
-def request_bytes(
-    method: str, target: str, host: str, headers: list[tuple[bytes, bytes]], body: bytes
-) -> bytes:
-    """An HTTP/1.1 request: the client's end-to-end headers as it sent them, the node's Host,
-    the body."""
-    # The target as the client sent it (aiohttp decoded it as UTF-8, keeping any other bytes).
-    line = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")
-    lines = [line, *[b"%b: %b\r\n" % header for header in headers]]
-    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines += (b"\r\n", body)
-    return b"".join(lines)

@@ -441,8 +441,11 @@ class ScriptedNode(BareNode):
             self.client_progress.notify_all()
 
     async def answer(self, writer: asyncio.StreamWriter) -> None:
-        for piece, after in self.script:
+        for n, (piece, after) in enumerate(self.script, 1):
             writer.write(piece)
+            if not after and n < len(self.script):  # nothing the client could show: give
+                await writer.drain()  # the proxy time to read it alone, or loopback would
+                await asyncio.sleep(0.02)  # hand it over with the next piece
             async with self.client_progress:
                 await self.client_progress.wait_for(lambda a=after: a in self.client_got)
 
@@ -468,26 +471,23 @@ async def through_proxy(start_proxy: StartProxy, node: ScriptedNode) -> tuple[by
     return head, body
 
 
-async def test_whole_chunks_pass_as_framed_and_split_ones_are_framed_anew(
+async def test_reads_cut_anywhere_are_framed_anew_from_what_the_parser_saw(
     start_proxy: StartProxy,
 ) -> None:
+    """The node's chunk framing is never passed on: a read that ends inside a chunk-size line
+    (the ``a`` of ``a\r\n``) used to be forwarded as if it held whole chunks."""
     node = ScriptedNode(
         [
-            (CHUNKED_HEAD + b"5\r\nhello\r\n", b"hello"),  # with the head: framed anew
-            (b"0005\r\nworld\r\n", b"world"),  # one whole chunk in a read: as the node framed it
-            (b"3\r\nab", b"ab"),  # a chunk begun
-            (b"c\r\n4\r\ndefg\r\n0\r\n", b"defg"),  # ... finished, a whole one, the last begun
-            (b"\r\n", b""),  # the end of the body
+            (CHUNKED_HEAD + b'8\r\n{"a":1}\n\r\n', b'{"a":1}'),
+            (b"a", b""),  # the size line of the next chunk, cut after its first digit
+            (b'\r\n{"bb":22}\n\r\n', b'{"bb":22}'),
+            (b"0\r\n\r\n", b""),
         ]
     )
     status_and_headers, body = await through_proxy(start_proxy, node)
-    # The node's head as it sent it (no Server or Date added), the framing and connection ours.
-    assert status_and_headers == (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-        b"Transfer-Encoding: chunked\r\nConnection: close"
-    )
-    assert b"\r\n0005\r\nworld\r\n" in body
-    assert dechunk(body) == b"helloworldabcdefg"
+    assert status_and_headers.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Transfer-Encoding: chunked" in status_and_headers
+    assert dechunk(body) == b'{"a":1}\n{"bb":22}\n'
 
 
 async def test_whole_body_with_the_head_ends_properly(start_proxy: StartProxy) -> None:
@@ -550,6 +550,7 @@ async def test_http10_client_gets_the_stream_delimited_by_the_connection_end(
     answer = await reader.read()  # to the end of the connection
     writer.close()
     head, _, ndjson = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding" not in head
+    assert head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
+    assert b"Transfer-Encoding" not in head
     lines = [json.loads(line) for line in ndjson.splitlines()]
     assert [line["done"] for line in lines] == [False] * 5 + [True]

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from collections import deque
 from collections.abc import Iterator
 
 import httptools
 import uvloop
 
-from ..upstream import ClientSide, NodeConnections, Upstreams, request_bytes
+from ..answer import Answer
+from ..http1 import request_bytes
+from ..upstream import NodeConnections, Upstreams
 
 SKIPPED_HEADERS = frozenset({b"host", b"content-length", b"connection", b"transfer-encoding"})
 
@@ -78,30 +79,28 @@ class BareRelay(asyncio.Protocol):
         assert client is not None
         conn, _ = await node.get()
         try:
-            answer = conn.send(request, body_expected=body_expected)
-            head = await answer.headers_done
+            answer = Answer(conn, 1 << 30)
+            conn.send(request, answer, body_expected=body_expected)
+            head = await answer.head()
             chunked = head.content_length is None and body_expected
             lines = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.raw_reason)]
             lines += [
                 b"%b: %b\r\n" % kv for kv in head.raw_headers if kv[0].lower() != b"connection"
             ]
-            response_head = b"".join(lines) + b"\r\n"  # the node's chunked framing, if any
-            relay = ClientSide(client, response_head, chunked, deque(maxlen=1), 1 << 30, _no_op)
-            conn.relay_to(relay)  # the last chunk goes out with the last piece
-            await answer.body_done
-            conn.finish(reusable=True)
+            client.write(b"".join(lines) + b"\r\n")
+            while data := await answer.read():
+                client.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                client.write(b"0\r\n\r\n")
+            conn.finish()
         except BaseException:
-            conn.finish(reusable=False)
+            conn.close()
             self.close()
             raise
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-
-def _no_op() -> None:
-    pass
 
 
 async def serve(port: int, node_urls: list[str]) -> None:

@@ -1,0 +1,31 @@
+"""What the proxy learned about one request, for the metrics and the access log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .pool import Node
+from .telemetry import Usage
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    body: bytes = b""
+    model: str | None = None  # as the client named it
+    model_key: str | None = None  # normalised, when the request must go to a node that has it
+    takes_slot: bool = False
+    unload: bool = False  # `ollama stop`: goes to every node that has the model
+    cold: bool = False  # sent to a node that did not hold the model in memory
+    node: Node | None = None
+    status: int = 0
+    attempts: int = 0
+    client_gone: bool = False
+    request_id: str = ""
+    client: str = ""
+    started: float = field(default_factory=time.monotonic)
+    queue_wait: float = 0.0
+    first_byte: float | None = None
+    usage: Usage | None = None
