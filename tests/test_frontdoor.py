@@ -18,7 +18,7 @@ import uvloop
 from proxy import frontdoor
 from proxy.app import make_app
 from proxy.serving import serve
-from proxy.simnode import SimNode, SimSettings
+from proxy.sim import SimNode, SimSettings
 
 from .conftest import Proxy, StartNodes, StartProxy, generations, metric, proxy_config
 
