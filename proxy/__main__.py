@@ -160,7 +160,7 @@ async def _drain(runtime: Runtime, serving: Serving) -> None:
 
 
 async def _start_demo_fleet(config: Config, stack: contextlib.AsyncExitStack) -> Config:
-    from .simnode import SimNode, SimSettings  # only the demo needs it
+    from .sim import SimNode, SimSettings  # only the demo needs it
 
     nodes = []
     for i in range(DEMO_NODES):

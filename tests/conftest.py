@@ -21,7 +21,7 @@ from proxy.app import RUNTIME, Runtime, make_app
 from proxy.config import Config, load_config, parse_config
 from proxy.pool import Pool
 from proxy.serving import Serving, serve
-from proxy.simnode import SimNode, SimRequest, SimSettings
+from proxy.sim import SimNode, SimRequest, SimSettings
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from proxy.simnode import SimNode
+from proxy.sim import SimNode
 
 from .conftest import Proxy, StartNodes, StartProxy, generations, wait_until
 

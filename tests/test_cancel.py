@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.simnode import SimNode
+from proxy.sim import SimNode
 
 from .conftest import (
     BareNode,

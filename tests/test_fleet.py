@@ -11,7 +11,7 @@ import ollama
 import openai
 import pytest
 
-from proxy.simnode import SimNode
+from proxy.sim import SimNode
 
 from .conftest import Proxy, StartNodes, StartProxy, generations
 
@@ -195,9 +195,9 @@ async def test_pull_fans_out_with_merged_progress(
 
 
 def _layer_total(node: SimNode, model: str) -> int:
-    from proxy.simnode import _model_size  # the simulator's own size for that name
+    from proxy.sim.catalog import model_size  # the simulator's own size for that name
 
-    return _model_size(model)
+    return model_size(model)
 
 
 async def test_pull_failing_on_one_node_reports_it(

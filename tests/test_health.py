@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from proxy.simnode import SimNode
+from proxy.sim import SimNode
 
 from .conftest import Proxy, StartNodes, StartProxy, generations, metric
 

@@ -16,7 +16,7 @@ import uvloop
 
 from proxy.app import make_app
 from proxy.serving import serve
-from proxy.simnode import SimNode, SimSettings
+from proxy.sim import SimNode, SimSettings
 
 from .conftest import Proxy, StartNodes, StartProxy, generations, proxy_config
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.simnode import SimNode
+from proxy.sim import SimNode
 
 from .conftest import (
     StartNodes,

@@ -8,7 +8,7 @@ Usage::
     python -m proxy.bench --only stream,embed --no-nginx --streams 50 --requests 500
 
 Everything runs on 127.0.0.1, each part in a process of its own: simulated Ollama nodes
-(``python -m proxy.simnode``), the proxy (``python -m proxy --config <generated>``, on uvloop
+(``python -m proxy.sim``), the proxy (``python -m proxy --config <generated>``, on uvloop
 when it is installed), nginx when its binary is installed (one worker, ``proxy_buffering off``,
 HTTP/1.1 keep-alive upstreams, ``least_conn``; round robin too for the scheduling table), and
 the load generator (``python -m proxy.bench.loadgen``), which never shares a process with what

@@ -40,7 +40,7 @@ class Front:
 
 @dataclass(frozen=True)
 class SimNodeSpec:
-    """The command-line settings of one simulated node (see ``python -m proxy.simnode -h``)."""
+    """The command-line settings of one simulated node (see ``python -m proxy.sim -h``)."""
 
     token_interval: float
     num_parallel: int
@@ -52,7 +52,7 @@ class SimNodeSpec:
     def args(self, port: int) -> list[str]:
         return [
             "-m",
-            "proxy.simnode",
+            "proxy.sim",
             "--host",
             "127.0.0.1",
             "--port",

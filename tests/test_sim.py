@@ -16,7 +16,7 @@ import openai
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from proxy.simnode import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimNode, SimSettings
+from proxy.sim import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimNode, SimSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINAL_FIELDS = {
@@ -555,7 +555,7 @@ async def test_command_line_serves_until_sigterm(session: aiohttp.ClientSession)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.simnode",
+        "proxy.sim",
         "--port",
         "0",
         "--tokens",

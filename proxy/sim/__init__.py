@@ -1,0 +1,37 @@
+"""A simulated Ollama server: the stand-in for real nodes in tests, demos and benchmarks.
+
+A SimNode speaks Ollama's wire format (the native NDJSON API and the OpenAI-compatible /v1 API)
+with deterministic output ("tok0 tok1 ..."), and reproduces what a load balancer has to cope
+with: a limited number of parallel generations behind a bounded queue (503 when it is full),
+slow cold loads of models that are not in memory (and, with ``max_loaded``, the eviction of the
+least recently used one to make room), prompt cancellation when the client goes away, and
+injected faults (500s, 503s, streams that stall or die, refused connections).
+
+Settings are read per request, so a test can change them while the node runs. Besides Ollama's
+API, ``GET /-/sim/stats`` answers the node's counters (SimStats without its request list) and
+the models in memory, for harnesses that run nodes as separate processes.
+
+Run nodes as a separate process with ``python -m proxy.sim --port 11501 --port 11502``.
+
+The package plays Ollama and imports nothing of the proxy. Its modules, in import order:
+settings (what a node is told and reports), wire (JSON, errors, request bodies), catalog (the
+models' made-up data and listings), plans (what a request asks for), formats (how each endpoint
+frames a generation), slots (parallel slots and the queue), faults, memory (models on disk and
+in memory), generation (the work and its endpoints), server (SimNode) and __main__.
+"""
+
+from __future__ import annotations
+
+from .catalog import normalize_model
+from .server import SimNode
+from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimRequest, SimSettings, SimStats
+
+__all__ = [
+    "BUSY_MESSAGE",
+    "RUNNER_DIED_MESSAGE",
+    "SimNode",
+    "SimRequest",
+    "SimSettings",
+    "SimStats",
+    "normalize_model",
+]

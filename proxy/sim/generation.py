@@ -1,0 +1,277 @@
+"""The work of a node: generations and embeddings, from admission through a parallel slot
+and the model's load to the last token, and the endpoints that ask for them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .faults import MID_REQUEST, fault_point, strike
+from .formats import (
+    ChatFormat,
+    Format,
+    GenerateFormat,
+    MessagesFormat,
+    OpenAIChatFormat,
+    OpenAICompletionFormat,
+    ResponsesFormat,
+    Usage,
+    base64_floats,
+    embedding,
+    token_text,
+)
+from .memory import ModelMemory
+from .plans import (
+    Plan,
+    embedding_inputs,
+    is_unload_request,
+    plan_native,
+    plan_openai,
+    plan_whole_only,
+    word_count,
+)
+from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, LiveNode
+from .slots import QueueFullError, SlotGate, Ticket
+from .wire import (
+    ApiError,
+    LazyStream,
+    iso_now,
+    json_object,
+    json_response,
+    model_field,
+    seconds_to_ns,
+)
+
+
+class Generation:
+    """The generation and embedding endpoints of one node, native and OpenAI/Anthropic."""
+
+    def __init__(self, node: LiveNode, gate: SlotGate, memory: ModelMemory) -> None:
+        self._node = node
+        self._gate = gate
+        self._memory = memory
+
+    # ---- the core
+
+    def _admit(self, model: str) -> None:
+        """Checks made before queueing: the model exists, and no fault answers first."""
+        if not self._memory.has(model):
+            raise ApiError(404, f'model "{model}" not found, try pulling it first')
+        if self._node.settings.fault == "error500":
+            raise ApiError(500, RUNNER_DIED_MESSAGE)
+        if self._node.settings.fault == "busy":
+            self._count_busy()
+            raise ApiError(503, BUSY_MESSAGE)
+
+    def _count_busy(self) -> None:
+        self._node.stats.busy_rejections += 1
+        self._node.changed()
+
+    def _count_cancelled(self) -> None:
+        self._node.stats.cancelled += 1
+        self._node.changed()
+
+    def _count_completed(self, usage: Usage) -> None:
+        stats = self._node.stats
+        stats.completed += 1
+        stats.eval_count_total += usage.eval_count
+        stats.prompt_eval_count_total += usage.prompt_tokens
+        self._node.changed()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, model: str) -> AsyncIterator[Ticket]:
+        """Hold a parallel slot for the body, the model marked in use (see ModelMemory.using);
+        count a cancellation, wherever it strikes."""
+        try:
+            await self._gate.acquire()
+        except QueueFullError:
+            self._count_busy()
+            raise ApiError(503, BUSY_MESSAGE) from None
+        except asyncio.CancelledError:
+            self._count_cancelled()
+            raise
+        ticket = Ticket()
+        try:
+            with self._memory.using(model):
+                yield ticket
+        except (asyncio.CancelledError, ConnectionError):  # a ConnectionError: writing to it
+            if not ticket.node_died:
+                self._count_cancelled()
+            raise
+        finally:
+            self._gate.release()
+
+    async def _run_tokens(
+        self,
+        request: web.Request,
+        plan: Plan,
+        ticket: Ticket,
+        fault: str,
+        emit: Callable[[str], Awaitable[None]],
+    ) -> None:
+        fault_at = fault_point(fault, self._node.settings.fault_after_tokens, plan.tokens)
+        for index in range(plan.tokens):
+            if index:
+                await asyncio.sleep(self._node.settings.token_interval)
+            if index == fault_at:
+                await strike(fault, request, ticket)
+            await emit(token_text(index))
+        if fault_at == plan.tokens:  # a fault beyond the last token still spoils the ending
+            await strike(fault, request, ticket)
+
+    def _usage(self, plan: Plan, started_ns: int, load_ns: int) -> Usage:
+        settings = self._node.settings
+        return Usage(
+            prompt_tokens=plan.prompt_tokens,
+            eval_count=plan.tokens,
+            total_duration=max(1, time.monotonic_ns() - started_ns),
+            load_duration=load_ns,
+            prompt_eval_duration=max(1, seconds_to_ns(settings.first_token_delay)),
+            eval_duration=max(1, seconds_to_ns(plan.tokens * settings.token_interval)),
+        )
+
+    async def _serve_generation(
+        self, request: web.Request, plan: Plan, fmt: Format
+    ) -> web.StreamResponse:
+        """Queue for a slot, load, evaluate the prompt, then stream tokens or answer whole."""
+        self._admit(plan.model)
+        fault = self._node.settings.fault
+        started_ns = time.monotonic_ns()
+        async with self._slot(plan.model) as ticket:
+            load_ns = await self._memory.ensure_loaded(plan.model)
+            await asyncio.sleep(self._node.settings.first_token_delay)
+            if plan.stream:
+                stream = LazyStream(request, fmt.content_type)
+
+                async def send(text: str) -> None:
+                    await stream.send(fmt.token_frame(text))
+
+                await self._run_tokens(request, plan, ticket, fault, send)
+                usage = self._usage(plan, started_ns, load_ns)
+                response: web.StreamResponse = await stream.finish(fmt.final_frames(usage))
+            else:
+                pieces: list[str] = []
+
+                async def collect(text: str) -> None:
+                    pieces.append(text)
+
+                await self._run_tokens(request, plan, ticket, fault, collect)
+                usage = self._usage(plan, started_ns, load_ns)
+                response = json_response(fmt.whole_body("".join(pieces), usage))
+            self._count_completed(usage)
+        return response
+
+    async def _serve_embedding(
+        self, request: web.Request, model: str, texts: list[str]
+    ) -> tuple[list[list[float]], Usage]:
+        """Embeddings take a slot like generations; a stall/die strikes before the answer."""
+        self._admit(model)
+        fault = self._node.settings.fault
+        started_ns = time.monotonic_ns()
+        async with self._slot(model) as ticket:
+            load_ns = await self._memory.ensure_loaded(model)
+            await asyncio.sleep(self._node.settings.first_token_delay)
+            if fault in MID_REQUEST:
+                await strike(fault, request, ticket)
+            vectors = [embedding(text, self._node.settings.embedding_dim) for text in texts]
+            plan = Plan(model=model, stream=False, tokens=0, prompt_tokens=word_count(texts))
+            usage = self._usage(plan, started_ns, load_ns)
+            self._count_completed(usage)
+        return vectors, usage
+
+    def _unload(self, body: dict[str, Any], empty: dict[str, Any]) -> web.Response:
+        """What ``ollama stop`` asks for: out of memory now, no generation, no slot."""
+        model = model_field(body, "model")
+        if not self._memory.has(model):
+            raise ApiError(404, f'model "{model}" not found, try pulling it first')
+        self._memory.unload(model)
+        done = {"done": True, "done_reason": "unload"}
+        return json_response({"model": model, "created_at": iso_now(), **empty, **done})
+
+    # ---- native endpoints
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        if is_unload_request(request.path, body):
+            return self._unload(body, {"response": ""})
+        prompt = [body.get("system"), body.get("prompt")]
+        plan = plan_native(body, self._node.settings.tokens, prompt)
+        return await self._serve_generation(request, plan, GenerateFormat(plan))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        if is_unload_request(request.path, body):
+            return self._unload(body, {"message": {"role": "assistant", "content": ""}})
+        plan = plan_native(body, self._node.settings.tokens, body.get("messages"))
+        return await self._serve_generation(request, plan, ChatFormat(plan))
+
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        model = model_field(body, "model")
+        vectors, usage = await self._serve_embedding(
+            request, model, embedding_inputs(body.get("input"))
+        )
+        return json_response(
+            {
+                "model": model,
+                "embeddings": vectors,
+                "total_duration": usage.total_duration,
+                "load_duration": usage.load_duration,
+                "prompt_eval_count": usage.prompt_tokens,
+            }
+        )
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        model = model_field(body, "model")
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) and prompt else []
+        vectors, _usage = await self._serve_embedding(request, model, texts)
+        return json_response({"embedding": vectors[0] if vectors else []})
+
+    # ---- OpenAI- and Anthropic-compatible endpoints
+
+    async def openai_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        plan = plan_openai(body, self._node.settings.tokens, body.get("messages"))
+        return await self._serve_generation(request, plan, OpenAIChatFormat(plan))
+
+    async def openai_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        plan = plan_openai(body, self._node.settings.tokens, body.get("prompt"))
+        return await self._serve_generation(request, plan, OpenAICompletionFormat(plan))
+
+    async def openai_responses(self, request: web.Request) -> web.StreamResponse:
+        plan = plan_whole_only(
+            await json_object(request), self._node.settings.tokens, "max_output_tokens"
+        )
+        return await self._serve_generation(request, plan, ResponsesFormat(plan))
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        plan = plan_whole_only(body, self._node.settings.tokens, "max_tokens")
+        return await self._serve_generation(request, plan, MessagesFormat(plan))
+
+    async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await json_object(request)
+        model = model_field(body, "model")
+        if body.get("input") is None:
+            raise ApiError(400, "invalid input")
+        texts = embedding_inputs(body.get("input"))
+        vectors, usage = await self._serve_embedding(request, model, texts)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "embedding": base64_floats(vector) if as_base64 else vector,
+                "index": index,
+            }
+            for index, vector in enumerate(vectors)
+        ]
+        tokens = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
+        return json_response({"object": "list", "data": data, "model": model, "usage": tokens})

@@ -1,0 +1,129 @@
+"""What every handler shares on the wire: JSON bytes, error envelopes, request bodies, times,
+and the lazily started stream."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+
+class ApiError(Exception):
+    """An error answered with a real status before any byte of the body was sent."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def ndjson(value: Any) -> bytes:
+    return dumps(value) + b"\n"
+
+
+def sse(value: Any) -> bytes:
+    return b"data: " + dumps(value) + b"\n\n"
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=dumps(value), status=status, content_type="application/json", charset="utf-8"
+    )
+
+
+def go_not_found() -> web.Response:
+    # Go's mux answers unknown paths (and wrong methods) this way, without a charset.
+    return web.Response(
+        body=b"404 page not found", status=404, headers={"Content-Type": "text/plain"}
+    )
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """The error envelope of the API family the path belongs to."""
+    if path.startswith("/v1/messages"):
+        kinds = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}
+        return {
+            "type": "error",
+            "error": {"type": kinds.get(status, "api_error"), "message": message},
+        }
+    if path.startswith("/v1/"):
+        # Ollama 0.12's OpenAI middleware: its own 400s are invalid_request_error; errors coming
+        # up from the native handlers (404, 500, 503) are all reported as api_error.
+        kind = "invalid_request_error" if status == 400 else "api_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}
+
+
+def parse_json(body: bytes) -> Any:
+    """The parsed body, or None when it is empty or not JSON."""
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 with Ollama's reasons."""
+    body = await request.read()  # cached: the recording middleware read it first
+    if not body:
+        raise ApiError(400, "missing request body")
+    try:
+        value = json.loads(body)
+    except ValueError as error:
+        raise ApiError(400, f"invalid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid request body: expected a JSON object")
+    return value
+
+
+def model_field(body: dict[str, Any], *keys: str) -> str:
+    """The first non-empty model name among keys ("model", or the legacy "name")."""
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+    raise ApiError(400, "model is required")
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def iso_now() -> str:
+    return iso(datetime.now(UTC))
+
+
+def seconds_to_ns(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+class LazyStream:
+    """A streamed response whose status line leaves with the first frame, as in Ollama, so
+    that anything going wrong before the first token keeps its real status."""
+
+    def __init__(self, request: web.Request, content_type: str) -> None:
+        self._request = request
+        self._content_type = content_type
+        self._response: web.StreamResponse | None = None
+
+    async def send(self, frame: bytes) -> None:
+        if self._response is None:
+            self._response = web.StreamResponse(headers={"Content-Type": self._content_type})
+            self._response.enable_chunked_encoding()
+            await self._response.prepare(self._request)
+        await self._response.write(frame)
+
+    async def finish(self, last_frames: bytes) -> web.StreamResponse:
+        await self.send(last_frames)
+        assert self._response is not None  # send() opened it
+        await self._response.write_eof()
+        return self._response
