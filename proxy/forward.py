@@ -32,6 +32,13 @@ from aiohttp import web
 
 from .accesslog import AccessLog
 from .answer import Answer
+from .api import (
+    INFERENCE_PATHS,
+    MODEL_INFO_PATHS,
+    MODEL_REQUIRED_PATHS,
+    OPENAI_MODEL_PREFIX,
+    TELEMETRY_PATHS,
+)
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
@@ -44,20 +51,11 @@ from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .routing import availability, want_for
-from .telemetry import TELEMETRY_PATHS, usage_from_tail
+from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Inference: these take a slot on the node (a generation or an embedding on its GPU). The
-# Ollama and OpenAI paths carry token counts; the Responses and Anthropic ones are counted
-# as requests only.
-INFERENCE_PATHS = TELEMETRY_PATHS | {"/v1/responses", "/v1/messages"}
-# Answered by one node that has the model, taking no slot. (Pull, create, copy, delete and
-# blobs fan out to the whole fleet: fleet.py.)
-MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
-MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS
-OPENAI_MODEL_PREFIX = "/v1/models/"
 # A client that reads slower than the node writes: stop reading from the node once this many
 # bytes of its answer wait for the client (beyond what the client's socket buffers hold).
 NODE_BUFFER_HIGH = 256 * 1024

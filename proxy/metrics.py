@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .api import BLOBS_PREFIX, KNOWN_PATHS, OPENAI_MODEL_PREFIX
 from .errors import ProxyError, Unavailable
 from .exchange import Exchange
 from .pool import Node, Pool
@@ -76,39 +77,14 @@ DURATION_BUCKETS = (
 )
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
-KNOWN_ENDPOINTS = frozenset(
-    {
-        "/",
-        "/api/version",
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/api/show",
-        "/api/tags",
-        "/api/ps",
-        "/api/pull",
-        "/api/push",
-        "/api/create",
-        "/api/copy",
-        "/api/delete",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/v1/responses",
-        "/v1/messages",
-    }
-)
-
 
 def endpoint_label(path: str) -> str:
     """A bounded label: known paths as they are, parameters folded, the rest "other"."""
-    if path in KNOWN_ENDPOINTS:
+    if path in KNOWN_PATHS:
         return path
-    if path.startswith("/api/blobs/"):
+    if path.startswith(BLOBS_PREFIX):
         return "/api/blobs/:digest"
-    if path.startswith("/v1/models/"):
+    if path.startswith(OPENAI_MODEL_PREFIX):
         return "/v1/models/:model"
     return "other"
 

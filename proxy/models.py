@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api import UNLOAD_PATHS
+
 
 def normalize_model(name: str) -> str:
     """``llama3.2`` and ``llama3.2:latest`` are one model to Ollama; so they are here."""
@@ -14,7 +16,7 @@ def normalize_model(name: str) -> str:
 
 def is_unload_request(path: str, body: dict[str, Any]) -> bool:
     """Ollama's unload request: ``keep_alive`` 0 and nothing to generate (``ollama stop``)."""
-    if path not in ("/api/generate", "/api/chat") or body.get("keep_alive") not in UNLOAD:
+    if path not in UNLOAD_PATHS or body.get("keep_alive") not in UNLOAD:
         return False
     if path == "/api/chat":
         return not body.get("messages")

@@ -13,18 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-# Paths whose answers carry token counts.
-TELEMETRY_PATHS = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    }
-)
 NS = 1e-9
 # Keys written after the bulk of an answer, as compact JSON writes them (Go's encoder and
 # Python's json.dumps with separators both put no space after the comma).

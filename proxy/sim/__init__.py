@@ -13,7 +13,8 @@ the models in memory, for harnesses that run nodes as separate processes.
 
 Run nodes as a separate process with ``python -m proxy.sim --port 11501 --port 11502``.
 
-The package plays Ollama and imports nothing of the proxy. Its modules, in import order:
+The package plays Ollama; of the proxy it shares only ``proxy.models``, Ollama's own rules for
+model names and unload requests (one definition of them). Its modules, in import order:
 settings (what a node is told and reports), wire (JSON, errors, request bodies), catalog (the
 models' made-up data and listings), plans (what a request asks for), formats (how each endpoint
 frames a generation), slots (parallel slots and the queue), faults, memory (models on disk and
@@ -22,7 +23,7 @@ in memory), generation (the work and its endpoints), server (SimNode) and __main
 
 from __future__ import annotations
 
-from .catalog import normalize_model
+from ..models import normalize_model
 from .server import SimNode
 from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimRequest, SimSettings, SimStats
 

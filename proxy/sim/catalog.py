@@ -7,13 +7,9 @@ import hashlib
 import re
 from typing import Any
 
+from ..models import normalize_model
+
 CONTEXT_LENGTH = 4096
-
-
-def normalize_model(name: str) -> str:
-    """Ollama's rule: a name without a tag means ":latest" ("llama3.2" is "llama3.2:latest")."""
-    base = name.rsplit("/", 1)[-1]
-    return name if ":" in base else f"{name}:latest"
 
 
 def digest(name: str) -> str:

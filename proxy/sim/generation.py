@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..models import is_unload_request
 from .faults import MID_REQUEST, fault_point, strike
 from .formats import (
     ChatFormat,
@@ -29,7 +30,6 @@ from .memory import ModelMemory
 from .plans import (
     Plan,
     embedding_inputs,
-    is_unload_request,
     plan_native,
     plan_openai,
     plan_whole_only,

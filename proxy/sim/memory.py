@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
-from .catalog import normalize_model
+from ..models import normalize_model
 from .settings import LiveNode
 
 

@@ -9,10 +9,6 @@ from typing import Any
 
 from .wire import model_field
 
-# Kept here rather than imported from the proxy: the simulator plays Ollama and stands on
-# its own, so a proxy change cannot make both sides agree by accident.
-UNLOAD = (0, "0", "0s", "0m")
-
 
 @dataclass
 class Plan:
@@ -23,15 +19,6 @@ class Plan:
     tokens: int
     prompt_tokens: int
     include_usage: bool = False  # OpenAI stream_options.include_usage
-
-
-def is_unload_request(path: str, body: dict[str, Any]) -> bool:
-    """Ollama's unload request: ``keep_alive`` 0 and nothing to generate (``ollama stop``)."""
-    if path not in ("/api/generate", "/api/chat") or body.get("keep_alive") not in UNLOAD:
-        return False
-    if path == "/api/chat":
-        return not body.get("messages")
-    return not body.get("prompt") and not body.get("images")
 
 
 def flag(value: Any, default: bool) -> bool:

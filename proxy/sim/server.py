@@ -11,10 +11,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..models import normalize_model
 from .catalog import (
     create_steps,
     model_entry,
-    normalize_model,
     openai_model_entry,
     pull_steps,
     push_steps,

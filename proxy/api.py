@@ -1,0 +1,32 @@
+"""The Ollama API's paths as the proxy sorts them, defined once."""
+
+from __future__ import annotations
+
+# Answers that carry token counts in their final chunk (or their body).
+TELEMETRY_PATHS = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
+# Inference: these take a slot on the node (a generation or an embedding on its GPU). The
+# Responses and Anthropic paths are counted as requests only.
+INFERENCE_PATHS = TELEMETRY_PATHS | {"/v1/responses", "/v1/messages"}
+# Answered by one node that has the model, taking no slot.
+MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
+MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS
+# Where `keep_alive: 0` with nothing to generate unloads a model (`ollama stop`).
+UNLOAD_PATHS = frozenset({"/api/generate", "/api/chat"})
+# Answered from every node's answer, merged (fleet.py).
+LISTING_PATHS = frozenset({"/api/tags", "/api/ps", "/v1/models", "/api/version"})
+# Sent to every node that should have the result (fleet.py); blobs are under BLOBS_PREFIX.
+FANOUT_PATHS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
+BLOBS_PREFIX = "/api/blobs/"
+OPENAI_MODEL_PREFIX = "/v1/models/"
+
+KNOWN_PATHS = MODEL_REQUIRED_PATHS | LISTING_PATHS | FANOUT_PATHS | {"/"}
