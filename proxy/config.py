@@ -46,7 +46,7 @@ class HealthCheckConfig:
     interval: float
     timeout: float
     rise: int  # consecutive passes that bring a down node back
-    fall: int  # consecutive failures that take an up node out
+    fall: int  # consecutive failed checks that take an up node out, or failed requests (apart)
     # A node taken out by failing requests (while its checks may still pass) stays out this
     # long, doubling at each repeat up to max_ejection_time, so it cannot flap in and out.
     ejection_time: float
