@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +23,7 @@ import aiohttp
 from .config import Config
 from .models import normalize_model
 from .pool import Node, Pool
+from .supervision import Once, Tasks, every, for_each
 
 log = logging.getLogger("ollama_proxy.discovery")
 
@@ -32,11 +32,14 @@ MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well
 
 
 class Discovery:
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: Config) -> None:
+    def __init__(
+        self, pool: Pool, session: aiohttp.ClientSession, config: Config, tasks: Tasks
+    ) -> None:
         self.pool = pool
         self.session = session
+        self.tasks = tasks
         self._refreshing: set[Node] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._reported = Once()  # refreshes that failed unexpectedly, each logged once per node
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -44,13 +47,12 @@ class Discovery:
         self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
 
     async def run(self) -> None:
-        """Refresh every node's inventory each interval, forever (cancelled on shutdown)."""
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.refresh_all()
+        """Refresh every node's inventory each interval, until cancelled at shutdown."""
+        await every(lambda: self.interval, self.refresh_all, "discovery")
 
     async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(n) for n in self.pool.nodes.values() if n.up))
+        up = [n for n in self.pool.nodes.values() if n.up]
+        await for_each(up, self.refresh, "discovery", self._reported)
 
     async def refresh(self, node: Node) -> None:
         tags, ps = await asyncio.gather(
@@ -67,33 +69,21 @@ class Discovery:
 
     def refresh_soon(self, node: Node) -> None:
         """Refresh one node in the background (at most one refresh per node at a time)."""
-        if node in self._refreshing:
-            return
-        self._refreshing.add(node)
+        if node not in self._refreshing:
+            self._refreshing.add(node)
+            self.tasks.spawn(self._refresh_alone(node), name=f"refresh {node.name}")
 
-        async def refresh() -> None:
-            try:
-                await self.refresh(node)
-            finally:
-                self._refreshing.discard(node)
-
-        self._spawn(refresh())
+    async def _refresh_alone(self, node: Node) -> None:
+        try:
+            await for_each([node], self.refresh, "discovery", self._reported)
+        finally:
+            self._refreshing.discard(node)
 
     def served(self, node: Node, model: str) -> None:
         """The node just answered for ``model``: it has it, and holds it in memory."""
         if node.models is not None:
             node.models.add(model)
         node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def get_json(self, node: Node, path: str) -> Any:
         """A node's JSON answer to a GET, or None when it has none to give."""

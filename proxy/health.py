@@ -14,7 +14,6 @@ node itself, may.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -25,6 +24,7 @@ import aiohttp
 from .config import HealthCheckConfig
 from .discovery import Discovery
 from .pool import Node, Pool
+from .supervision import Once, every, for_each
 
 log = logging.getLogger("ollama_proxy.health")
 
@@ -43,18 +43,21 @@ class Health:
         self.session = session
         self.config = config
         self.discovery = discovery
+        self._reported = Once()  # checks that failed unexpectedly, each logged once per node
 
     async def run(self) -> None:
-        """Probe every node each interval, forever (cancelled on shutdown)."""
-        while True:
-            await asyncio.sleep(self.config.interval)
-            await self.check_all()
+        """Probe every node each interval, until cancelled at shutdown."""
+        await every(lambda: self.config.interval, self.check_all, "health checks")
 
     def configure(self, config: HealthCheckConfig) -> None:
         self.config = config  # the running loop reads it at its next turn
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(node) for node in list(self.pool.nodes.values())))
+        await self.check_nodes(list(self.pool.nodes.values()))
+
+    async def check_nodes(self, nodes: list[Node]) -> None:
+        """Check these nodes at once; one node's unexpected failure ends only its own check."""
+        await for_each(nodes, self.check, "health check", self._reported)
 
     async def check(self, node: Node) -> None:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)

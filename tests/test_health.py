@@ -14,6 +14,7 @@ from proxy.discovery import Discovery
 from proxy.health import Health
 from proxy.pool import Pool
 from proxy.simnode import SimNode
+from proxy.supervision import Tasks
 
 from .conftest import Proxy, StartNodes, StartProxy, generations, metric, proxy_config
 
@@ -166,9 +167,9 @@ async def checker(nodes: list[SimNode], **health_check: Any) -> AsyncIterator[He
     config = proxy_config(nodes, health_check=health_check)
     pool = Pool(config.nodes, config.queue)
     async with aiohttp.ClientSession() as session:
-        discovery = Discovery(pool, session, config)
-        yield Health(pool, session, config.health_check, discovery)
-        await discovery.aclose()
+        tasks = Tasks()  # the refreshes of nodes that come up
+        yield Health(pool, session, config.health_check, Discovery(pool, session, config, tasks))
+        await tasks.aclose()
 
 
 async def test_failing_requests_eject_a_node_despite_a_passed_check_between_each(
