@@ -125,7 +125,7 @@ class Health:
 
 
 def _version_of(body: bytes) -> str | None:
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, RecursionError):  # too deeply nested is no version
         value = json.loads(body)
         if isinstance(value, dict) and isinstance(value.get("version"), str):
             return str(value["version"])

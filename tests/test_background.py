@@ -21,7 +21,7 @@ import proxy
 from proxy.app import RUNTIME, make_app
 from proxy.serving import serve
 
-from .conftest import StartNodes, StartProxy, proxy_config, wait_until
+from .conftest import StartNodes, StartProxy, generations, proxy_config, wait_until
 
 GENERATE = {"model": "llama3.2", "prompt": "x", "stream": False}
 DEEP = b"[" * 100_000  # valid JSON so far, and too deep for Python's parser: RecursionError
@@ -88,6 +88,38 @@ async def generate_status(url: str) -> int:
         async with session.post(url + "/api/generate", json=GENERATE) as resp:
             await resp.read()
             return resp.status
+
+
+async def test_malformed_listings_at_start_up_keep_their_well_formed_parts(
+    start_nodes: StartNodes,
+    start_proxy: StartProxy,
+    start_odd: StartOdd,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (sim,) = await start_nodes(1)
+    odd = await start_odd(
+        "odd",
+        version=["0.12.6"],  # answered 200: it passes its checks
+        tags={"models": [{"model": 5}, 7, {"name": "tinyllama"}, {"model": [1], "name": "qwen"}]},
+        ps={"models": [{"model": 5}, "x", {"model": "tinyllama", "expires_at": 7}]},
+    )
+    # Not listings at all: what the node holds stays unknown, as before its first answer.
+    odder = await start_odd("odder", version=DEEP, tags=DEEP, ps={"models": 5})
+    proxy = await start_proxy([sim, odd, odder], discovery={"interval": 0.05})
+    nodes = proxy.pool.nodes
+    assert nodes["odd"].models == {"tinyllama:latest", "qwen:latest"}
+    assert nodes["odd"].resident_models() == ["tinyllama:latest"]  # expiry: the default
+    assert nodes["odder"].models is None and nodes["odder"].resident == {}
+    assert nodes["odder"].up and nodes["odder"].version is None  # it answered 200
+    assert await generate_status(proxy.url) == 200
+    assert len(generations(sim)) == 1  # llama3.2 only on the simulated node
+    async with aiohttp.ClientSession() as session:  # the fleet's version: the nodes that say
+        async with session.get(proxy.url + "/api/version") as resp:
+            assert (resp.status, await resp.json()) == (200, {"version": "0.12.6"})
+    await odd.asked_again("/api/ps", times=3)  # more rounds, no more warnings
+    warned = [r.getMessage() for r in caplog.records if r.name == "ollama_proxy.discovery"]
+    assert len(warned) == len(set(warned)) == 4, warned  # once per node and shape
+    assert not [r for r in caplog.records if r.exc_info]  # nothing unexpected
 
 
 async def test_loops_go_on_after_a_node_answered_malformed_ones(
