@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +17,8 @@ from .forward import Forwarder
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
-from .reload import watch_file
+from .reload import FileWatch
+from .supervision import Tasks, every
 
 log = logging.getLogger("ollama_proxy")
 
@@ -36,7 +35,8 @@ class Runtime:
         self.metrics = Metrics(self.pool)
         self.shutting_down = False
         self._session = _upstream_session()
-        self.discovery = Discovery(self.pool, self._session, config)
+        self.tasks = Tasks()  # everything running in the background, ended by aclose
+        self.discovery = Discovery(self.pool, self._session, config, self.tasks)
         self.fleet = Fleet(self.pool, self._session, self.discovery, config)
         self.health = Health(self.pool, self._session, config.health_check, self.discovery)
         self.forwarder = Forwarder(
@@ -71,12 +71,27 @@ class Runtime:
         self.discovery.configure(config)
         self.fleet.configure(config)
         self.forwarder.configure(config)
-        for node in added:  # they join once they pass a check: check them now
-            asyncio.get_running_loop().create_task(self.health.check(node))
+        if added:  # they join once they pass a check: check them now
+            self.tasks.spawn(self.health.check_nodes(added), name="checks of added nodes")
+
+    def start_loops(self) -> None:
+        self.tasks.spawn(self.health.run(), name="health-checks")
+        self.tasks.spawn(self.discovery.run(), name="discovery")
+        if self.config_path is not None and self.config.reload.watch:
+            self.tasks.spawn(self._watch_config(self.config_path), name="reload")
+
+    async def _watch_config(self, path: Path) -> None:
+        watch = FileWatch(path)
+
+        async def look() -> None:
+            if watch.changed():
+                self.reload()
+
+        await every(lambda: self.config.reload.poll_interval, look, "config file watch")
 
     async def aclose(self) -> None:
+        await self.tasks.aclose()  # first: checks and refreshes use the session
         self.forwarder.upstreams.close()
-        await self.discovery.aclose()
         await self._session.close()
 
 
@@ -101,24 +116,9 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     await runtime.health.check_all()  # know who is up, and what they hold, before serving
     await runtime.discovery.refresh_all()
-    tasks = [
-        asyncio.create_task(runtime.health.run(), name="health-checks"),
-        asyncio.create_task(runtime.discovery.run(), name="discovery"),
-    ]
-    if runtime.config_path is not None and runtime.config.reload.watch:
-        watcher = watch_file(runtime.config_path, lambda: runtime.config.reload.poll_interval)
-        tasks.append(asyncio.create_task(_reload_on_change(runtime, watcher), name="reload"))
+    runtime.start_loops()
     yield
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     await runtime.aclose()
-
-
-async def _reload_on_change(runtime: Runtime, changes: AsyncIterator[None]) -> None:
-    async for _ in changes:
-        runtime.reload()
 
 
 def _upstream_session() -> aiohttp.ClientSession:

@@ -46,7 +46,7 @@ class HealthCheckConfig:
     interval: float
     timeout: float
     rise: int  # consecutive passes that bring a down node back
-    fall: int  # consecutive failures that take an up node out
+    fall: int  # consecutive failed checks that take an up node out, or failed requests (apart)
     # A node taken out by failing requests (while its checks may still pass) stays out this
     # long, doubling at each repeat up to max_ejection_time, so it cannot flap in and out.
     ejection_time: float
@@ -200,7 +200,7 @@ def _node(r: _Reader, value: object, path: str) -> NodeConfig:
     raw = r.mapping(value, path)
     r.no_unknown_keys(raw, path, {"url", "name", "max_concurrency", "weight", "model_concurrency"})
     url = _node_url(r, raw.get("url"), f"{path}.url")
-    default_name = urlsplit(url).netloc or url
+    default_name = _netloc(url) or url
     name = r.string(raw.get("name", default_name), f"{path}.name")
     if not name:
         r.error(f"{path}.name", "must not be empty")
@@ -240,7 +240,11 @@ def _node_url(r: _Reader, value: object, path: str) -> str:
         r.error(path, "is required")
         return ""
     url = r.string(value, path).rstrip("/")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket
+        r.error(path, "is not a valid URL")
+        return url
     if parts.scheme not in ("http", "https"):
         r.error(path, "must start with http:// or https://")
     elif not parts.hostname:
@@ -253,6 +257,13 @@ def _node_url(r: _Reader, value: object, path: str) -> str:
         except ValueError:
             r.error(path, "has an invalid port")
     return url
+
+
+def _netloc(url: str) -> str:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:  # reported by _node_url
+        return ""
 
 
 def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:

@@ -5,17 +5,19 @@ on a timer, after the node recovers, and after the proxy itself changed what it 
 a create, a copy, a delete, or a cold load that may have pushed another model out). Between
 two readings the proxy's own traffic keeps the picture current: a node that just answered for
 a model holds it in memory.
+
+A listing is taken for what is well formed in it: an entry without a model name is skipped, an
+unreadable ``expires_at`` means the default keep-alive, and an answer that is no listing at all
+leaves what the proxy knew of the node as it was. Each such shape is logged once per node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +26,7 @@ import aiohttp
 from .config import Config
 from .models import normalize_model
 from .pool import Node, Pool
+from .supervision import Once, Tasks, every, for_each
 
 log = logging.getLogger("ollama_proxy.discovery")
 
@@ -32,11 +35,14 @@ MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well
 
 
 class Discovery:
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, config: Config) -> None:
+    def __init__(
+        self, pool: Pool, session: aiohttp.ClientSession, config: Config, tasks: Tasks
+    ) -> None:
         self.pool = pool
         self.session = session
+        self.tasks = tasks
         self._refreshing: set[Node] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._reported = Once()  # failures and malformed shapes, each logged once per node
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -44,40 +50,69 @@ class Discovery:
         self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
 
     async def run(self) -> None:
-        """Refresh every node's inventory each interval, forever (cancelled on shutdown)."""
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.refresh_all()
+        """Refresh every node's inventory each interval, until cancelled at shutdown."""
+        await every(lambda: self.interval, self.refresh_all, "discovery")
 
     async def refresh_all(self) -> None:
-        await asyncio.gather(*(self.refresh(n) for n in self.pool.nodes.values() if n.up))
+        up = [n for n in self.pool.nodes.values() if n.up]
+        await for_each(up, self.refresh, "discovery", self._reported)
 
     async def refresh(self, node: Node) -> None:
         tags, ps = await asyncio.gather(
             self.get_json(node, "/api/tags"), self.get_json(node, "/api/ps")
         )
-        if tags is not None:
-            node.models = {normalize_model(m) for m in model_names(tags)}
-        if ps is not None:
-            node.resident = {
-                normalize_model(name): _expiry(entry.get("expires_at"))
-                for entry in entries(ps, "models")
-                if (name := entry.get("model") or entry.get("name"))
-            }
+        self.learn_models(node, tags)
+        self.learn_resident(node, ps)
+
+    def learn_models(self, node: Node, tags: Any) -> None:
+        """Take what the node's ``/api/tags`` answer says is on its disk."""
+        listed = self._listing(node, "/api/tags", tags)
+        if listed is not None:
+            node.models = {normalize_model(name) for name, _ in listed}
+
+    def learn_resident(self, node: Node, ps: Any) -> None:
+        """Take what the node's ``/api/ps`` answer says is in its memory, and until when."""
+        listed = self._listing(node, "/api/ps", ps)
+        if listed is not None:
+            node.resident = {normalize_model(n): self._expiry(node, e) for n, e in listed}
+
+    def _listing(
+        self, node: Node, path: str, answer: Any
+    ) -> list[tuple[str, dict[str, Any]]] | None:
+        """(name, entry) of each well-formed entry; None when there is no listing to learn."""
+        if answer is None:
+            return None  # no answer: keep what was known
+        items = answer.get("models") if isinstance(answer, dict) else None
+        if not isinstance(items, list):
+            self._malformed(node, path, "is not a model listing")
+            return None
+        listed = [(name, entry) for entry in items if (name := _name_of(entry))]
+        if len(listed) < len(items):
+            self._malformed(node, path, "has entries without a model name")
+        return listed
+
+    def _expiry(self, node: Node, entry: dict[str, Any]) -> float:
+        expires = _timestamp(entry.get("expires_at"))
+        if expires is None:
+            self._malformed(node, "/api/ps", "has an expires_at that is not a time")
+            return time.time() + DEFAULT_KEEP_ALIVE
+        return expires
+
+    def _malformed(self, node: Node, path: str, shape: str) -> None:
+        if self._reported.first(node.name, path, shape):
+            log.warning("node %s: its %s %s; that part is ignored", node.name, path, shape)
 
     def refresh_soon(self, node: Node) -> None:
         """Refresh one node in the background (at most one refresh per node at a time)."""
-        if node in self._refreshing:
-            return
-        self._refreshing.add(node)
+        if node not in self._refreshing:
+            self._refreshing.add(node)
+            self.tasks.spawn(self._refresh_alone(node), name=f"refresh {node.name}")
 
-        async def refresh() -> None:
-            try:
-                await self.refresh(node)
-            finally:
-                self._refreshing.discard(node)
-
-        self._spawn(refresh())
+    async def _refresh_alone(self, node: Node) -> None:
+        try:
+            await for_each([node], self.refresh, "discovery", self._reported)
+        finally:
+            self._refreshing.discard(node)
 
     def served(self, node: Node, model: str) -> None:
         """The node just answered for ``model``: it has it, and holds it in memory."""
@@ -85,23 +120,14 @@ class Discovery:
             node.models.add(model)
         node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
     async def get_json(self, node: Node, path: str) -> Any:
         """A node's JSON answer to a GET, or None when it has none to give."""
         try:
             async with self.session.get(node.url + path, timeout=self.timeout) as resp:
                 body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
                 return json.loads(body) if body is not None else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        # RecursionError: JSON nested deeper than Python's parser goes is no listing either.
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             log.debug("%s %s failed: %s", node.name, path, exc)
             return None
 
@@ -127,17 +153,22 @@ def entries(answer: Any, key: str) -> list[dict[str, Any]]:
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
-def model_names(answer: Any) -> list[str]:
-    names = (e.get("model") or e.get("name") for e in entries(answer, "models"))
-    return [n for n in names if isinstance(n, str)]
+def _name_of(entry: object) -> str | None:
+    """An entry's model name: Ollama sends both "model" and "name"; the first string wins."""
+    if not isinstance(entry, dict):
+        return None
+    names = (entry.get(key) for key in ("model", "name"))
+    return next((n for n in names if isinstance(n, str) and n.strip()), None)
 
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
-def _expiry(value: object) -> float:
-    """Ollama's expires_at (RFC 3339, nanoseconds) as a wall-clock timestamp."""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
-    return time.time() + DEFAULT_KEEP_ALIVE
+def _timestamp(value: object) -> float | None:
+    """Ollama's expires_at (RFC 3339, nanoseconds) as a wall-clock timestamp; None if none."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
+    except (ValueError, OverflowError, OSError):  # not a time, or none the platform can hold
+        return None

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .bodies import model_of, read_bounded, required_json_object
 from .config import Config
-from .discovery import Discovery, entries, model_names
+from .discovery import Discovery, entries
 from .errors import ProxyError, error_body, error_response
 from .models import normalize_model
 from .pool import Node, Pool
@@ -130,7 +130,7 @@ class Fleet:
     async def tags(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/tags")
         for node, answer in answers:
-            node.models = {normalize_model(m) for m in model_names(answer)}
+            self.discovery.learn_models(node, answer)
         models = _union((entries(a, "models") for _, a in answers), "model", "name")
         return json_response({"models": models})
 
@@ -146,7 +146,7 @@ class Fleet:
 
     async def version(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/version")
-        versions = [a["version"] for _, a in answers if isinstance(a.get("version"), str)]
+        versions = [v for _, a in answers if isinstance(v := _field(a, "version"), str)]
         if not versions:
             return error_response(502, "no healthy node reported its version")
         return json_response({"version": min(versions, key=_version_key)})
@@ -466,6 +466,11 @@ def _union(lists: Any, *keys: str) -> list[dict[str, Any]]:
 
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0])[:3])
+
+
+def _field(answer: Any, key: str) -> Any:
+    """``answer[key]`` when the answer is a JSON object with that key, else None."""
+    return answer.get(key) if isinstance(answer, dict) else None
 
 
 def _int(value: object) -> int:

@@ -36,8 +36,11 @@ class Node:
     draining: bool = False  # takes no new requests; finishes what it has
     removed: bool = False  # gone from the config; kept until its last request ends
     checked: bool = False  # has had at least one active health check
-    failures_in_row: int = 0  # consecutive failed checks or passive failures
-    passes_in_row: int = 0  # consecutive passed checks
+    # Active and passive evidence are counted apart (as Caddy's hosts do): a passing check says
+    # nothing of the generations failing meanwhile, and a failed request is not a failed check.
+    check_passes_in_row: int = 0
+    check_failures_in_row: int = 0
+    request_failures_in_row: int = 0  # reset by a request served well, and by an ejection
     ejections: int = 0  # times in a row failing requests took it out
     ejected_until: float = 0.0  # monotonic time before which passing checks cannot restore it
     recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=10))

@@ -4,14 +4,12 @@ Editors write a new file and rename it over the old one; Kubernetes swaps a Conf
 ``..data`` symlink. Both replace the file rather than writing into it, so the watcher looks at
 the path each time (stat follows symlinks) instead of holding on to one inode, and reports a
 change only once the file has looked the same twice in a row, so a file caught half-written is
-not loaded.
+not loaded. The looking is timed by the caller (``app.py``, with a supervised loop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 Fingerprint = tuple[int, int, int, int] | None
@@ -25,15 +23,18 @@ def fingerprint(path: Path) -> Fingerprint:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-async def watch_file(path: Path, interval: Callable[[], float]) -> AsyncIterator[None]:
-    """Yield once per settled change of ``path``; ``interval()`` is read at every look."""
-    loaded = fingerprint(path)
-    previous = loaded
-    while True:
-        await asyncio.sleep(interval())
-        current = fingerprint(path)
-        settled = current == previous
-        previous = current
-        if settled and current is not None and current != loaded:
-            loaded = current
-            yield
+class FileWatch:
+    """Tells, at each look, whether ``path`` has settled into a version not yet reported."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reported = self._previous = fingerprint(path)
+
+    def changed(self) -> bool:
+        current = fingerprint(self.path)
+        settled = current == self._previous
+        self._previous = current
+        if settled and current is not None and current != self._reported:
+            self._reported = current
+            return True
+        return False

@@ -47,6 +47,7 @@ def test_shipped_config_is_valid() -> None:
             "nodes[1].url: must start with http:// or https://",
         ),
         ({"nodes": [{"name": "x"}]}, "nodes[0].url: is required"),
+        ({"nodes": [{"url": "http://[::1:11434"}]}, "nodes[0].url: is not a valid URL"),
         (
             {"nodes": [{"url": "http://a:1", "max_concurrency": 0}]},
             "nodes[0].max_concurrency: must be at least 1",

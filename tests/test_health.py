@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
+from proxy.discovery import Discovery
+from proxy.health import Health
+from proxy.pool import Pool
 from proxy.sim import SimNode
+from proxy.supervision import Tasks
 
-from .conftest import Proxy, StartNodes, StartProxy, generations, metric
+from .conftest import Proxy, StartNodes, StartProxy, generations, metric, proxy_config
 
 GENERATE = {"model": "llama3.2", "prompt": "x"}
 
@@ -152,3 +159,62 @@ async def test_node_failing_requests_stays_out_despite_passing_checks(
         assert await node_up(proxy, broken) == 0
         await wait_node_up(proxy, broken, 1)  # back once the ejection time is over
         assert asyncio.get_running_loop().time() - out_at >= 0.55
+
+
+@contextlib.asynccontextmanager
+async def checker(nodes: list[SimNode], **health_check: Any) -> AsyncIterator[Health]:
+    """The proxy's health keeping without its timer: each check and failure is the test's."""
+    config = proxy_config(nodes, health_check=health_check)
+    pool = Pool(config.nodes, config.queue)
+    async with aiohttp.ClientSession() as session:
+        tasks = Tasks()  # the refreshes of nodes that come up
+        yield Health(pool, session, config.health_check, Discovery(pool, session, config, tasks))
+        await tasks.aclose()
+
+
+async def test_failing_requests_eject_a_node_despite_a_passed_check_between_each(
+    start_nodes: StartNodes,
+) -> None:
+    good, broken = await start_nodes(2)
+    async with checker([good, broken], fall=3, ejection_time=30) as health:
+        node = health.pool.nodes[broken.name]
+        out_after = []
+        for attempt in range(1, 201):  # 200 failed generations, a passed check after each
+            health.passive_failure(node, "status_5xx")
+            if not node.up:
+                out_after.append(attempt)
+            await health.check(node)  # its /api/version answers 200 every time
+        assert out_after[0] == 3  # fall=3 failed requests in a row, whatever the checks said
+        assert not node.up and node.ejections == 1  # ejected once, kept out by the hold
+
+
+async def test_failed_requests_and_a_failed_check_are_not_added_up(
+    start_nodes: StartNodes,
+) -> None:
+    sim, other = await start_nodes(2)
+    async with checker([sim, other], fall=3) as health:
+        node = health.pool.nodes[sim.name]
+        await health.check(node)  # the first check decides at once: up
+        health.passive_failure(node, "connect")
+        health.passive_failure(node, "connect")
+        sim.settings.health_fail = True
+        await health.check(node)
+        assert node.up  # two of one kind and one of the other are not three of either
+        await health.check(node)
+        await health.check(node)
+        assert not node.up  # three failed checks in a row are
+        assert node.ejections == 0  # taken down by its checks, not ejected
+
+
+async def test_only_a_request_served_well_ends_a_run_of_request_failures(
+    start_nodes: StartNodes,
+) -> None:
+    sim, other = await start_nodes(2)
+    async with checker([sim, other], fall=2) as health:
+        node = health.pool.nodes[sim.name]
+        health.passive_failure(node, "status_5xx")
+        health.passive_success(node)
+        health.passive_failure(node, "status_5xx")
+        assert node.up  # the success in between ended the first run
+        health.passive_failure(node, "status_5xx")
+        assert not node.up

@@ -117,6 +117,31 @@ async def test_invalid_reload_keeps_the_old_config(
     assert sorted(proxy.pool.nodes) == sorted([a.name, b.name])
 
 
+async def test_the_config_watcher_goes_on_after_a_reload_failed_unexpectedly(
+    three_nodes: list[SimNode],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b, _ = three_nodes
+    path = tmp_path / "config.yaml"
+    write_config(path, [a])
+    proxy = await start_proxy([], config_path=path)
+    reload, failed = proxy.runtime.reload, asyncio.Event()
+
+    def fail_once() -> list[str]:  # a bug of ours, not a rejected file
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug in reloading")
+        return reload()
+
+    monkeypatch.setattr(proxy.runtime, "reload", fail_once)
+    write_config(path, [a, b])
+    await failed.wait()
+    write_config(path, [a, b])  # the next change of the file is still seen
+    await wait_until(lambda: sorted(proxy.pool.nodes) == sorted([a.name, b.name]))
+
+
 async def test_drained_node_finishes_its_streams_and_gets_nothing_new(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
