@@ -12,8 +12,6 @@ from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
 
-CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer ended
-
 
 class AccessLog:
     def __init__(self, config: AccessLogConfig) -> None:
@@ -39,7 +37,7 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "path": ex.path,
         "model": ex.model,
         "node": ex.node.name if ex.node is not None else None,
-        "status": CLIENT_CLOSED if ex.client_gone else ex.status,
+        "status": ex.reported_status,
         "queue_s": round(ex.queue_wait, 4),
         "ttfb_s": round(ex.first_byte - ex.started, 4) if ex.first_byte else None,
         "duration_s": round(now - ex.started, 4),

@@ -7,8 +7,18 @@ raises ``UpstreamError`` with its kind.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from aiohttp import web
+
+# How a node failed to answer (UpstreamError); a 5xx answer is a failure too, for health.
+UpstreamKind = Literal["connect", "reset", "timeout", "broken"]
+FailureKind = UpstreamKind | Literal["status_5xx"]
+# Why the proxy answered 503 without trying a node.
+RejectReason = Literal["no_node", "full", "timeout", "unspecified"]
+# Why a request was sent again: a node failure that nothing was generated for (``may_retry``),
+# or a busy node.
+RetryReason = UpstreamKind | Literal["node_busy"]
 
 
 class ProxyError(Exception):
@@ -38,7 +48,9 @@ class BodyTooLarge(ProxyError):
 class Unavailable(ProxyError):
     """503: no node can take the request now; the client may retry after ``retry_after``."""
 
-    def __init__(self, message: str, *, retry_after: int = 1, reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, retry_after: int = 1, reason: RejectReason = "unspecified"
+    ) -> None:
         super().__init__(503, message, retry_after=retry_after)
         self.reason = reason
 
@@ -46,9 +58,9 @@ class Unavailable(ProxyError):
 class UpstreamError(Exception):
     """A node failed to answer; ``kind`` says how (for metrics, retries and logs)."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: UpstreamKind, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind  # "connect" | "reset" | "timeout" | "broken"
+        self.kind: UpstreamKind = kind
         self.detail = detail
 
     @property

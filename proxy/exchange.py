@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from .pool import Node
 from .telemetry import Usage
 
+CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer ended
+
 
 @dataclass
 class Exchange:
@@ -29,3 +31,8 @@ class Exchange:
     queue_wait: float = 0.0
     first_byte: float | None = None
     usage: Usage | None = None
+
+    @property
+    def reported_status(self) -> int:
+        """The status for metrics and the log: 499 when the client left first."""
+        return CLIENT_CLOSED if self.client_gone else self.status

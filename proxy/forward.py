@@ -42,7 +42,7 @@ from .api import (
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
-from .errors import BadRequest, ProxyError, Unavailable, UpstreamError
+from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
@@ -300,7 +300,7 @@ class Forwarder:
                 raise
             return Upstream(conn, answer, head, node)
 
-    def _node_failed(self, node: Node, kind: str) -> None:
+    def _node_failed(self, node: Node, kind: FailureKind) -> None:
         self.health.passive_failure(node, kind)
         self.metrics.upstream_error(node, kind)
 

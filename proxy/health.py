@@ -23,6 +23,7 @@ import aiohttp
 
 from .config import HealthCheckConfig
 from .discovery import Discovery
+from .errors import FailureKind
 from .pool import Node, Pool
 from .supervision import Once, every, for_each
 
@@ -94,7 +95,7 @@ class Health:
         if node.up and (first or node.check_failures_in_row >= self.config.fall):
             self._set_up(node, False, reason)
 
-    def passive_failure(self, node: Node, kind: str) -> None:
+    def passive_failure(self, node: Node, kind: FailureKind) -> None:
         node.request_failures_in_row += 1
         node.record_error(f"request failed: {kind}")
         fallen = node.request_failures_in_row >= self.config.fall

@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .api import BLOBS_PREFIX, KNOWN_PATHS, OPENAI_MODEL_PREFIX
-from .errors import ProxyError, Unavailable
+from .errors import FailureKind, ProxyError, RetryReason, Unavailable
 from .exchange import Exchange
 from .pool import Node, Pool
 from .telemetry import Usage
@@ -199,7 +199,7 @@ class Metrics:
 
     def request_done(self, ex: Exchange, endpoint: str) -> None:
         node = ex.node.name if ex.node is not None else ""
-        code = "499" if ex.client_gone else str(ex.status or 500)
+        code = str(ex.reported_status or 500)  # 0: no answer was made
         self._requests_for(node, endpoint, code).inc()
         if ex.client_gone:
             self.client_disconnects.inc()
@@ -227,10 +227,10 @@ class Metrics:
         if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
             self.queue_rejected.labels(exc.reason).inc()
 
-    def upstream_error(self, node: Node, kind: str) -> None:
+    def upstream_error(self, node: Node, kind: FailureKind) -> None:
         self.upstream_errors.labels(node.name, kind).inc()
 
-    def retry(self, reason: str) -> None:
+    def retry(self, reason: RetryReason) -> None:
         self.retries.labels(reason).inc()
 
     def queue_wait(self, seconds: float) -> None:

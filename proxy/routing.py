@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Literal
 
 from .pool import Node, Pool, Want
 
 RESIDENT, ON_DISK, UNKNOWN = 0, 1, 2
+Availability = Literal["up", "down", "nowhere"]
 
 
 def want_for(
@@ -49,7 +51,7 @@ def want_for(
     return Want(model, eligible, rank, excluded, recheck_at=spill_at)
 
 
-def availability(pool: Pool, model: str) -> str:
+def availability(pool: Pool, model: str) -> Availability:
     """Where ``model`` can be served: "up", "down" (only on nodes out of service, or on ones
     whose models are not known yet), or "nowhere" (every node listed its models: a real 404).
     """
