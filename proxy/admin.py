@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from .config import Config
 from .errors import error_response
-from .pool import Node
-
-if TYPE_CHECKING:
-    from .app import Runtime
+from .pool import Node, Pool
 
 Handler = Any
 
 
-def add_routes(router: web.UrlDispatcher, runtime: Runtime) -> None:
+class Managed(Protocol):
+    """What the admin paths see of the running proxy (``app.Runtime``), and no more."""
+
+    config: Config
+    pool: Pool
+    shutting_down: bool
+
+    def reload(self) -> list[str]: ...
+
+
+def add_routes(router: web.UrlDispatcher, runtime: Managed) -> None:
     admin = _Admin(runtime)
     router.add_get("/-/healthy", admin.healthy)
     router.add_get("/-/ready", admin.ready)
@@ -29,7 +37,7 @@ def add_routes(router: web.UrlDispatcher, runtime: Runtime) -> None:
 
 
 class _Admin:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Managed) -> None:
         self.runtime = runtime
 
     def guarded(self, handler: Handler) -> Handler:
