@@ -95,6 +95,26 @@ async def test_reload_adds_and_removes_nodes_under_load(
     assert metric(text, "ollama_proxy_config_reloads_total", result="success") == 1
 
 
+async def test_a_removed_nodes_kept_alive_connections_are_closed(
+    three_nodes: list[SimNode], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    a, b, _ = three_nodes
+    path = tmp_path / "config.yaml"
+    write_config(path, [a, b])
+    proxy = await start_proxy([], config_path=path)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):  # least loaded, rotating: both nodes serve
+            async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+                await resp.read()
+    (kept,) = proxy.runtime.forwarder.upstreams.to(a.url).idle
+    assert kept.transport is not None
+    ours = kept.transport.get_extra_info("sockname")[:2]
+    assert ours in a.peers()
+    write_config(path, [b])
+    assert proxy.runtime.reload() == []
+    await wait_until(lambda: ours not in a.peers(), what="the node saw its connection close")
+
+
 async def test_invalid_reload_keeps_the_old_config(
     three_nodes: list[SimNode], start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -107,6 +107,16 @@ class SimNode:
 
     # ---- observation
 
+    def peers(self) -> set[tuple[str, int]]:
+        """The client addresses of the connections open now."""
+        if self._runner is None or self._runner.server is None:
+            return set()
+        return {
+            connection.transport.get_extra_info("peername")[:2]
+            for connection in self._runner.server.connections
+            if connection.transport is not None
+        }
+
     async def wait_for(
         self,
         predicate: Callable[[SimStats], bool],
