@@ -44,9 +44,9 @@ class Answer:
         if not self._head.done():
             self._head.set_result(head)
 
-    def body_received(self, pieces: list[bytes]) -> None:
-        self._pieces += pieces
-        self._buffered += sum(map(len, pieces))
+    def body_received(self, data: bytes) -> None:
+        self._pieces.append(data)
+        self._buffered += len(data)
         if self._buffered > self._high_water and not self._paused:
             self._paused = True
             self._flow.pause_reading()

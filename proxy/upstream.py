@@ -27,7 +27,7 @@ class Sink(Protocol):
 
     def head_received(self, head: Head) -> None: ...
 
-    def body_received(self, pieces: list[bytes]) -> None: ...
+    def body_received(self, data: bytes) -> None: ...
 
     def ended(self) -> None: ...
 
@@ -215,9 +215,10 @@ class Connection(asyncio.Protocol):
     # -- to the sink ------------------------------------------------------------------------
 
     def _hand_over_pieces(self) -> None:
-        if self._pieces and self.sink is not None:
-            self.sink.body_received(self._pieces[:])
-        self._pieces.clear()
+        pieces = self._pieces
+        if pieces and self.sink is not None:
+            self.sink.body_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        pieces.clear()
 
     def _end(self) -> None:
         if self.sink is not None:

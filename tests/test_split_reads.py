@@ -58,9 +58,9 @@ class RecordingSink:
         assert self.head is None, "a second head"
         self.head = head
 
-    def body_received(self, pieces: list[bytes]) -> None:
+    def body_received(self, data: bytes) -> None:
         assert not self.ends, "body after the end"
-        self.body += b"".join(pieces)
+        self.body += data
 
     def ended(self) -> None:
         self.ends += 1

@@ -172,3 +172,35 @@ async def test_a_client_that_stops_reading_pauses_the_node(harness: Harness) -> 
             await asyncio.sleep(0)
     assert bytes(response.body) == piece * 64 and node_transport.reading
     client.close()
+
+
+async def test_a_request_reaches_the_node_within_two_loop_turns(harness: Harness) -> None:
+    """Under load every loop turn relays other streams' chunks, so each turn a new request
+    waits for is time added to its first byte: aiohttp's server takes two (its connection
+    loop wakes up, then the handler's task starts; one on Python 3.12+, whose tasks start
+    eagerly), and the proxy's own path none more while the node's connection is kept alive."""
+    harness.node.reads = [ANSWERS["length"][0]]
+    await harness.exchange([REQUEST])  # the node's connection is now kept alive
+    loop = asyncio.get_running_loop()
+    turns = 0
+    sent_at: list[int] = []
+
+    def tick() -> None:  # runs once per loop turn
+        nonlocal turns
+        turns += 1
+        if not sent_at:
+            loop.call_soon(tick)
+
+    original = harness.node._answer
+
+    def answer(conn: Connection, request: bytes) -> None:
+        sent_at.append(turns)
+        original(conn, request)
+
+    harness.node._answer = answer  # type: ignore[method-assign]
+    loop.call_soon(tick)
+    await asyncio.sleep(0)  # the first tick has run: turns counts from here
+    arrived_at = turns
+    response, _ = await harness.exchange([REQUEST])
+    assert response.complete
+    assert sent_at[0] - arrived_at <= 2, sent_at[0] - arrived_at
