@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .api import BLOBS_PREFIX
 from .bodies import model_of, read_bounded, required_json_object
 from .config import Config
 from .discovery import Discovery, entries
@@ -31,6 +32,9 @@ log = logging.getLogger("ollama_proxy.fleet")
 JSON_TYPE = "application/json; charset=utf-8"
 NDJSON_TYPE = "application/x-ndjson"
 BLOB_PIECE = 1024 * 1024
+# A blob's digest as Ollama accepts it (its GetBlobsPath / manifest.BlobsPath): anything else
+# is its 400 "invalid digest format".
+DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -219,13 +223,15 @@ class Fleet:
 
     async def blob_exists(self, request: web.Request) -> web.StreamResponse:
         """200 only when every healthy node has the blob, so a client uploads it otherwise."""
+        path = _blob_path(request)
         nodes = self._healthy()
-        outcomes = await self._send_all(nodes, "HEAD", request.path, b"")
+        outcomes = await self._send_all(nodes, "HEAD", path, b"")
         every = all(status == 200 for _, status, _ in outcomes)
         return web.Response(status=200 if every else 404)
 
     async def blob_upload(self, request: web.Request) -> web.StreamResponse:
         """Stream one upload to every healthy node at once; the body is never held whole."""
+        path = _blob_path(request)
         nodes = self._healthy()
         queues = [asyncio.Queue[bytes | None](maxsize=4) for _ in nodes]
 
@@ -240,7 +246,7 @@ class Fleet:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         sends = [
-            self._send(n, "POST", request.path, _drain(q), headers=headers)
+            self._send(n, "POST", path, _drain(q), headers=headers)
             for n, q in zip(nodes, queues, strict=True)
         ]
         pumping = asyncio.ensure_future(pump())
@@ -418,6 +424,15 @@ def _summarise(
     if all(s == gone for _, s, _ in outcomes):
         return error_response(404, f"model '{model}' not found")
     return web.Response(status=status_on_success)
+
+
+def _blob_path(request: web.Request) -> str:
+    """The nodes' path for the blob, built from its digest once checked, never from the
+    client's path: decoded, its escapes (``%2F``, ``%3F``) would reach any path on every node."""
+    digest = request.match_info["digest"]
+    if not DIGEST.fullmatch(digest):
+        raise ProxyError(400, "invalid digest format")  # Ollama's words
+    return BLOBS_PREFIX + digest
 
 
 async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
