@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from .api import BLOBS_PREFIX
-from .bodies import model_of, read_bounded, required_json_object
+from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
 from .errors import ProxyError, error_body, error_response
@@ -290,9 +290,8 @@ class Fleet:
     async def _fan_out_progress(
         self, request: web.Request, body: bytes, nodes: list[Node], path: str, what: str
     ) -> _Outcome:
-        payload = required_json_object(body)
-        streaming = payload.get("stream", True) is not False
-        upstream_body = compact({**payload, "stream": True})  # progress to merge, always
+        streaming = required_json_object(body).get("stream", True) is not False
+        upstream_body = _streamed(body)
         merger = _ProgressMerger(nodes)
         lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]] = asyncio.Queue()
         tasks = [
@@ -433,6 +432,13 @@ def _blob_path(request: web.Request) -> str:
     if not DIGEST.fullmatch(digest):
         raise ProxyError(400, "invalid digest format")  # Ollama's words
     return BLOBS_PREFIX + digest
+
+
+def _streamed(body: bytes) -> bytes:
+    """The body asking the nodes for progress lines, whatever the client asked: they are
+    merged, and a node that says nothing until the end would look silent."""
+    kept = {k: v for k, v in whole_object(body).items() if field_named(k) != "stream"}
+    return compact({**kept, "stream": True})
 
 
 async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:

@@ -1,4 +1,5 @@
-"""The proxy and Ollama read every request the same way: blob digests as Ollama validates them.
+"""The proxy and Ollama read every request the same way: blob digests as Ollama validates them,
+and body keys as Go's encoding/json matches them.
 
 Each test asserts on what the nodes saw: what a node runs must be what the proxy routed,
 capped and counted.
@@ -14,9 +15,18 @@ import aiohttp
 import pytest
 import yarl
 
+from proxy.bodies import json_object
+from proxy.errors import BadRequest
 from proxy.sim import SimNode
 
-from .conftest import Proxy, StartNodes, StartProxy, generations
+from .conftest import (
+    Proxy,
+    StartNodes,
+    StartProxy,
+    generations,
+    metric,
+    wait_until,
+)
 
 DIGEST = "sha256:" + "ab" * 32
 WELL_FORMED_BLOB = re.compile(r"/api/blobs/sha256[:-][0-9a-fA-F]{64}")
@@ -91,3 +101,176 @@ async def test_a_blob_digest_ollama_accepts_goes_to_the_nodes_alone(
     decoded = digest.replace("%3A", ":")
     assert seen(nodes) == [("POST", f"/api/blobs/{decoded}"), ("HEAD", f"/api/blobs/{decoded}")] * 2
     assert all(WELL_FORMED_BLOB.fullmatch(path) for _, path in seen(nodes))
+
+
+# --- keys, as Go reads them
+
+
+async def tiny_and_big(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> tuple[Proxy, SimNode, SimNode]:
+    """Two nodes, each with one model loaded: a request's model decides where it goes."""
+    (tiny,) = await start_nodes(1, models=["tiny:latest"], resident=["tiny:latest"])
+    (big,) = await start_nodes(1, models=["big:latest"], resident=["big:latest"])
+    return await start_proxy([tiny, big]), tiny, big
+
+
+@pytest.mark.parametrize("key", ["Model", "MODEL", "mOdEl"])
+async def test_a_key_in_another_case_names_the_field_as_in_go(
+    start_nodes: StartNodes, start_proxy: StartProxy, key: str
+) -> None:
+    proxy, tiny, big = await tiny_and_big(start_nodes, start_proxy)
+    status, answer = await send(
+        proxy, "POST", "/api/generate", json.dumps({key: "big", **GENERATE}).encode()
+    )
+    assert status == 200 and answer is not None and answer["done_reason"] == "stop"
+    assert seen([tiny]) == []
+    assert [r.model for r in generations(big)] == ["big"]  # what the node ran ...
+    text = await proxy.metrics_text()  # ... is what the proxy counted
+    assert (
+        metric(
+            text, "ollama_proxy_tokens_total", node="sim1", model="big:latest", type="completion"
+        )
+        > 0
+    )
+
+
+async def test_keep_alive_0_with_a_prompt_in_another_case_is_a_generation_with_a_slot(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """Ollama generates for this body (``Prompt`` is its prompt); an unload would be sent to
+    every node that has the model, with no slot: a generation on each, uncapped."""
+    nodes = await start_nodes(
+        2, models=["tiny:latest"], resident=["tiny:latest"], token_interval=0.05
+    )
+    proxy = await start_proxy(nodes, caps=[1, 1])
+    body = {"model": "tiny", "keep_alive": 0, "Prompt": "hello there", "stream": True}
+    url = proxy.url + "/api/generate"
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        assert resp.status == 200
+        first = json.loads(await resp.content.readline())
+        assert first["done"] is False  # tokens, not an unload's one answer
+        in_flight = lambda: sum(n.in_flight for n in proxy.pool.nodes.values())  # noqa: E731
+        await wait_until(lambda: in_flight() == 1, what="one slot taken")
+        lines = [json.loads(line) for line in (await resp.read()).splitlines()]
+    assert lines[-1]["done_reason"] != "unload"
+    assert sorted(seen(nodes)) == [("POST", "/api/generate")]  # one node, not all of them
+    assert sum(n.stats.completed for n in nodes) == 1
+
+
+async def test_a_kelvin_sign_key_is_keep_alive_to_go_and_to_the_proxy(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """Go folds by Unicode simple folding: U+212A (Kelvin sign) is a k."""
+    nodes = await start_nodes(2, models=["tiny:latest"], resident=["tiny:latest"])
+    proxy = await start_proxy(nodes)
+    body = json.dumps({"model": "tiny", "\u212aeep_alive": 0}).encode()
+    status, answer = await send(proxy, "POST", "/api/generate", body)
+    assert status == 200 and answer is not None and answer["done_reason"] == "unload"
+    assert seen(nodes) == [("POST", "/api/generate")] * 2  # every node that holds it
+
+
+AMBIGUOUS = [
+    b'{"model": "tiny", "Model": "big", "prompt": "hi"}',
+    b'{"Model": "big", "model": "tiny", "prompt": "hi"}',
+    b'{"model": "tiny", "model": "big", "prompt": "hi"}',
+    b'{"model": "tiny", "\\u006dodel": "big", "prompt": "hi"}',
+    b'{"model": "big", "name": "tiny", "NAME": "big"}',
+    # Go leaves a string as it was on null: a generation to Ollama, an unload to a reader
+    # that lets the last key win
+    b'{"model": "tiny", "keep_alive": 0, "prompt": "hi", "prompt": null}',
+    b'{"model": "tiny", "keep_alive": 0, "KEEP_ALIVE": "5m", "prompt": ""}',
+    b'{"model": "tiny", "keep_alive": 0, "messages": [], "Messages": [{"role": "user"}]}',
+]
+
+
+@pytest.mark.parametrize("body", AMBIGUOUS)
+async def test_a_field_named_by_two_keys_is_400_and_reaches_no_node(
+    start_nodes: StartNodes, start_proxy: StartProxy, body: bytes
+) -> None:
+    proxy, tiny, big = await tiny_and_big(start_nodes, start_proxy)
+    path = "/api/chat" if b"essages" in body else "/api/generate"
+    status, answer = await send(proxy, "POST", path, body)
+    assert status == 400 and answer is not None and set(answer) == {"error"}
+    assert seen([tiny, big]) == []
+
+
+async def test_a_field_named_twice_is_400_on_a_path_the_proxy_does_not_know(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    proxy, tiny, big = await tiny_and_big(start_nodes, start_proxy)
+    body = b'{"model": "tiny", "Model": "big"}'
+    status, _ = await send(proxy, "POST", "/api/experimental/new-inference", body)
+    assert status == 400
+    assert seen([tiny, big]) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        (b'{"Model": "m", "Stream": false, "x": 1}', {"model": "m", "stream": False}),
+        (b'{"\\u006dodel": "m"}', {"model": "m"}),
+        (
+            b'{"\xe2\x84\xaaEEP_ALIVE": 0, "me\xc5\xbf\xc5\xbfages": []}',
+            {"keep_alive": 0, "messages": []},
+        ),
+        # dotless i folds to itself in Go, not to I; a non-breaking hyphen is no underscore
+        (b'{"\xc4\xb1mages": ["x"], "keep-alive": 0, "model ": "m"}', {}),
+        (b'{"options": {"model": "m", "Model": "n"}}', {}),  # only top-level keys count
+        (b"{}", {}),
+    ],
+)
+def test_fields_are_read_as_go_matches_keys(body: bytes, fields: dict[str, Any]) -> None:
+    assert json_object(body, strict=True) == fields
+
+
+@pytest.mark.parametrize("body", [b"[]", b"[1]", b'"model"', b"1", b"null", b" [ ] "])
+def test_a_body_that_is_no_object_is_none_or_400(body: bytes) -> None:
+    assert json_object(body, strict=False) is None
+    with pytest.raises(BadRequest, match="must be a JSON object"):
+        json_object(body, strict=True)
+
+
+# --- the simulated node reads as Go
+
+
+@pytest.mark.parametrize(
+    ("body", "runs"),
+    [
+        ({"Model": "big"}, "big"),
+        ({"model": "tiny", "Model": "big"}, "big"),  # Go assigns in document order: last wins
+        ({"Model": "big", "model": "tiny"}, "tiny"),  # an exact match does not come first
+        ({"MODEL": "tiny", "model": None}, "tiny"),  # null leaves a Go string as it was
+    ],
+)
+async def test_the_simulated_node_reads_the_model_as_go(
+    start_nodes: StartNodes, body: dict[str, Any], runs: str
+) -> None:
+    (node,) = await start_nodes(1, models=["tiny:latest", "big:latest"])
+    pairs = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in body.items())
+    raw = ("{" + pairs + ', "prompt": "hi", "stream": false}').encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(node.url + "/api/generate", data=raw) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["model"] == runs
+    assert generations(node)[-1].model == runs
+
+
+@pytest.mark.parametrize(
+    ("body", "unload"),
+    [
+        (b'{"model": "tiny", "keep_alive": 0}', True),
+        (b'{"model": "tiny", "keep_alive": 0, "Prompt": "hi"}', False),
+        (b'{"model": "tiny", "keep_alive": 0, "prompt": "hi", "prompt": null}', False),
+        (b'{"model": "tiny", "KEEP_ALIVE": 0}', True),
+        (b'{"model": "tiny", "keep_alive": 0, "keep_alive": null}', False),
+    ],
+)
+async def test_the_simulated_node_tells_an_unload_as_go(
+    start_nodes: StartNodes, body: bytes, unload: bool
+) -> None:
+    (node,) = await start_nodes(1, models=["tiny:latest"], resident=["tiny:latest"])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(node.url + "/api/generate", data=body) as resp:
+            lines = [json.loads(line) for line in (await resp.read()).splitlines()]
+    assert (lines[-1]["done_reason"] == "unload") is unload
