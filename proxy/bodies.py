@@ -77,9 +77,14 @@ def json_object(body: bytes, *, strict: bool) -> dict[str, Any] | None:
 def _members(body: bytes) -> list[tuple[str, Any]] | None:
     """The top-level object's members in document order; None for JSON that is no object.
 
-    Bytes are read as Go reads them: UTF-8, an invalid sequence standing for U+FFFD.
+    Bytes are read as Go reads them: UTF-8, an invalid sequence standing for U+FFFD. Nesting
+    too deep to parse is a 400 on every path, never a guess: what the proxy cannot read may
+    still mean something to Ollama (Go's decoder goes 10000 levels deep).
     """
-    value = _PAIRS.decode(body.decode("utf-8", "replace"))
+    try:
+        value = _PAIRS.decode(body.decode("utf-8", "replace"))
+    except RecursionError:
+        raise BadRequest("invalid JSON in request body: exceeded max depth") from None
     if not isinstance(value, list):
         return None
     if value:  # an object's members are tuples; an array's items never are
@@ -135,6 +140,9 @@ def required_json_object(body: bytes) -> dict[str, Any]:
 def whole_object(body: bytes) -> dict[str, Any]:
     """The whole body, nested objects and all, for sending it on changed; only for a body
     ``json_object`` accepted."""
-    value = json.loads(body.decode("utf-8", "replace"))
+    try:
+        value = json.loads(body.decode("utf-8", "replace"))
+    except RecursionError:
+        raise BadRequest("invalid JSON in request body: exceeded max depth") from None
     assert isinstance(value, dict)  # json_object read it as an object
     return value

@@ -457,7 +457,7 @@ async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
 def _json_line(line: bytes) -> dict[str, Any]:
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"error": f"unreadable progress line: {line[:100]!r}"}
     return value if isinstance(value, dict) else {"error": "unexpected progress line"}
 
@@ -465,7 +465,7 @@ def _json_line(line: bytes) -> dict[str, Any]:
 def _error_text(body: str, status: int) -> str:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return f"status {status}: {body.strip()[:200]}"
     if isinstance(value, dict) and isinstance(value.get("error"), str):
         return str(value["error"])

@@ -1,5 +1,5 @@
 """The proxy and Ollama read every request the same way: blob digests as Ollama validates them,
-and body keys as Go's encoding/json matches them.
+body keys as Go's encoding/json matches them, and no body the proxy cannot read at all.
 
 Each test asserts on what the nodes saw: what a node runs must be what the proxy routed,
 capped and counted.
@@ -8,15 +8,19 @@ capped and counted.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 import yarl
 
 from proxy.bodies import json_object
 from proxy.errors import BadRequest
+from proxy.fleet import _error_text, _json_line
 from proxy.sim import SimNode
 
 from .conftest import (
@@ -25,6 +29,7 @@ from .conftest import (
     StartProxy,
     generations,
     metric,
+    proxy_subprocess,
     wait_until,
 )
 
@@ -34,10 +39,11 @@ GENERATE = {"prompt": "why is the sky blue?", "stream": False}
 
 
 async def send(
-    proxy: Proxy, method: str, target: str, body: bytes = b""
+    proxy: Proxy | str, method: str, target: str, body: bytes = b""
 ) -> tuple[int, dict[str, Any] | None]:
     """The status and JSON answer for ``target`` sent exactly as written (escapes kept)."""
-    url = yarl.URL(proxy.url + target, encoded=True)
+    base = proxy if isinstance(proxy, str) else proxy.url
+    url = yarl.URL(base + target, encoded=True)
     async with aiohttp.ClientSession() as session, session.request(method, url, data=body) as r:
         raw = await r.read()
         if not raw or r.content_type != "application/json":
@@ -214,7 +220,7 @@ async def test_a_field_named_twice_is_400_on_a_path_the_proxy_does_not_know(
             b'{"\xe2\x84\xaaEEP_ALIVE": 0, "me\xc5\xbf\xc5\xbfages": []}',
             {"keep_alive": 0, "messages": []},
         ),
-        # dotless i folds to itself in Go, not to I; a non-breaking hyphen is no underscore
+        # the dotless i folds to itself in Go, not to I; a hyphen is no underscore, a space counts
         (b'{"\xc4\xb1mages": ["x"], "keep-alive": 0, "model ": "m"}', {}),
         (b'{"options": {"model": "m", "Model": "n"}}', {}),  # only top-level keys count
         (b"{}", {}),
@@ -274,3 +280,78 @@ async def test_the_simulated_node_tells_an_unload_as_go(
         async with session.post(node.url + "/api/generate", data=body) as resp:
             lines = [json.loads(line) for line in (await resp.read()).splitlines()]
     assert (lines[-1]["done_reason"] == "unload") is unload
+
+
+# --- nesting
+
+DEEP = [
+    b"[" * 100_000,
+    b'{"model": "llama3.2", "options": ' + b'{"a": ' * 100_000,
+    b'{"model": "llama3.2", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+]
+
+
+@pytest.mark.parametrize("body", DEEP)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/generate"),
+        ("POST", "/api/experimental/anything"),
+        ("POST", "/api/pull"),
+        ("POST", "/api/create"),
+        ("POST", "/api/copy"),
+        ("DELETE", "/api/delete"),
+    ],
+)
+async def test_deeply_nested_json_is_400_without_a_traceback(
+    start_nodes: StartNodes,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    method: str,
+    path: str,
+) -> None:
+    nodes = await start_nodes(1)
+    proxy = await start_proxy(nodes, max_body_size=1024 * 1024)
+    caplog.set_level(logging.DEBUG)
+    status, answer = await send(proxy, method, path, body)
+    assert status == 400 and answer is not None and "depth" in answer["error"]
+    assert seen(nodes) == []
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+def test_a_node_answering_deep_json_is_an_error_of_that_node() -> None:
+    """Pull and create merge the nodes' progress lines; delete and copy quote their errors."""
+    assert "unreadable progress line" in _json_line(b"[" * 100_000)["error"]
+    assert _error_text("[" * 100_000, 500).startswith("status 500: [[[")
+
+
+async def test_the_simulated_node_answers_deep_json_with_400(start_nodes: StartNodes) -> None:
+    (node,) = await start_nodes(1)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(node.url + "/api/generate", data=b"[" * 100_000) as resp:
+            assert resp.status == 400
+            assert "depth" in (await resp.json())["error"]
+
+
+# --- the real process
+
+
+async def test_the_real_process_reads_requests_as_ollama(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    (tiny,) = await start_nodes(1, models=["tiny:latest"], resident=["tiny:latest"])
+    (big,) = await start_nodes(1, models=["big:latest"], resident=["big:latest"])
+    config = tmp_path / "config.yaml"
+    nodes = [{"url": n.url, "name": n.name} for n in (tiny, big)]
+    config.write_text(yaml.safe_dump({"nodes": nodes}))
+    async with proxy_subprocess(config) as (url, _):
+        blob = await send(url, "POST", "/api/blobs/..%2F..%2Fapi%2Fgenerate", b'{"model":"big"}')
+        deep = await send(url, "POST", "/api/generate", b"[" * 100_000)
+        ambiguous = await send(url, "POST", "/api/generate", b'{"model":"tiny","Model":"big"}')
+        assert seen([tiny, big]) == []
+        status, _ = await send(url, "POST", "/api/generate", b'{"Model":"big","prompt":"hi"}')
+    assert blob == (400, {"error": "invalid digest format"})
+    assert deep[0] == ambiguous[0] == 400
+    assert status == 200 and seen([tiny, big]) == [("POST", "/api/generate")]
+    assert [r.model for r in generations(big)] == ["big"]

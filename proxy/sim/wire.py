@@ -89,7 +89,7 @@ def parse_json(body: bytes) -> tuple[Any, dict[str, Any] | None]:
     reads from it (``go_reads``)."""
     try:
         return _parse(body) if body else (None, None)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None
 
 
@@ -103,6 +103,8 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         _value, read = _parse(body)
     except ValueError as error:
         raise ApiError(400, f"invalid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: exceeded max depth") from None
     if read is None:
         raise ApiError(400, "invalid request body: expected a JSON object")
     return read
