@@ -19,7 +19,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .bodies import model_of, read_bounded, required_json_object
+from .api import BLOBS_PREFIX
+from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
 from .errors import ProxyError, error_body, error_response
@@ -31,6 +32,9 @@ log = logging.getLogger("ollama_proxy.fleet")
 JSON_TYPE = "application/json; charset=utf-8"
 NDJSON_TYPE = "application/x-ndjson"
 BLOB_PIECE = 1024 * 1024
+# A blob's digest as Ollama accepts it (its GetBlobsPath / manifest.BlobsPath): anything else
+# is its 400 "invalid digest format".
+DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -219,13 +223,15 @@ class Fleet:
 
     async def blob_exists(self, request: web.Request) -> web.StreamResponse:
         """200 only when every healthy node has the blob, so a client uploads it otherwise."""
+        path = _blob_path(request)
         nodes = self._healthy()
-        outcomes = await self._send_all(nodes, "HEAD", request.path, b"")
+        outcomes = await self._send_all(nodes, "HEAD", path, b"")
         every = all(status == 200 for _, status, _ in outcomes)
         return web.Response(status=200 if every else 404)
 
     async def blob_upload(self, request: web.Request) -> web.StreamResponse:
         """Stream one upload to every healthy node at once; the body is never held whole."""
+        path = _blob_path(request)
         nodes = self._healthy()
         queues = [asyncio.Queue[bytes | None](maxsize=4) for _ in nodes]
 
@@ -240,7 +246,7 @@ class Fleet:
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
         sends = [
-            self._send(n, "POST", request.path, _drain(q), headers=headers)
+            self._send(n, "POST", path, _drain(q), headers=headers)
             for n, q in zip(nodes, queues, strict=True)
         ]
         pumping = asyncio.ensure_future(pump())
@@ -284,9 +290,8 @@ class Fleet:
     async def _fan_out_progress(
         self, request: web.Request, body: bytes, nodes: list[Node], path: str, what: str
     ) -> _Outcome:
-        payload = required_json_object(body)
-        streaming = payload.get("stream", True) is not False
-        upstream_body = compact({**payload, "stream": True})  # progress to merge, always
+        streaming = required_json_object(body).get("stream", True) is not False
+        upstream_body = _streamed(body)
         merger = _ProgressMerger(nodes)
         lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]] = asyncio.Queue()
         tasks = [
@@ -420,6 +425,22 @@ def _summarise(
     return web.Response(status=status_on_success)
 
 
+def _blob_path(request: web.Request) -> str:
+    """The nodes' path for the blob, built from its digest once checked, never from the
+    client's path: decoded, its escapes (``%2F``, ``%3F``) would reach any path on every node."""
+    digest = request.match_info["digest"]
+    if not DIGEST.fullmatch(digest):
+        raise ProxyError(400, "invalid digest format")  # Ollama's words
+    return BLOBS_PREFIX + digest
+
+
+def _streamed(body: bytes) -> bytes:
+    """The body asking the nodes for progress lines, whatever the client asked: they are
+    merged, and a node that says nothing until the end would look silent."""
+    kept = {k: v for k, v in whole_object(body).items() if field_named(k) != "stream"}
+    return compact({**kept, "stream": True})
+
+
 async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
     while (piece := await queue.get()) is not None:
         yield piece
@@ -436,7 +457,7 @@ async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
 def _json_line(line: bytes) -> dict[str, Any]:
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"error": f"unreadable progress line: {line[:100]!r}"}
     return value if isinstance(value, dict) else {"error": "unexpected progress line"}
 
@@ -444,7 +465,7 @@ def _json_line(line: bytes) -> dict[str, Any]:
 def _error_text(body: str, status: int) -> str:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return f"status {status}: {body.strip()[:200]}"
     if isinstance(value, dict) and isinstance(value.get("error"), str):
         return str(value["error"])

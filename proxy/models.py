@@ -15,7 +15,10 @@ def normalize_model(name: str) -> str:
 
 
 def is_unload_request(path: str, body: dict[str, Any]) -> bool:
-    """Ollama's unload request: ``keep_alive`` 0 and nothing to generate (``ollama stop``)."""
+    """Ollama's unload request: ``keep_alive`` 0 and nothing to generate (``ollama stop``).
+
+    ``body`` holds its fields as Ollama reads them, under their own names (``Prompt`` is the
+    prompt): ``bodies.json_object`` for the proxy, the simulator's own reading for it."""
     if path not in UNLOAD_PATHS or body.get("keep_alive") not in UNLOAD:
         return False
     if path == "/api/chat":

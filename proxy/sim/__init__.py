@@ -15,10 +15,11 @@ Run nodes as a separate process with ``python -m proxy.sim --port 11501 --port 1
 
 The package plays Ollama; of the proxy it shares only ``proxy.models``, Ollama's own rules for
 model names and unload requests (one definition of them). Its modules, in import order:
-settings (what a node is told and reports), wire (JSON, errors, request bodies), catalog (the
-models' made-up data and listings), plans (what a request asks for), formats (how each endpoint
-frames a generation), slots (parallel slots and the queue), faults, memory (models on disk and
-in memory), generation (the work and its endpoints), server (SimNode) and __main__.
+settings (what a node is told and reports), wire (JSON, errors, request bodies as Ollama's Go
+decoder reads them), catalog (the models' made-up data and listings), plans (what a request
+asks for), formats (how each endpoint frames a generation), slots (parallel slots and the
+queue), faults, memory (models on disk and in memory), generation (the work and its
+endpoints), server (SimNode) and __main__.
 """
 
 from __future__ import annotations

@@ -213,10 +213,10 @@ class SimNode:
         body = await request.read()
         if not self.settings.record_requests:
             return
-        payload = parse_json(body)
+        payload, read = parse_json(body)
         model = None
-        if isinstance(payload, dict):
-            named = payload.get("model", payload.get("name"))
+        if read is not None:
+            named = read.get("model", read.get("name"))
             model = named if isinstance(named, str) else None
         headers = dict(request.headers)
         entry = SimRequest(request.method, request.path, headers, body, payload, model)

@@ -50,7 +50,7 @@ class SimRequest:
     headers: dict[str, str]
     body: bytes
     json: Any  # the parsed body, None when it is not JSON
-    model: str | None  # the body's "model" (or legacy "name") when it has one
+    model: str | None  # the body's "model" (or legacy "name") as Ollama reads it, if any
 
 
 @dataclass

@@ -63,26 +63,84 @@ def error_body(path: str, status: int, message: str) -> dict[str, Any]:
     return {"error": message}
 
 
-def parse_json(body: bytes) -> Any:
-    """The parsed body, or None when it is empty or not JSON."""
+# What Ollama's request structs read as Go's encoding/json reads them, for the fields a proxy
+# acts on: a key names a field exactly or else ignoring case (Unicode simple folding, where the
+# Kelvin sign is a k and the long s an s), keys are assigned in document order so the last one
+# wins, and a null leaves a string field as it was. Other keys are read as they are spelled.
+GO_FIELDS = frozenset(
+    {
+        "model",
+        "name",
+        "keep_alive",
+        "prompt",
+        "messages",
+        "images",
+        "stream",
+        "source",
+        "destination",
+    }
+)
+GO_STRINGS = frozenset({"model", "name", "prompt", "source", "destination"})
+_FOLDS_ONTO_ASCII = str.maketrans({"\u212a": "k", "\u017f": "s"})
+
+
+def parse_json(body: bytes) -> tuple[Any, dict[str, Any] | None]:
+    """The parsed body (None when it is empty or not JSON) and, for an object, what Ollama
+    reads from it (``go_reads``)."""
     try:
-        return json.loads(body) if body else None
-    except ValueError:
-        return None
+        return _parse(body) if body else (None, None)
+    except (ValueError, RecursionError):
+        return None, None
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 with Ollama's reasons."""
+    """The request body as Ollama reads a JSON object (``go_reads``), or a 400 with its
+    reasons."""
     body = await request.read()  # cached: the recording middleware read it first
     if not body:
         raise ApiError(400, "missing request body")
     try:
-        value = json.loads(body)
+        _value, read = _parse(body)
     except ValueError as error:
         raise ApiError(400, f"invalid JSON: {error}") from None
-    if not isinstance(value, dict):
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: exceeded max depth") from None
+    if read is None:
         raise ApiError(400, "invalid request body: expected a JSON object")
-    return value
+    return read
+
+
+def _parse(body: bytes) -> tuple[Any, dict[str, Any] | None]:
+    """The value, and ``go_reads`` of its top-level object's members (the last object the
+    decoder finishes) when it is one."""
+    last: list[list[tuple[str, Any]]] = [[]]
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        last[0] = pairs
+        return dict(pairs)
+
+    value = json.loads(body.decode("utf-8", "replace"), object_pairs_hook=keep)
+    return value, go_reads(last[0]) if isinstance(value, dict) else None
+
+
+def go_reads(members: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members as Ollama's Go structs take them (see GO_FIELDS)."""
+    read: dict[str, Any] = {}
+    for key, value in members:
+        field = _go_field(key)
+        if field is None:
+            read[key] = value
+        elif value is not None or field not in GO_STRINGS:
+            read[field] = value
+    return read
+
+
+def _go_field(key: str) -> str | None:
+    if key in GO_FIELDS:
+        return key
+    folded = key.translate(_FOLDS_ONTO_ASCII)
+    folded = folded.lower() if folded.isascii() else ""
+    return folded if folded in GO_FIELDS else None
 
 
 def model_field(body: dict[str, Any], *keys: str) -> str:
