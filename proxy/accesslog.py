@@ -1,4 +1,9 @@
-"""One access log line per request, written when it ends (never per chunk)."""
+"""One access log line per request, written when it ends (never per chunk).
+
+Every field a client can shape (its request id, the path, the model, even the method) is cut
+to ``errors.SHOWN_MAX`` characters and written with its control characters escaped, so that no
+request can write a second line, rewrite a terminal, or fill the disk with one field.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,13 @@ import time
 from typing import Any
 
 from .config import AccessLogConfig
+from .errors import shown
 from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
+
+# JSON's short escapes; every other character that is not printable becomes \\uXXXX.
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class AccessLog:
@@ -21,9 +30,10 @@ class AccessLog:
     def record(self, ex: Exchange) -> None:
         if not self.enabled or not log.isEnabledFor(logging.INFO):
             return
-        fields = access_fields(ex)
+        fields = {key: _capped(value) for key, value in access_fields(ex).items()}
         if self.format == "json":
-            log.info(json.dumps(fields, separators=(",", ":")))
+            # ensure_ascii escapes every control character but DEL, the one ASCII left.
+            log.info(json.dumps(fields, separators=(",", ":")).replace("\x7f", "\\u007f"))
         else:
             log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
 
@@ -47,8 +57,25 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
     }
 
 
+def _capped(value: object) -> object:
+    return shown(value) if isinstance(value, str) else value
+
+
 def _text(value: object) -> str:
+    """A ``key=value`` value: as it is when that is unambiguous, else a JSON-style string."""
     if value is None:
         return "-"
     text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+    if text and text.isprintable() and not any(c in text for c in ' "\\'):
+        return text
+    return '"' + "".join(_escaped(c) for c in text) + '"'
+
+
+def _escaped(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if char.isprintable():
+        return char
+    if ord(char) > 0xFFFF:
+        return json.dumps(char)[1:-1]  # a surrogate pair, as JSON spells it
+    return f"\\u{ord(char):04x}"

@@ -22,7 +22,7 @@ from aiohttp import web
 from .bodies import model_of, read_bounded, required_json_object
 from .config import Config
 from .discovery import Discovery, entries
-from .errors import ProxyError, error_body, error_response
+from .errors import ProxyError, error_body, error_response, shown
 from .models import normalize_model
 from .pool import Node, Pool
 
@@ -183,7 +183,7 @@ class Fleet:
         body, model = await _model_body(request, self.max_body_size)
         holders = [n for n in self._healthy() if n.has_model(model)]
         if not holders:
-            return error_response(404, f"model '{model}' not found")
+            return error_response(404, f"model '{shown(model)}' not found")
         outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
         for node, status, _ in outcomes:
             if status in (200, 404) and node.models is not None:
@@ -200,7 +200,7 @@ class Fleet:
             raise ProxyError(400, "source and destination are required")
         holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
         if not holders:
-            return error_response(404, f"model '{source}' not found")
+            return error_response(404, f"model '{shown(source)}' not found")
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
         for node, status, _ in outcomes:
             if status == 200 and node.models is not None:
@@ -416,7 +416,7 @@ def _summarise(
             500, f"{what} failed on {len(failed)} of {len(outcomes)} nodes: {reasons}"
         )
     if all(s == gone for _, s, _ in outcomes):
-        return error_response(404, f"model '{model}' not found")
+        return error_response(404, f"model '{shown(model)}' not found")
     return web.Response(status=status_on_success)
 
 

@@ -42,7 +42,7 @@ from .api import (
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
-from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError
+from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError, shown
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
@@ -267,6 +267,7 @@ class Forwarder:
     def _check_model_available(self, model_key: str, named: str) -> None:
         """404 when no node has the model, 503 when only nodes that are down may have it."""
         where = availability(self.pool, model_key)
+        named = shown(named)  # the client's own name, however long, quoted in short
         if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
         if where == "nowhere":
