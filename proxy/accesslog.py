@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 from .config import AccessLogConfig
 from .errors import shown
 from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
+
+# aiohttp's words for what was wrong with a request end where it quotes the request's bytes:
+# at a colon, or at a quoted string other than a header's name ("Missing 'Host' header").
+_REASON_WORDS = re.compile(r"""(?:[^:\n'"]|'[\w-]{1,40}')*""")
+REASON_MAX = 100
 
 # JSON's short escapes; every other character that is not printable becomes \\uXXXX.
 _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -36,6 +44,40 @@ class AccessLog:
             log.info(json.dumps(fields, separators=(",", ":")).replace("\x7f", "\\u007f"))
         else:
             log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's record of a request it could not parse, made one line of the proxy's.
+
+    aiohttp's server (``RequestHandler.handle_error``, on the ``aiohttp.server`` logger)
+    logs each such request at ERROR with a traceback and the offending line quoted, which
+    may be a header line with its token. The record keeps its logger and becomes
+    ``malformed request from ADDRESS answered 400: REASON`` at INFO (the client's fault, not
+    the proxy's), without the traceback or any byte of the request.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "malformed request from %s answered %d: %s"
+            record.args = (remote, exc.code or 400, malformed_reason(exc))
+            record.exc_info = record.exc_text = record.stack_info = None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def malformed_reason(exc: HttpProcessingError) -> str:
+    """What aiohttp found wrong with a request, in its words, without the request's bytes."""
+    if isinstance(exc, InvalidURLError):
+        return "invalid URL"  # its message is the whole target
+    match = _REASON_WORDS.match(exc.message)
+    words = (match[0] if match else "").strip() or type(exc).__name__
+    return "".join(_escaped(c) for c in shown(words, REASON_MAX))
+
+
+MALFORMED_REQUESTS = MalformedRequests()  # one instance: adding it again changes nothing
 
 
 def access_fields(ex: Exchange) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from . import admin
+from .accesslog import MALFORMED_REQUESTS
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .fleet import Fleet
@@ -102,6 +103,7 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
     # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
     app = web.Application(client_max_size=2**62)
+    logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
     app.router.add_get("/", _root)  # also answers HEAD

@@ -3,14 +3,20 @@ every field a client shapes cut short; malformed requests as one line, without t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
-from .conftest import StartNodes, StartProxy
+from .conftest import StartNodes, StartProxy, free_port, proxy_config_data, wait_until
 
 FORGED_MODEL = "llama9\nid=forged\rstatus=200\x1b[2J\x7f"  # no space: not quoted before
 HUGE = 8 * 1024 * 1024  # 8 MiB: far past any real model name or path
@@ -92,3 +98,72 @@ async def test_a_long_admin_path_is_not_echoed_whole(
         async with session.get(proxy.url + "/-/" + "c" * 8000) as resp:
             assert resp.status == 404
             assert len(await resp.read()) < 1000
+
+
+# Each is a request aiohttp's parser refuses; each quotes a token-like secret.
+MALFORMED = [
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr3t\x01tok\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization Bearer s3cr3t\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Key: s3cr3t" + b"k" * 9000 + b"\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: s3cr3t\x00\r\n\r\n",
+]
+
+
+@contextlib.asynccontextmanager
+async def proxy_logging(config: Path) -> AsyncIterator[tuple[int, list[str]]]:
+    """``python -m proxy`` on a free port; yields (port, the lines of its log so far)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "--config", str(config)),
+        *("--listen", f"127.0.0.1:{port}"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+
+    async def collect(stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            lines.append(line.decode(errors="replace"))
+
+    collecting = asyncio.create_task(collect(process.stderr))
+    try:
+        await wait_until(lambda: any("listening on" in line for line in lines), 20)
+        yield port, lines
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+        await collecting
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()  # aiohttp closes after a 400 for what it could not parse
+    writer.close()
+    return answer
+
+
+async def test_a_malformed_request_is_one_line_without_its_bytes(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    (node,) = await start_nodes(1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(proxy_config_data([node])))
+    async with proxy_logging(config) as (port, lines):
+        start = len(lines)
+        for request in MALFORMED:
+            assert (await raw_exchange(port, request)).startswith(b"HTTP/1.0 400 ")
+        # A good request after them: once its line is in, theirs are too.
+        good = b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert (await raw_exchange(port, good)).startswith(b"HTTP/1.1 200 ")
+        await wait_until(lambda: any("ollama_proxy.access" in line for line in lines[start:]))
+        logged = lines[start:]
+    assert not any("s3cr3t" in line or "Traceback" in line for line in logged), logged
+    malformed = [line for line in logged if "aiohttp.server" in line]
+    assert len(malformed) == len(MALFORMED) and all(line.count("\n") == 1 for line in malformed)
+    assert all(
+        " INFO aiohttp.server: malformed request from 127.0.0.1 answered 400: " in line
+        for line in malformed
+    )
+    assert "Invalid header value char" in malformed[0]
+    assert len(logged) == len(MALFORMED) + 1  # and the good request's access line
