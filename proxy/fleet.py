@@ -272,7 +272,7 @@ class Fleet:
                 method,
                 node.url + path,
                 data=data or None,
-                headers=headers,
+                headers={**(headers or {}), **node.config.headers},
                 timeout=self.transfer_timeout,
             ) as resp:
                 return node, resp.status, await resp.read()
@@ -322,7 +322,10 @@ class Fleet:
         """Feed one node's progress lines to the merger; ``None`` marks its end."""
         try:
             async with self.session.post(
-                node.url + path, data=body, timeout=self.transfer_timeout
+                node.url + path,
+                data=body,
+                headers=node.config.headers,
+                timeout=self.transfer_timeout,
             ) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")

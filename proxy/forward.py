@@ -46,7 +46,14 @@ from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamEr
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
-from .http1 import RESET_REQUEST_HEADERS, Head, end_to_end, request_bytes, response_headers
+from .http1 import (
+    RESET_REQUEST_HEADERS,
+    Head,
+    RawHeaders,
+    end_to_end,
+    request_bytes,
+    response_headers,
+)
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
@@ -282,7 +289,7 @@ class Forwarder:
             # of an absolute-form request names the proxy, not where the node should look).
             request.rel_url.raw_path_qs,
             connections.host_header,
-            end_to_end(request.raw_headers, RESET_REQUEST_HEADERS),
+            _with_node_headers(end_to_end(request.raw_headers, RESET_REQUEST_HEADERS), node),
             ex.body,
         )
         while True:
@@ -371,6 +378,17 @@ _request_numbers = itertools.count(1)
 def _new_request_id() -> str:
     """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+
+
+def _with_node_headers(headers: RawHeaders, node: Node) -> RawHeaders:
+    """The client's headers, with the node's own (its credentials) in place of any of the
+    same name: a client cannot choose what the node is told."""
+    own = node.config.headers
+    if not own:
+        return headers
+    names = {name.lower().encode() for name in own}
+    kept = [(k, v) for k, v in headers if k.lower() not in names]
+    return [*kept, *((k.encode(), v.encode()) for k, v in own.items())]
 
 
 def _client_left(request: web.Request) -> bool:
