@@ -1,16 +1,33 @@
-"""One access log line per request, written when it ends (never per chunk)."""
+"""One access log line per request, written when it ends (never per chunk).
+
+Every field a client can shape (its request id, the path, the model, even the method) is cut
+to ``errors.SHOWN_MAX`` characters and written with its control characters escaped, so that no
+request can write a second line, rewrite a terminal, or fill the disk with one field.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
+
 from .config import AccessLogConfig
+from .errors import shown
 from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
+
+# aiohttp's words for what was wrong with a request end where it quotes the request's bytes:
+# at a colon, or at a quoted string other than a header's name ("Missing 'Host' header").
+_REASON_WORDS = re.compile(r"""(?:[^:\n'"]|'[\w-]{1,40}')*""")
+REASON_MAX = 100
+
+# JSON's short escapes; every other character that is not printable becomes \\uXXXX.
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class AccessLog:
@@ -21,11 +38,46 @@ class AccessLog:
     def record(self, ex: Exchange) -> None:
         if not self.enabled or not log.isEnabledFor(logging.INFO):
             return
-        fields = access_fields(ex)
+        fields = {key: _capped(value) for key, value in access_fields(ex).items()}
         if self.format == "json":
-            log.info(json.dumps(fields, separators=(",", ":")))
+            # ensure_ascii escapes every control character but DEL, the one ASCII left.
+            log.info(json.dumps(fields, separators=(",", ":")).replace("\x7f", "\\u007f"))
         else:
             log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's record of a request it could not parse, made one line of the proxy's.
+
+    aiohttp's server (``RequestHandler.handle_error``, on the ``aiohttp.server`` logger)
+    logs each such request at ERROR with a traceback and the offending line quoted, which
+    may be a header line with its token. The record keeps its logger and becomes
+    ``malformed request from ADDRESS answered 400: REASON`` at INFO (the client's fault, not
+    the proxy's), without the traceback or any byte of the request.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "malformed request from %s answered %d: %s"
+            record.args = (remote, exc.code or 400, malformed_reason(exc))
+            record.exc_info = record.exc_text = record.stack_info = None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def malformed_reason(exc: HttpProcessingError) -> str:
+    """What aiohttp found wrong with a request, in its words, without the request's bytes."""
+    if isinstance(exc, InvalidURLError):
+        return "invalid URL"  # its message is the whole target
+    match = _REASON_WORDS.match(exc.message)
+    words = (match[0] if match else "").strip() or type(exc).__name__
+    return "".join(_escaped(c) for c in shown(words, REASON_MAX))
+
+
+MALFORMED_REQUESTS = MalformedRequests()  # one instance: adding it again changes nothing
 
 
 def access_fields(ex: Exchange) -> dict[str, Any]:
@@ -47,8 +99,25 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
     }
 
 
+def _capped(value: object) -> object:
+    return shown(value) if isinstance(value, str) else value
+
+
 def _text(value: object) -> str:
+    """A ``key=value`` value: as it is when that is unambiguous, else a JSON-style string."""
     if value is None:
         return "-"
     text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+    if text and text.isprintable() and not any(c in text for c in ' "\\'):
+        return text
+    return '"' + "".join(_escaped(c) for c in text) + '"'
+
+
+def _escaped(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if char.isprintable():
+        return char
+    if ord(char) > 0xFFFF:
+        return json.dumps(char)[1:-1]  # a surrogate pair, as JSON spells it
+    return f"\\u{ord(char):04x}"

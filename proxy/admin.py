@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from .config import Config
-from .errors import error_response
+from .errors import error_response, shown
 from .pool import Node, Pool
 
 Handler = Any
@@ -94,13 +94,13 @@ class _Admin:
     def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
         node = self.runtime.pool.nodes.get(request.match_info["name"])
         if node is None:
-            return error_response(404, f"no node named {request.match_info['name']!r}")
+            return error_response(404, f"no node named {shown(request.match_info['name'])!r}")
         node.draining = draining
         self.runtime.pool.changed()
         return web.json_response(node_state(node))
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return error_response(404, f"no admin path {request.path}")
+        return error_response(404, f"no admin path {shown(request.path)}")
 
 
 def node_state(node: Node) -> dict[str, Any]:

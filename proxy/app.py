@@ -8,10 +8,13 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import admin
+from .accesslog import MALFORMED_REQUESTS
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
+from .errors import error_response
 from .fleet import Fleet
 from .forward import Forwarder
 from .health import Health
@@ -23,6 +26,10 @@ from .supervision import Tasks, every
 log = logging.getLogger("ollama_proxy")
 
 OLLAMA_ROOT_TEXT = "Ollama is running"
+HTTP_VERSIONS = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
+# The proxy's own paths: a browser's CORS preflight (OPTIONS) for them is not the nodes' to
+# answer, as it is for Ollama's paths.
+PROXY_OWN_PATHS = ("/metrics", "/-/")
 
 
 class Runtime:
@@ -101,15 +108,82 @@ RUNTIME = web.AppKey("runtime", Runtime)
 def make_app(config: Config, config_path: Path | None = None) -> web.Application:
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
     # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
-    app = web.Application(client_max_size=2**62)
+    app = web.Application(client_max_size=2**62, middlewares=[_front_door])
+    logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
+    app.on_response_prepare.append(_close_after_upgrade_request)
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)
     runtime.fleet.add_routes(app.router, wrap=runtime.forwarder.observed)
+    _other_methods_not_allowed(app.router, runtime)
     app.router.add_route("*", "/{tail:.*}", runtime.forwarder.handle)
     return app
+
+
+def _other_methods_not_allowed(router: web.UrlDispatcher, runtime: Runtime) -> None:
+    """A path the proxy answers itself takes only its methods: any other gets 405 here,
+    instead of falling through to the catch-all and on to a node. OPTIONS on Ollama's own
+    paths still goes to a node, whose CORS settings (``OLLAMA_ORIGINS``) answer it."""
+    for resource in router.resources():
+        methods = {route.method for route in resource}
+        if isinstance(resource, web.Resource) and "*" not in methods:  # "*": admin's 404
+            own = resource.canonical.startswith(PROXY_OWN_PATHS)
+            refuse = runtime.forwarder.observed(_not_allowed(methods))
+            resource.add_route("*", refuse if own else _preflight_to_node(refuse, runtime))
+
+
+def _not_allowed(methods: set[str]) -> Handler:
+    allow = ", ".join(sorted(methods))
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        message = f"method {request.method} not allowed (allowed: {allow})"
+        return error_response(405, message, headers={"Allow": allow})
+
+    return refuse
+
+
+def _preflight_to_node(refuse: Handler, runtime: Runtime) -> Handler:
+    async def other_method(request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return await runtime.forwarder.handle(request)
+        return await refuse(request)
+
+    return other_method
+
+
+@web.middleware
+async def _front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request first: only HTTP/1.0 and 1.1 are served, and aiohttp's own answers
+    (its 404 for a path no route takes) come in Ollama's shape, ``{"error": ...}``."""
+    if request.version not in HTTP_VERSIONS:
+        # HTTP/0.9 (``GET /`` and no version) or a made-up HTTP/2.0 request line: llhttp
+        # accepts both, and the answer would carry that version in its status line.
+        response = error_response(505, "only HTTP/1.0 and HTTP/1.1 are served here")
+        response.force_close()
+        return response
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, exc.reason.lower(), headers=allow)
+
+
+async def _close_after_upgrade_request(request: web.Request, response: web.StreamResponse) -> None:
+    """Close the connection after answering a request that asked for an upgrade (h2c).
+
+    The proxy upgrades nothing, and aiohttp's C parser (llhttp pauses on such a request)
+    drops the bytes that came after it in the same read: requests pipelined behind it
+    would never be answered, on a connection left open. Closed with ``Connection: close``,
+    the client knows to send them again on a new connection (RFC 9112 §9.3.2).
+    """
+    connection = request.headers.get("Connection", "").lower()
+    if "Upgrade" in request.headers and "upgrade" in connection:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .http1 import HOP_BY_HOP, RESET_REQUEST_HEADERS
 from .models import normalize_model
 
 T = TypeVar("T")
@@ -39,6 +40,9 @@ class NodeConfig:
     # Caps for single models on this node, tighter than max_concurrency (Ollama runs an
     # embedding model one request at a time). Keys are normalised model names.
     model_concurrency: dict[str, int] = field(default_factory=dict)
+    # Sent with every request to this node (proxied, checks, discovery, fan-out), in place of
+    # a client's header of the same name: its credentials. Never shown (repr, /-/nodes, logs).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ def _nodes(r: _Reader, value: object) -> tuple[NodeConfig, ...]:
 
 def _node(r: _Reader, value: object, path: str) -> NodeConfig:
     raw = r.mapping(value, path)
-    r.no_unknown_keys(raw, path, {"url", "name", "max_concurrency", "weight", "model_concurrency"})
+    known = {"url", "name", "max_concurrency", "weight", "model_concurrency", "headers"}
+    r.no_unknown_keys(raw, path, known)
     url = _node_url(r, raw.get("url"), f"{path}.url")
     default_name = _netloc(url) or url
     name = r.string(raw.get("name", default_name), f"{path}.name")
@@ -210,6 +215,7 @@ def _node(r: _Reader, value: object, path: str) -> NodeConfig:
         max_concurrency=r.integer(raw.get("max_concurrency", 1), f"{path}.max_concurrency", 1),
         weight=r.number(raw.get("weight", 1.0), f"{path}.weight", minimum=0.001),
         model_concurrency=_model_caps(r, raw.get("model_concurrency", {}), path),
+        headers=_node_headers(r, raw.get("headers", {}), f"{path}.headers"),
     )
 
 
@@ -219,6 +225,36 @@ def _model_caps(r: _Reader, value: object, node_path: str) -> dict[str, int]:
     for model, cap in r.mapping(value, path).items():
         caps[normalize_model(str(model))] = r.integer(cap, f"{path}.{model}", 1)
     return caps
+
+
+# RFC 9110 §5.6.2: a header's name is a token.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Written by the proxy itself for each request (Host, Content-Length, Expect), or meaningful for
+# one connection only: a node's headers may not set them.
+_NOT_NODE_HEADERS = frozenset(h.decode() for h in HOP_BY_HOP | RESET_REQUEST_HEADERS)
+# Control characters (but tab) would end a header line early or smuggle in another one.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _node_headers(r: _Reader, value: object, path: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, text in r.mapping(value, path).items():
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            r.error(where, "is not a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        elif name.lower() in _NOT_NODE_HEADERS:
+            r.error(where, "is set by the proxy itself or only for one connection")
+        elif name.lower() in seen:
+            r.error(where, "is given twice (header names are not case-sensitive)")
+        elif not isinstance(text, str):
+            r.error(where, "must be a string")
+        elif _CONTROL.search(text):
+            r.error(where, "must not contain CR, LF or other control characters")
+        else:
+            headers[name] = text
+        seen.add(str(name).lower())
+    return headers
 
 
 def _placement(r: _Reader, value: object, node_names: set[str]) -> dict[str, tuple[str, ...]]:
@@ -249,6 +285,9 @@ def _node_url(r: _Reader, value: object, path: str) -> str:
         r.error(path, "must start with http:// or https://")
     elif not parts.hostname:
         r.error(path, "must name a host")
+    elif "@" in parts.netloc:  # the error never repeats the URL: it holds a secret
+        headers = path.removesuffix(".url") + ".headers"
+        r.error(path, f"must not hold credentials (user:password@); put them in {headers}")
     elif parts.query or parts.fragment:
         r.error(path, "must not have a query or fragment")
     else:

@@ -123,7 +123,9 @@ class Discovery:
     async def get_json(self, node: Node, path: str) -> Any:
         """A node's JSON answer to a GET, or None when it has none to give."""
         try:
-            async with self.session.get(node.url + path, timeout=self.timeout) as resp:
+            async with self.session.get(
+                node.url + path, timeout=self.timeout, headers=node.config.headers
+            ) as resp:
                 body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
                 return json.loads(body) if body is not None else None
         # RecursionError: JSON nested deeper than Python's parser goes is no listing either.

@@ -85,3 +85,15 @@ def error_response(
         charset="utf-8",
         headers=headers,
     )
+
+
+# Characters of a client-supplied name (a model, a path) that a message or a log field quotes:
+# an 8 MiB model name must not come back as an 8 MiB error body or log line.
+SHOWN_MAX = 200
+
+
+def shown(text: str, limit: int = SHOWN_MAX) -> str:
+    """``text`` as a message quotes it: cut after ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text.encode('utf-8', 'replace'))} bytes)"

@@ -23,7 +23,7 @@ from .api import BLOBS_PREFIX
 from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
-from .errors import ProxyError, error_body, error_response
+from .errors import ProxyError, error_body, error_response, shown
 from .models import normalize_model
 from .pool import Node, Pool
 
@@ -187,7 +187,7 @@ class Fleet:
         body, model = await _model_body(request, self.max_body_size)
         holders = [n for n in self._healthy() if n.has_model(model)]
         if not holders:
-            return error_response(404, f"model '{model}' not found")
+            return error_response(404, f"model '{shown(model)}' not found")
         outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
         for node, status, _ in outcomes:
             if status in (200, 404) and node.models is not None:
@@ -204,7 +204,7 @@ class Fleet:
             raise ProxyError(400, "source and destination are required")
         holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
         if not holders:
-            return error_response(404, f"model '{source}' not found")
+            return error_response(404, f"model '{shown(source)}' not found")
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
         for node, status, _ in outcomes:
             if status == 200 and node.models is not None:
@@ -278,7 +278,7 @@ class Fleet:
                 method,
                 node.url + path,
                 data=data or None,
-                headers=headers,
+                headers={**(headers or {}), **node.config.headers},
                 timeout=self.transfer_timeout,
             ) as resp:
                 return node, resp.status, await resp.read()
@@ -327,7 +327,10 @@ class Fleet:
         """Feed one node's progress lines to the merger; ``None`` marks its end."""
         try:
             async with self.session.post(
-                node.url + path, data=body, timeout=self.transfer_timeout
+                node.url + path,
+                data=body,
+                headers=node.config.headers,
+                timeout=self.transfer_timeout,
             ) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode(errors="replace")
@@ -421,7 +424,7 @@ def _summarise(
             500, f"{what} failed on {len(failed)} of {len(outcomes)} nodes: {reasons}"
         )
     if all(s == gone for _, s, _ in outcomes):
-        return error_response(404, f"model '{model}' not found")
+        return error_response(404, f"model '{shown(model)}' not found")
     return web.Response(status=status_on_success)
 
 

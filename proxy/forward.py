@@ -42,11 +42,18 @@ from .api import (
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
-from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError
+from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError, shown
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
-from .http1 import RESET_REQUEST_HEADERS, Head, end_to_end, request_bytes, response_headers
+from .http1 import (
+    RESET_REQUEST_HEADERS,
+    Head,
+    RawHeaders,
+    end_to_end,
+    request_bytes,
+    response_headers,
+)
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
@@ -267,6 +274,7 @@ class Forwarder:
     def _check_model_available(self, model_key: str, named: str) -> None:
         """404 when no node has the model, 503 when only nodes that are down may have it."""
         where = availability(self.pool, model_key)
+        named = shown(named)  # the client's own name, however long, quoted in short
         if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
         if where == "nowhere":
@@ -281,7 +289,7 @@ class Forwarder:
             # of an absolute-form request names the proxy, not where the node should look).
             request.rel_url.raw_path_qs,
             connections.host_header,
-            end_to_end(request.raw_headers, RESET_REQUEST_HEADERS),
+            _with_node_headers(end_to_end(request.raw_headers, RESET_REQUEST_HEADERS), node),
             ex.body,
         )
         while True:
@@ -370,6 +378,17 @@ _request_numbers = itertools.count(1)
 def _new_request_id() -> str:
     """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+
+
+def _with_node_headers(headers: RawHeaders, node: Node) -> RawHeaders:
+    """The client's headers, with the node's own (its credentials) in place of any of the
+    same name: a client cannot choose what the node is told."""
+    own = node.config.headers
+    if not own:
+        return headers
+    names = {name.lower().encode() for name in own}
+    kept = [(k, v) for k, v in headers if k.lower() not in names]
+    return [*kept, *((k.encode(), v.encode()) for k, v in own.items())]
 
 
 def _client_left(request: web.Request) -> bool:

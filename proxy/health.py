@@ -63,7 +63,10 @@ class Health:
     async def check(self, node: Node) -> None:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
         try:
-            async with self.session.get(node.url + PROBE_PATH, timeout=timeout) as resp:
+            probe = node.url + PROBE_PATH
+            async with self.session.get(
+                probe, timeout=timeout, headers=node.config.headers
+            ) as resp:
                 body = await resp.read()
                 ok, reason = resp.status == 200, f"health check answered {resp.status}"
             if ok:

@@ -1,0 +1,130 @@
+"""Methods a path does not take, odd HTTP versions and upgrade requests: answered by the proxy
+in Ollama's shape, never sent on to a node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from .conftest import StartNodes, StartProxy, generations
+
+LISTED = ["/", "/metrics", "/api/tags", "/api/ps", "/api/version", "/v1/models"]
+
+
+async def raw_exchange(url: str, request: bytes, timeout: float = 3.0) -> bytes:
+    """Everything the proxy sends back until it closes the connection (or AssertionError)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.read()
+    except TimeoutError:
+        raise AssertionError("the proxy left the connection open without answering") from None
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "TRACE", "PATCH", "POST"])
+async def test_listed_paths_answer_405_to_other_methods(
+    start_nodes: StartNodes, start_proxy: StartProxy, method: str
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        for path in LISTED:
+            async with session.request(method, proxy.url + path, data=b"{}") as resp:
+                assert resp.status == 405, path
+                assert resp.headers["Allow"] == "GET, HEAD"
+                assert resp.content_type == "application/json"
+                assert method in (await resp.json())["error"]
+    assert generations(node) == []  # not one went to the node
+
+
+async def test_fleet_and_admin_paths_take_only_their_methods(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        for method, path, allow in [
+            ("GET", "/api/pull", "POST"),
+            ("POST", "/api/delete", "DELETE"),
+            ("GET", "/api/blobs/sha256:0", "HEAD, POST"),
+            ("GET", "/-/reload", "POST"),
+            ("PUT", "/-/healthy", "GET, HEAD"),
+        ]:
+            async with session.request(method, proxy.url + path) as resp:
+                assert (resp.status, resp.headers["Allow"]) == (405, allow), path
+                assert "error" in await resp.json()
+    assert generations(node) == []
+
+
+async def test_a_preflight_for_an_ollama_path_still_goes_to_a_node(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """The nodes answer CORS preflights, after their OLLAMA_ORIGINS; /metrics is the proxy's."""
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "GET"}
+    async with aiohttp.ClientSession() as session:
+        async with session.options(proxy.url + "/api/tags", headers=preflight) as resp:
+            assert resp.status == 404  # the simulated node's: it has no CORS
+        async with session.options(proxy.url + "/metrics", headers=preflight) as resp:
+            assert resp.status == 405
+    assert [r.path for r in node.stats.requests if r.method == "OPTIONS"] == ["/api/tags"]
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"POST /api/generate", b"POST /api/generate HTTP/0.9", b"POST /api/generate HTTP/2.0"],
+)
+async def test_http_0_9_and_2_0_request_lines_are_refused(
+    start_nodes: StartNodes, start_proxy: StartProxy, request_line: bytes
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    body = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode()
+    head = b"%b\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (request_line, len(body))
+    answer = await raw_exchange(proxy.url, head + body)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.endswith(b" 505 HTTP Version Not Supported")
+    assert b"Content-Type: application/json" in rest
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert generations(node) == []
+
+
+async def test_an_upgrade_request_does_not_leave_pipelined_requests_hanging(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """aiohttp's C parser drops what follows an h2c upgrade request in the same read: the
+    proxy closes after answering it, so the client knows to send the rest again."""
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    upgrade = (
+        b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    pipelined = (
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    answer = await raw_exchange(proxy.url, upgrade + pipelined)  # closed, not left open
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1
+    again = await raw_exchange(proxy.url, pipelined)  # sent again, as a client does
+    assert again.count(b"HTTP/1.1 200 OK\r\n") == 2 and again.endswith(b"Ollama is running")
+
+
+async def test_a_path_no_route_takes_gets_an_ollama_shaped_404(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/api/a%0Ab") as resp:  # a newline in the path
+            assert resp.status == 404 and resp.content_type == "application/json"
+            assert (await resp.json())["error"]
