@@ -287,7 +287,7 @@ class Forwarder:
             request.method,
             # Origin-form always, with the client's own escapes and no fragment (the target
             # of an absolute-form request names the proxy, not where the node should look).
-            request.rel_url.raw_path_qs,
+            connections.base_path + request.rel_url.raw_path_qs,
             connections.host_header,
             _with_node_headers(end_to_end(request.raw_headers, RESET_REQUEST_HEADERS), node),
             ex.body,

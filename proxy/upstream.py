@@ -271,6 +271,7 @@ class NodeConnections:
         self.https = parts.scheme == "https"
         self.port = parts.port or (443 if self.https else 80)
         self.host_header = parts.netloc
+        self.base_path = parts.path.rstrip("/")  # an Ollama behind another proxy's sub-path
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.idle: list[Connection] = []

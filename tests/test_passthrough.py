@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from types import SimpleNamespace
 
 import aiohttp
 import ollama
@@ -554,3 +555,27 @@ async def test_http10_client_gets_the_stream_delimited_by_the_connection_end(
     assert b"Transfer-Encoding" not in head
     lines = [json.loads(line) for line in ndjson.splitlines()]
     assert [line["done"] for line in lines] == [False] * 5 + [True]
+
+
+async def test_a_node_at_a_sub_path_gets_it_before_every_path(start_proxy: StartProxy) -> None:
+    """docs/configuration.md: a path in ``nodes[].url`` goes before every request's path."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(request.raw_path)
+        return web.json_response({"version": "0.12.6", "models": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        node = SimpleNamespace(name="behind", url=str(server.make_url("/ollama")))
+        proxy = await start_proxy([node])  # type: ignore[list-item]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url + "/api/experimental/x?y=1") as resp:
+                assert resp.status == 200
+        assert "/ollama/api/experimental/x?y=1" in seen
+        assert "/ollama/api/version" in seen  # the health checks knew it already
+    finally:
+        await server.close()
