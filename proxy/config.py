@@ -53,6 +53,9 @@ class HealthCheckConfig:
     max_ejection_time: float
 
 
+DEFAULT_CLIENT_TIMEOUT = 60.0
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     max_size: int
@@ -66,6 +69,9 @@ class UpstreamConfig:
     # for minutes and a long generation can last hours.
     idle_timeout: float
     max_attempts: int  # a request goes to at most this many nodes (retries = attempts - 1)
+    # A client that takes no byte of its answer for this long, while the node has more for
+    # it, is dropped (nginx's send_timeout): it would hold a slot and the node's GPU.
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -292,11 +298,15 @@ def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
 
 def _upstream(r: _Reader, raw: dict[str, Any]) -> UpstreamConfig:
     p = "upstream"
-    r.no_unknown_keys(raw, p, {"connect_timeout", "idle_timeout", "max_attempts"})
+    known = {"connect_timeout", "idle_timeout", "max_attempts", "client_timeout"}
+    r.no_unknown_keys(raw, p, known)
     return UpstreamConfig(
         connect_timeout=r.number(raw.get("connect_timeout", 5), f"{p}.connect_timeout", 0.01),
         idle_timeout=r.number(raw.get("idle_timeout", 600), f"{p}.idle_timeout", 0.01),
         max_attempts=r.integer(raw.get("max_attempts", 3), f"{p}.max_attempts", 1),
+        client_timeout=r.number(
+            raw.get("client_timeout", DEFAULT_CLIENT_TIMEOUT), f"{p}.client_timeout", 0.01
+        ),
     )
 
 

@@ -96,8 +96,12 @@ class Forwarder:
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
+        upstream = config.upstream
         self.upstreams.configure(
-            config.upstream.connect_timeout, config.upstream.idle_timeout, urls
+            upstream.connect_timeout,
+            upstream.idle_timeout,
+            urls,
+            client_timeout=upstream.client_timeout,
         )
         self.access_log = AccessLog(config.access_log)
 
@@ -286,7 +290,7 @@ class Forwarder:
         )
         while True:
             conn, reused = await connections.get()
-            answer = Answer(conn, NODE_BUFFER_HIGH)
+            answer = Answer(conn, NODE_BUFFER_HIGH, request.transport)
             conn.send(raw, answer, body_expected=request.method != "HEAD")
             try:
                 head = await answer.head()
@@ -325,11 +329,16 @@ class Forwarder:
             while data := await upstream.answer.read():
                 tail.append(data)
                 await response.write(data)
+            await response.write_eof()
         except UpstreamError as err:
             self._node_failed(node, err.kind)
             await _break_stream(request, response, head, node, err)
             return response
-        await response.write_eof()
+        finally:
+            # Dropped for taking nothing (upstream.client_timeout): aiohttp cancels this
+            # handler, and the request is counted as the client's (499), never the node's.
+            if upstream.answer.client_dropped:
+                self.metrics.client_timeout()
         self._after_response(ex, node, head, tail)
         return response
 

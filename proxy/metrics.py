@@ -116,6 +116,12 @@ class Metrics:
             "Requests whose client left before the end; the node's request was cancelled.",
             registry=r,
         )
+        self.client_timeouts = Counter(
+            "ollama_proxy_client_timeouts",
+            "Requests dropped because their client took nothing of the answer for "
+            "upstream.client_timeout (also counted as disconnects, status 499).",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "ollama_proxy_upstream_errors",
             "Failures talking to a node, by kind (connect, reset, timeout, broken, status_5xx).",
@@ -226,6 +232,9 @@ class Metrics:
     def proxy_error(self, exc: ProxyError) -> None:
         if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
             self.queue_rejected.labels(exc.reason).inc()
+
+    def client_timeout(self) -> None:
+        self.client_timeouts.inc()
 
     def upstream_error(self, node: Node, kind: FailureKind) -> None:
         self.upstream_errors.labels(node.name, kind).inc()

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .config import DEFAULT_CLIENT_TIMEOUT
 from .errors import UpstreamError
 from .http1 import Head
 
@@ -32,6 +33,14 @@ class Sink(Protocol):
     def ended(self) -> None: ...
 
     def failed(self, error: UpstreamError) -> None: ...
+
+    def client_progressed(self) -> bool:
+        """Whether the client took bytes since the last look (asked while it is behind)."""
+        ...
+
+    def client_stalled(self) -> None:
+        """The client took nothing for ``client_timeout``: drop it (its fault, not the node's)."""
+        ...
 
 
 class State(enum.Enum):
@@ -53,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.message_complete = False
         self.unsolicited = False  # the node sent more than one answer
         self.paused = False  # by the request path: the client is behind
+        self.behind_since = 0.0  # since when the client is behind, taking nothing
         self._informational = False
         self.last_activity = 0.0
         self._body_expected = True
@@ -145,6 +155,7 @@ class Connection(asyncio.Protocol):
             return
         self._hand_over_pieces()  # the last ones came in the read that ended the message
         self.message_complete = True
+        self.behind_since = self.last_activity  # what is left waits for the client alone
         self._end()
 
     # -- use --------------------------------------------------------------------------------
@@ -163,9 +174,7 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.transport.write(request)
         if self._idle_timer is None:  # else the one armed before looks again when it fires
-            self._idle_timer = self.loop.call_at(
-                self.last_activity + self.pool.idle_timeout, self._idle_check
-            )
+            self._look_at(self.last_activity + self.pool.idle_timeout)
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if it may carry another, else closed."""
@@ -196,12 +205,14 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self.transport is not None and self.state is State.ACTIVE:
             self.paused = True
+            self.behind_since = self.loop.time()
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and self.paused and self.state is not State.CLOSED:
             self.paused = False
             self.last_activity = self.loop.time()  # the pause was the client's, not the node's
+            self.behind_since = self.last_activity  # and the client has just taken bytes
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -234,26 +245,52 @@ class Connection(asyncio.Protocol):
             for name, value in head.raw_headers
         )
 
-    # -- idle timeout -----------------------------------------------------------------------
+    # -- timeouts ---------------------------------------------------------------------------
 
     # One timer per connection, armed by its first request and kept across the ones after
     # (a timer armed and cancelled per request costs more than the rest of the exchange's
-    # bookkeeping): when it fires it looks at the time of the last bytes, and at whether an
-    # answer is awaited at all.
+    # bookkeeping). When it fires it looks at whose turn it is: the node's (silent for
+    # idle_timeout?) or, once the proxy stopped reading because the client is behind or the
+    # node's answer is all in, the client's (has it taken nothing for client_timeout?). It
+    # never sleeps longer than client_timeout, so a client that falls behind just after a
+    # look is still seen on time, without a timer armed per pause.
 
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self.state is not State.ACTIVE:  # in the pool, or closed: nothing awaited
             return
+        if self.paused or self.message_complete:
+            self._check_client()
+        else:
+            self._check_node()
+
+    def _check_node(self) -> None:
         deadline = self.last_activity + self.pool.idle_timeout
-        if self.paused:  # we stopped reading (the client is behind): not the node's silence
-            deadline = self.loop.time() + self.pool.idle_timeout
         if self.loop.time() < deadline:  # bytes came since: look again at the new deadline
-            self._idle_timer = self.loop.call_at(deadline, self._idle_check)
+            self._look_at(deadline)
             return
         timeout = self.pool.idle_timeout
         self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
         self.close()
+
+    def _check_client(self) -> None:
+        """The node waits for the client: drop a client that took nothing for client_timeout."""
+        now = self.loop.time()
+        deadline = self.behind_since + self.pool.client_timeout
+        if now < deadline:
+            self._look_at(deadline)
+        elif self.sink is not None and self.sink.client_progressed():
+            self.behind_since = now  # a slow reader, not a stalled one
+            self._look_at(now + self.pool.client_timeout)
+        else:
+            sink, self.sink = self.sink, None
+            self.close()  # the node stops generating for a client that takes nothing
+            if sink is not None:
+                sink.client_stalled()
+
+    def _look_at(self, deadline: float) -> None:
+        deadline = min(deadline, self.loop.time() + self.pool.client_timeout)
+        self._idle_timer = self.loop.call_at(deadline, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -264,7 +301,14 @@ class Connection(asyncio.Protocol):
 class NodeConnections:
     """Kept-alive connections to one node."""
 
-    def __init__(self, url: str, connect_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float,
+        idle_timeout: float,
+        *,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
         self.https = parts.scheme == "https"
@@ -272,6 +316,7 @@ class NodeConnections:
         self.host_header = parts.netloc
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.client_timeout = client_timeout
         self.idle: list[Connection] = []
         self.retired = False  # the node left the config: connections close when done
         self.tls = ssl.create_default_context() if self.https else None
@@ -316,20 +361,25 @@ class NodeConnections:
 
 
 class Upstreams:
-    """Connections to every node, created on first use; timeouts from the current config."""
+    """Connections to every node, created on first use; limits from the current config."""
 
     def __init__(self, connect_timeout: float, idle_timeout: float) -> None:
         self.by_url: dict[str, NodeConnections] = {}
         self.configure(connect_timeout, idle_timeout)
 
     def configure(
-        self, connect_timeout: float, idle_timeout: float, urls: frozenset[str] | None = None
+        self,
+        connect_timeout: float,
+        idle_timeout: float,
+        urls: frozenset[str] | None = None,
+        *,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
-        """New timeouts; with ``urls``, the nodes that are left (others' idle ones close)."""
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
+        """New limits; with ``urls``, the nodes that are left (others' idle ones close)."""
+        self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
+        self.client_timeout = client_timeout
         for url, node in list(self.by_url.items()):
-            node.connect_timeout, node.idle_timeout = connect_timeout, idle_timeout
+            self._apply(node)
             if urls is not None and url not in urls:
                 node.retired = True
                 node.close_all()
@@ -339,7 +389,12 @@ class Upstreams:
         node = self.by_url.get(url)
         if node is None:
             node = self.by_url[url] = NodeConnections(url, self.connect_timeout, self.idle_timeout)
+            self._apply(node)
         return node
+
+    def _apply(self, node: NodeConnections) -> None:
+        node.connect_timeout, node.idle_timeout = self.connect_timeout, self.idle_timeout
+        node.client_timeout = self.client_timeout
 
     def close(self) -> None:
         for node in self.by_url.values():

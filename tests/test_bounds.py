@@ -1,0 +1,204 @@
+"""Bounds on what clients can hold: slots, queued bodies, requests that take no slot, and the
+kept-alive connections to each node; and a client's fault is never held against a node."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.answer import Answer
+from proxy.upstream import Connection, NodeConnections, State
+
+from .conftest import metric, proxy_subprocess, wait_until
+from .fakes import FakeTransport
+
+GENERATE = b'{"model": "llama3.2", "prompt": "a very long story"}'
+REQUEST = b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\n\r\n%b" % (
+    len(GENERATE),
+    GENERATE,
+)
+
+
+async def never_reading_client(url: str) -> asyncio.StreamWriter:
+    """A client that sends a generation and reads nothing of its answer, ever."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills soon: no huge buffers
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(REQUEST)
+    return writer
+
+
+class CountingNode:
+    """A node on aiohttp's server: floods every generation with big lines as fast as they are
+    taken, holds every other request (but its checks and listings) until ``release`` is set,
+    and counts what it serves at once and the streams that were closed on it."""
+
+    LINE = b'{"response":"' + b"x" * 65536 + b'","done":false}\n'
+    LISTINGS: ClassVar[dict[str, object]] = {
+        "/api/version": {"version": "0.12.6"},
+        "/api/tags": {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"}]},
+        "/api/ps": {"models": []},
+    }
+
+    def __init__(self) -> None:
+        self.name = "counting"
+        self.url = ""
+        self.streams = 0  # generations being streamed now
+        self.closed = 0  # generations whose connection the proxy closed
+        self.held = 0  # other requests being served now
+        self.max_held = 0
+        self.release = asyncio.Event()
+        self.runner = web.AppRunner(
+            web.Application(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
+        self.runner.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path in self.LISTINGS:
+            return web.json_response(self.LISTINGS[request.path])
+        if request.path == "/api/generate":
+            return await self.flood(request)
+        self.held += 1
+        self.max_held = max(self.max_held, self.held)
+        try:
+            await self.release.wait()
+        finally:
+            self.held -= 1
+        return web.json_response({"path": request.path})
+
+    async def flood(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        self.streams += 1
+        try:
+            while True:
+                await response.write(self.LINE)  # waits while the proxy does not read
+        except (asyncio.CancelledError, ConnectionError):
+            self.closed += 1
+            raise
+        finally:
+            self.streams -= 1
+
+
+@pytest.fixture
+async def counting_node() -> AsyncIterator[CountingNode]:
+    node = CountingNode()
+    await node.start()
+    yield node
+    node.release.set()
+    await node.runner.cleanup()
+
+
+@pytest.fixture
+async def scrape() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def get_text(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url) as response:
+        return await response.text()
+
+
+# -- a client that takes nothing ------------------------------------------------------------
+
+
+async def test_clients_that_never_read_are_dropped_and_not_held_against_the_node(
+    counting_node: CountingNode, tmp_path: Path, scrape: aiohttp.ClientSession
+) -> None:
+    """Each used to hold its slot, and the node's GPU, until it left."""
+    clients = 6
+    node = counting_node
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "nodes": [{"url": node.url, "name": "n", "max_concurrency": clients}],
+                "upstream": {"client_timeout": 0.5, "idle_timeout": 2},
+                "health_check": {"interval": 0.2, "fall": 2, "rise": 1},
+            }
+        )
+    )
+    async with proxy_subprocess(config) as (url, _):
+        writers = [await never_reading_client(url) for _ in range(clients)]
+        await wait_until(lambda: node.streams + node.closed == clients, what="all streaming")
+        # Dropped once they took nothing for client_timeout; the node saw its connections
+        # close (Ollama stops generating when they do).
+        await wait_until(lambda: node.closed == clients, timeout=10, what="streams closed")
+        metrics = await get_text(scrape, url + "/metrics")
+        nodes = await (await scrape.get(url + "/-/nodes")).json()
+        for writer in writers:
+            writer.transport.abort()
+    assert metric(metrics, "ollama_proxy_in_flight", node="n") == 0
+    assert metric(metrics, "ollama_proxy_client_timeouts_total") == clients
+    code = {"node": "n", "endpoint": "/api/generate", "code": "499"}
+    assert metric(metrics, "ollama_proxy_requests_total", **code) == clients
+    assert "ollama_proxy_upstream_errors_total{" not in metrics  # nothing against the node
+    assert nodes["nodes"][0]["up"] and nodes["nodes"][0]["recent_errors"] == []
+
+
+class FakeClient:
+    """A client socket's backlog, as the test says it is."""
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self.looks = 0
+        self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        self.looks += 1
+        return self.backlog
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def behind_answer(client: FakeClient, client_timeout: float, ended: bool) -> Connection:
+    """A node's answer the client is behind on: more came than the buffer holds, so the node
+    is not read; or all of it came (the node is done, the client still has to take it)."""
+    pool = NodeConnections("http://node:11434", 1, 60, client_timeout=client_timeout)
+    conn = Connection(pool)
+    conn.connection_made(FakeTransport(conn))
+    answer = Answer(conn, high_water=1000 if ended else 10, client=client)
+    conn.send(b"POST /api/generate HTTP/1.1\r\n\r\n", answer, body_expected=True)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    conn.data_received(head + b"64\r\n" + b"x" * 100 + b"\r\n" + (b"0\r\n\r\n" if ended else b""))
+    assert (conn.paused, conn.message_complete) == (not ended, ended)
+    return conn
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["paused", "ended"])
+async def test_a_client_that_reads_slowly_is_kept_one_that_stops_is_dropped(ended: bool) -> None:
+    """Taking bytes, however slowly, is not taking nothing (nginx's send_timeout)."""
+    client = FakeClient(backlog=100_000)
+    conn = behind_answer(client, client_timeout=0.05, ended=ended)
+    answer = conn.sink
+    assert isinstance(answer, Answer)
+    for _ in range(4):  # each look finds fewer bytes waiting: the client reads
+        looks = client.looks
+        client.backlog -= 1000
+        await wait_until(lambda looks=looks: client.looks > looks)
+        assert not client.aborted and conn.state is State.ACTIVE
+    await wait_until(lambda: client.aborted)  # it stopped: dropped at the next look
+    assert conn.state is State.CLOSED and answer.client_dropped
+    if not ended:
+        with pytest.raises(ConnectionResetError):
+            await answer.read_all()
