@@ -54,12 +54,16 @@ class HealthCheckConfig:
 
 
 DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_QUEUE_BODY_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class QueueConfig:
     max_size: int
     timeout: float
+    # Request bodies held by queued requests, in bytes, all together: what the queue may cost
+    # in memory is this, not max_size times max_body_size.
+    max_body_bytes: int = DEFAULT_QUEUE_BODY_BYTES
 
 
 @dataclass(frozen=True)
@@ -289,10 +293,13 @@ def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:
 
 
 def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
-    r.no_unknown_keys(raw, "queue", {"max_size", "timeout"})
+    r.no_unknown_keys(raw, "queue", {"max_size", "timeout", "max_body_bytes"})
     return QueueConfig(
         max_size=r.integer(raw.get("max_size", 512), "queue.max_size", 0),
         timeout=r.number(raw.get("timeout", 300), "queue.timeout", minimum=0.001),
+        max_body_bytes=r.size(
+            raw.get("max_body_bytes", DEFAULT_QUEUE_BODY_BYTES), "queue.max_body_bytes"
+        ),
     )
 
 

@@ -255,7 +255,7 @@ class Forwarder:
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
             queued_at = time.monotonic()
-            lease = await self.pool.acquire(want)
+            lease = await self.pool.acquire(want, len(ex.body))
             ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
         else:

@@ -75,6 +75,7 @@ DURATION_BUCKETS = (
     5120,
     10240,
 )
+QUEUE_REJECTIONS = ("full", "body_bytes", "timeout")  # a 503 from the queue, for these reasons
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -195,7 +196,7 @@ class Metrics:
         # Known label values start at 0, so the first event is an increase, not a new series.
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
-        for reason in ("full", "timeout"):
+        for reason in QUEUE_REJECTIONS:
             self.queue_rejected.labels(reason)
         for reason in ("connect", "reset", "node_busy"):
             self.retries.labels(reason)
@@ -230,7 +231,7 @@ class Metrics:
         self.config_reloads.labels(result).inc()
 
     def proxy_error(self, exc: ProxyError) -> None:
-        if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
+        if isinstance(exc, Unavailable) and exc.reason in QUEUE_REJECTIONS:
             self.queue_rejected.labels(exc.reason).inc()
 
     def client_timeout(self) -> None:
@@ -291,4 +292,13 @@ class _PoolCollector(Collector):
             "ollama_proxy_queue_max_size", "Requests that may wait in the proxy (queue.max_size)."
         )
         capacity.add_metric([], self.pool.queue_config.max_size)
-        yield from (in_flight, cap, up, draining, depth, capacity, speed)
+        body_bytes = GaugeMetricFamily(
+            "ollama_proxy_queue_body_bytes", "Bytes of request bodies held by queued requests."
+        )
+        body_bytes.add_metric([], self.pool.queued_body_bytes)
+        body_budget = GaugeMetricFamily(
+            "ollama_proxy_queue_max_body_bytes",
+            "Bytes of request bodies queued requests may hold in all (queue.max_body_bytes).",
+        )
+        body_budget.add_metric([], self.pool.queue_config.max_body_bytes)
+        yield from (in_flight, cap, up, draining, depth, capacity, body_bytes, body_budget, speed)

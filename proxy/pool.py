@@ -156,6 +156,7 @@ class Lease:
 @dataclass(eq=False)
 class _Waiter:
     want: Want
+    body_bytes: int  # the request's body, held while it waits
     future: asyncio.Future[Lease] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -168,6 +169,7 @@ class Pool:
         self.retiring: list[Node] = []
         self.queue_config = queue
         self._waiters: deque[_Waiter] = deque()
+        self.queued_body_bytes = 0  # bodies held by the waiters, against max_body_bytes
         self._turn = itertools.count()  # rotates among equally loaded nodes
 
     def all_nodes(self) -> list[Node]:
@@ -216,8 +218,12 @@ class Pool:
         """Queued requests this node could take (for /-/nodes; not on the request path)."""
         return sum(1 for w in self._waiters if node not in w.want.exclude and w.want.eligible(node))
 
-    async def acquire(self, want: Want = ANY) -> Lease:
-        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise."""
+    async def acquire(self, want: Want = ANY, body_bytes: int = 0) -> Lease:
+        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise.
+
+        ``body_bytes``, the request's body, counts against ``queue.max_body_bytes`` while
+        it waits: a request that would take the queued bodies past it is not queued.
+        """
         if not self._waiters:  # nobody ahead: no need to queue
             lease = self.try_acquire(want)
             if lease is not None:
@@ -226,10 +232,16 @@ class Pool:
             raise Unavailable("no healthy node can serve this request", reason="no_node")
         if len(self._waiters) >= self.queue_config.max_size:
             raise Unavailable("the proxy's queue is full, please try again", reason="full")
-        return await self._wait(_Waiter(want))
+        if self.queued_body_bytes + body_bytes > self.queue_config.max_body_bytes:
+            raise Unavailable(
+                "the proxy's queue holds too many request bytes, please try again",
+                reason="body_bytes",
+            )
+        return await self._wait(_Waiter(want, body_bytes))
 
     async def _wait(self, waiter: _Waiter) -> Lease:
         self._waiters.append(waiter)
+        self.queued_body_bytes += waiter.body_bytes
         self._dispatch()
         recheck = None
         if waiter.want.recheck_at is not None:
@@ -254,7 +266,7 @@ class Pool:
     def _abandon(self, waiter: _Waiter) -> None:
         """Leave the queue at once; a slot granted in the same instant goes to the next."""
         if waiter in self._waiters:
-            self._waiters.remove(waiter)
+            self._leave(waiter)
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             fut.result().release()
@@ -268,15 +280,19 @@ class Pool:
                 continue
             lease = self.try_acquire(waiter.want)
             if lease is not None:
-                self._waiters.remove(waiter)
+                self._leave(waiter)
                 waiter.future.set_result(lease)
             elif not self.candidates(waiter.want):
-                self._waiters.remove(waiter)
+                self._leave(waiter)
                 waiter.future.set_exception(
                     Unavailable("no healthy node can serve this request", reason="no_node")
                 )
             if not any(n.takes_new and n.has_slot_for(None) for n in self.nodes.values()):
                 break
+
+    def _leave(self, waiter: _Waiter) -> None:
+        self._waiters.remove(waiter)
+        self.queued_body_bytes -= waiter.body_bytes
 
     def _give_back(self, node: Node, model: str | None) -> None:
         node.in_flight -= 1

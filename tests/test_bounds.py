@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.answer import Answer
 from proxy.upstream import Connection, NodeConnections, State
 
-from .conftest import metric, proxy_subprocess, wait_until
+from .conftest import StartNodes, StartProxy, generations, metric, proxy_subprocess, wait_until
 from .fakes import FakeTransport
 
 GENERATE = b'{"model": "llama3.2", "prompt": "a very long story"}'
@@ -202,3 +202,39 @@ async def test_a_client_that_reads_slowly_is_kept_one_that_stops_is_dropped(ende
     if not ended:
         with pytest.raises(ConnectionResetError):
             await answer.read_all()
+
+
+# -- bodies held by the queue ---------------------------------------------------------------
+
+
+def generate_body(size: int) -> dict[str, object]:
+    """A generation whose JSON body is ``size`` bytes (about: the prompt pads it)."""
+    prompt = "x" * (size - 80)
+    return {"model": "llama3.2", "prompt": prompt, "stream": False, "options": {"num_predict": 3}}
+
+
+async def test_queued_bodies_have_a_budget_past_which_requests_get_503(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """512 queued requests of 64 MiB each could hold 32 GiB; the bytes queued are bounded."""
+    (node,) = await start_nodes(1, tokens=500, token_interval=0.01)
+    proxy = await start_proxy([node], caps=[1], queue={"max_body_bytes": 10_000})
+    async with aiohttp.ClientSession() as session:
+        streamed = {**generate_body(100), "stream": True, "options": {}}
+        holder = await session.post(proxy.url + "/api/generate", json=streamed)
+        fits = asyncio.create_task(
+            session.post(proxy.url + "/api/generate", json=generate_body(6000))
+        )
+        await wait_until(lambda: proxy.pool.queue_depth == 1, what="a request queued")
+        async with session.post(proxy.url + "/api/generate", json=generate_body(6000)) as over:
+            assert over.status == 503 and over.headers["Retry-After"] == "1"
+            assert "too many request bytes" in (await over.json())["error"]
+        assert proxy.pool.queued_body_bytes >= 6000
+        holder.close()  # its slot goes to the request that fitted
+        async with await fits as served:
+            assert served.status == 200 and (await served.json())["done"]
+    assert len(generations(node)) == 2  # the node never saw the one over the budget
+    assert proxy.pool.queued_body_bytes == 0
+    text = await proxy.metrics_text()
+    assert metric(text, "ollama_proxy_queue_rejected_total", reason="body_bytes") == 1
+    assert metric(text, "ollama_proxy_queue_body_bytes") == 0
