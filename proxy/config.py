@@ -55,6 +55,7 @@ class HealthCheckConfig:
 
 DEFAULT_CLIENT_TIMEOUT = 60.0
 DEFAULT_QUEUE_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_OTHER_PER_NODE = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class QueueConfig:
     # Request bodies held by queued requests, in bytes, all together: what the queue may cost
     # in memory is this, not max_size times max_body_size.
     max_body_bytes: int = DEFAULT_QUEUE_BODY_BYTES
+    # Requests that take no slot (model information, paths the proxy does not know) sent to
+    # one node at once, apart from its slots; the rest wait in a queue of their own.
+    max_other_per_node: int = DEFAULT_OTHER_PER_NODE
 
 
 @dataclass(frozen=True)
@@ -293,12 +297,15 @@ def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:
 
 
 def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
-    r.no_unknown_keys(raw, "queue", {"max_size", "timeout", "max_body_bytes"})
+    r.no_unknown_keys(raw, "queue", {"max_size", "timeout", "max_body_bytes", "max_other_per_node"})
     return QueueConfig(
         max_size=r.integer(raw.get("max_size", 512), "queue.max_size", 0),
         timeout=r.number(raw.get("timeout", 300), "queue.timeout", minimum=0.001),
         max_body_bytes=r.size(
             raw.get("max_body_bytes", DEFAULT_QUEUE_BODY_BYTES), "queue.max_body_bytes"
+        ),
+        max_other_per_node=r.integer(
+            raw.get("max_other_per_node", DEFAULT_OTHER_PER_NODE), "queue.max_other_per_node", 1
         ),
     )
 

@@ -249,7 +249,8 @@ class Forwarder:
         return bool(self.pool.candidates(others))
 
     async def _admit(self, ex: Exchange, tried: list[Node]) -> Lease:
-        """A slot for inference; for other requests a node with no slot counted."""
+        """A slot for inference; for other requests a place of their own on a node (they are
+        capped apart, so they neither wait behind generations nor reach a node unbounded)."""
         if ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
@@ -259,10 +260,7 @@ class Forwarder:
             ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
         else:
-            node = self.pool.any_node(want)
-            if node is None:
-                raise ProxyError(503, "no healthy node is available", retry_after=1)
-            lease = Lease.unmetered(node)
+            lease = await self.pool.acquire(want, len(ex.body), slot=False)
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)

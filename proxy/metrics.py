@@ -257,6 +257,11 @@ class _PoolCollector(Collector):
         in_flight = GaugeMetricFamily(
             "ollama_proxy_in_flight", "Requests holding a slot on the node now.", labels=["node"]
         )
+        other = GaugeMetricFamily(
+            "ollama_proxy_other_in_flight",
+            "Requests that take no slot (model information, unknown paths) on the node now.",
+            labels=["node"],
+        )
         cap = GaugeMetricFamily(
             "ollama_proxy_node_max_concurrency", "The node's max_concurrency.", labels=["node"]
         )
@@ -279,6 +284,7 @@ class _PoolCollector(Collector):
         )
         for node in self.pool.all_nodes():
             in_flight.add_metric([node.name], node.in_flight)
+            other.add_metric([node.name], node.other_in_flight)
             cap.add_metric([node.name], node.config.max_concurrency)
             up.add_metric([node.name], 1 if node.up else 0)
             draining.add_metric([node.name], 1 if node.draining or node.removed else 0)
@@ -301,4 +307,15 @@ class _PoolCollector(Collector):
             "Bytes of request bodies queued requests may hold in all (queue.max_body_bytes).",
         )
         body_budget.add_metric([], self.pool.queue_config.max_body_bytes)
-        yield from (in_flight, cap, up, draining, depth, capacity, body_bytes, body_budget, speed)
+        yield from (
+            in_flight,
+            other,
+            cap,
+            up,
+            draining,
+            depth,
+            capacity,
+            body_bytes,
+            body_budget,
+            speed,
+        )

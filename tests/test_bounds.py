@@ -238,3 +238,35 @@ async def test_queued_bodies_have_a_budget_past_which_requests_get_503(
     text = await proxy.metrics_text()
     assert metric(text, "ollama_proxy_queue_rejected_total", reason="body_bytes") == 1
     assert metric(text, "ollama_proxy_queue_body_bytes") == 0
+
+
+# -- requests that take no slot -------------------------------------------------------------
+
+
+async def test_requests_that_take_no_slot_are_capped_per_node(
+    counting_node: CountingNode, start_proxy: StartProxy
+) -> None:
+    """They used to reach a node with no count at all: 325 at once on a node capped at 2."""
+    node = counting_node
+    proxy = await start_proxy([node], caps=[2], queue={"max_other_per_node": 3})  # type: ignore[list-item]
+    await wait_until(lambda: proxy.pool.nodes[node.name].models is not None, what="listed")
+    kinds = [
+        ("GET", "/api/experimental/unknown", None),  # a path the proxy does not know
+        ("POST", "/api/experimental/thing", {}),  # a POST that names no model
+        ("POST", "/api/show", {"model": "llama3.2"}),  # model information: takes no slot
+    ]
+    async with aiohttp.ClientSession() as session:
+
+        async def ask(method: str, path: str, body: object) -> int:
+            async with session.request(method, proxy.url + path, json=body) as response:
+                await response.read()
+                return response.status
+
+        asking = [asyncio.create_task(ask(*kinds[i % 3])) for i in range(30)]
+        await wait_until(lambda: node.held == 3 and proxy.pool.queue_depth == 27, what="queued")
+        text = await proxy.metrics_text()
+        assert metric(text, "ollama_proxy_other_in_flight", node=node.name) == 3
+        node.release.set()
+        assert await asyncio.gather(*asking) == [200] * 30
+    assert node.max_held == 3
+    assert proxy.pool.nodes[node.name].other_in_flight == 0
