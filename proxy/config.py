@@ -54,6 +54,8 @@ class HealthCheckConfig:
 
 
 DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_MAX_IDLE_CONNECTIONS = 32
+DEFAULT_IDLE_CONNECTION_TIMEOUT = 30.0
 DEFAULT_QUEUE_BODY_BYTES = 256 * 1024 * 1024
 DEFAULT_OTHER_PER_NODE = 8
 
@@ -80,6 +82,10 @@ class UpstreamConfig:
     # A client that takes no byte of its answer for this long, while the node has more for
     # it, is dropped (nginx's send_timeout): it would hold a slot and the node's GPU.
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    # Kept-alive connections to one node: at most this many idle, none idle longer than this
+    # (a node, or a middlebox, may close an idle one first: then it costs a retry).
+    max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS
+    idle_connection_timeout: float = DEFAULT_IDLE_CONNECTION_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -313,13 +319,23 @@ def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
 def _upstream(r: _Reader, raw: dict[str, Any]) -> UpstreamConfig:
     p = "upstream"
     known = {"connect_timeout", "idle_timeout", "max_attempts", "client_timeout"}
-    r.no_unknown_keys(raw, p, known)
+    r.no_unknown_keys(raw, p, known | {"max_idle_connections", "idle_connection_timeout"})
     return UpstreamConfig(
         connect_timeout=r.number(raw.get("connect_timeout", 5), f"{p}.connect_timeout", 0.01),
         idle_timeout=r.number(raw.get("idle_timeout", 600), f"{p}.idle_timeout", 0.01),
         max_attempts=r.integer(raw.get("max_attempts", 3), f"{p}.max_attempts", 1),
         client_timeout=r.number(
             raw.get("client_timeout", DEFAULT_CLIENT_TIMEOUT), f"{p}.client_timeout", 0.01
+        ),
+        max_idle_connections=r.integer(
+            raw.get("max_idle_connections", DEFAULT_MAX_IDLE_CONNECTIONS),
+            f"{p}.max_idle_connections",
+            0,
+        ),
+        idle_connection_timeout=r.number(
+            raw.get("idle_connection_timeout", DEFAULT_IDLE_CONNECTION_TIMEOUT),
+            f"{p}.idle_connection_timeout",
+            0.01,
         ),
     )
 

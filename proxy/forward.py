@@ -102,6 +102,8 @@ class Forwarder:
             upstream.idle_timeout,
             urls,
             client_timeout=upstream.client_timeout,
+            max_idle=upstream.max_idle_connections,
+            idle_expiry=upstream.idle_connection_timeout,
         )
         self.access_log = AccessLog(config.access_log)
 

@@ -18,7 +18,11 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .config import DEFAULT_CLIENT_TIMEOUT
+from .config import (
+    DEFAULT_CLIENT_TIMEOUT,
+    DEFAULT_IDLE_CONNECTION_TIMEOUT,
+    DEFAULT_MAX_IDLE_CONNECTIONS,
+)
 from .errors import UpstreamError
 from .http1 import Head
 
@@ -251,15 +255,18 @@ class Connection(asyncio.Protocol):
     # (a timer armed and cancelled per request costs more than the rest of the exchange's
     # bookkeeping). When it fires it looks at whose turn it is: the node's (silent for
     # idle_timeout?) or, once the proxy stopped reading because the client is behind or the
-    # node's answer is all in, the client's (has it taken nothing for client_timeout?). It
-    # never sleeps longer than client_timeout, so a client that falls behind just after a
-    # look is still seen on time, without a timer armed per pause.
+    # node's answer is all in, the client's (has it taken nothing for client_timeout?); in the
+    # pool, whether it has been unused for idle_connection_timeout. It never sleeps longer
+    # than either, so a client that falls behind, or a connection given back, just after a
+    # look is still seen on time, without a timer armed per pause or per return.
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        if self.state is not State.ACTIVE:  # in the pool, or closed: nothing awaited
+        if self.state is State.IDLE:
+            self._check_expiry()
+        elif self.state is not State.ACTIVE:  # closed: nothing awaited
             return
-        if self.paused or self.message_complete:
+        elif self.paused or self.message_complete:
             self._check_client()
         else:
             self._check_node()
@@ -288,8 +295,17 @@ class Connection(asyncio.Protocol):
             if sink is not None:
                 sink.client_stalled()
 
+    def _check_expiry(self) -> None:
+        """In the pool: closed once unused for idle_connection_timeout since the node's last
+        bytes (the node may drop it about then, and a stale one costs a retry)."""
+        deadline = self.last_activity + self.pool.idle_expiry
+        if self.loop.time() < deadline:
+            self._look_at(deadline)
+        else:
+            self.close()
+
     def _look_at(self, deadline: float) -> None:
-        deadline = min(deadline, self.loop.time() + self.pool.client_timeout)
+        deadline = min(deadline, self.loop.time() + self.pool.longest_sleep)
         self._idle_timer = self.loop.call_at(deadline, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
@@ -308,6 +324,8 @@ class NodeConnections:
         idle_timeout: float,
         *,
         client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        idle_expiry: float = DEFAULT_IDLE_CONNECTION_TIMEOUT,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
@@ -317,9 +335,16 @@ class NodeConnections:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.client_timeout = client_timeout
-        self.idle: list[Connection] = []
+        self.max_idle = max_idle  # kept-alive connections at most; the oldest go first
+        self.idle_expiry = idle_expiry  # one unused this long since the node's last bytes closes
+        self.idle: list[Connection] = []  # oldest first; the newest is used first
         self.retired = False  # the node left the config: connections close when done
         self.tls = ssl.create_default_context() if self.https else None
+
+    @property
+    def longest_sleep(self) -> float:
+        """How long a connection's timer may sleep and still see every deadline on time."""
+        return min(self.client_timeout, self.idle_expiry)
 
     async def get(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused (a reused one may have gone stale)."""
@@ -347,8 +372,10 @@ class NodeConnections:
     def give_back(self, conn: Connection) -> None:
         if self.retired:
             conn.close()
-        else:
-            self.idle.append(conn)
+            return
+        self.idle.append(conn)
+        if len(self.idle) > self.max_idle:
+            self.idle[0].close()  # the oldest: the likeliest to have gone stale
 
     def forget(self, conn: Connection) -> None:
         if conn in self.idle:
@@ -374,10 +401,12 @@ class Upstreams:
         urls: frozenset[str] | None = None,
         *,
         client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        idle_expiry: float = DEFAULT_IDLE_CONNECTION_TIMEOUT,
     ) -> None:
         """New limits; with ``urls``, the nodes that are left (others' idle ones close)."""
         self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
-        self.client_timeout = client_timeout
+        self.client_timeout, self.max_idle, self.idle_expiry = client_timeout, max_idle, idle_expiry
         for url, node in list(self.by_url.items()):
             self._apply(node)
             if urls is not None and url not in urls:
@@ -394,7 +423,8 @@ class Upstreams:
 
     def _apply(self, node: NodeConnections) -> None:
         node.connect_timeout, node.idle_timeout = self.connect_timeout, self.idle_timeout
-        node.client_timeout = self.client_timeout
+        node.client_timeout, node.max_idle = self.client_timeout, self.max_idle
+        node.idle_expiry = self.idle_expiry
 
     def close(self) -> None:
         for node in self.by_url.values():

@@ -270,3 +270,49 @@ async def test_requests_that_take_no_slot_are_capped_per_node(
         assert await asyncio.gather(*asking) == [200] * 30
     assert node.max_held == 3
     assert proxy.pool.nodes[node.name].other_in_flight == 0
+
+
+# -- kept-alive connections to the nodes ----------------------------------------------------
+
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def served(pool: NodeConnections) -> tuple[Connection, FakeTransport]:
+    """A connection that carried one whole answer, given back to its pool."""
+    conn = Connection(pool)
+    transport = FakeTransport(conn)
+    conn.connection_made(transport)
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", Answer(conn, 1024), body_expected=True)
+    conn.data_received(ANSWER)
+    conn.finish()
+    return conn, transport
+
+
+async def test_at_most_max_idle_connections_are_kept_the_oldest_close_first() -> None:
+    pool = NodeConnections("http://node:11434", 1, 60, max_idle=2)
+    conns = [served(pool) for _ in range(4)]
+    assert pool.idle == [conns[2][0], conns[3][0]]
+    assert [transport.closed for _, transport in conns] == [True, True, False, False]
+    assert conns[0][0].state is State.CLOSED
+    conn, reused = await pool.get()
+    assert (conn, reused) == (conns[3][0], True)  # the newest first: least likely stale
+    conn.close()
+
+
+async def test_idle_connections_close_after_idle_connection_timeout(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """A kept-alive connection is closed once unused for the timeout, on the node's side too
+    (a reload already closes those of the nodes it removed)."""
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node], upstream={"idle_connection_timeout": 0.3})
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        async with session.post(proxy.url + "/api/generate", json=body) as response:
+            assert response.status == 200
+    (conn,) = proxy.runtime.forwarder.upstreams.to(node.url).idle
+    assert conn.transport is not None
+    ours = conn.transport.get_extra_info("sockname")[:2]
+    assert ours in node.peers()
+    await wait_until(lambda: ours not in node.peers(), what="the node saw it close")
+    assert conn.state is State.CLOSED and proxy.runtime.forwarder.upstreams.to(node.url).idle == []
