@@ -6,10 +6,10 @@ here and writes to the client itself. Between the two sits a bounded buffer: pas
 ``high_water`` bytes not yet taken (a client that reads slower than the node writes), the
 node's connection stops being read until the request path has taken them.
 
-While it is stopped, or once the node's answer is all in, the node waits for the client alone.
-The connection's timer then asks whether the client took any bytes (its socket's backlog
-shrank), and drops a client that took none for ``upstream.client_timeout``: the slot is freed
-and the node stops generating, and it is the client's doing, never the node's.
+The connection's timer also asks it about the client: bytes waiting for the client (its
+socket's backlog) that did not move for ``upstream.client_timeout`` mean a client that takes
+nothing (nginx's send_timeout). It is dropped: the slot is freed and the node stops
+generating, and it is the client's doing, never the node's.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ class Answer:
 
     def ended(self) -> None:
         self._ended = True
-        self._look_at_client()
         self._wake()
 
     def failed(self, error: UpstreamError) -> None:
@@ -84,9 +83,10 @@ class Answer:
         self._wake()
 
     def client_progressed(self) -> bool:
-        """The client took bytes since the last look. An empty backlog means the request path
-        is not waiting for the client, and a grown one that it wrote since: neither is a
-        stalled client. No client known: nothing to judge it by."""
+        """The client took bytes since the last look, or none wait for it: a backlog that
+        moved (it shrinks as the client reads, grows as the request path writes) or is empty.
+        One that stayed put is a client that took nothing. No client known: nothing to judge
+        it by. The pause noted the backlog too: the request path is then writing to it."""
         if self._client is None:
             return True
         before = self._client_backlog

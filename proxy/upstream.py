@@ -39,7 +39,7 @@ class Sink(Protocol):
     def failed(self, error: UpstreamError) -> None: ...
 
     def client_progressed(self) -> bool:
-        """Whether the client took bytes since the last look (asked while it is behind)."""
+        """Whether the client took bytes since the last look, or none wait for it."""
         ...
 
     def client_stalled(self) -> None:
@@ -66,7 +66,9 @@ class Connection(asyncio.Protocol):
         self.message_complete = False
         self.unsolicited = False  # the node sent more than one answer
         self.paused = False  # by the request path: the client is behind
-        self.behind_since = 0.0  # since when the client is behind, taking nothing
+        # Since when the client has taken nothing, as far as the timer looked (the bytes
+        # waiting for it did not move); reset whenever they are seen to move or be none.
+        self.client_idle_since = 0.0
         self._informational = False
         self.last_activity = 0.0
         self._body_expected = True
@@ -159,7 +161,6 @@ class Connection(asyncio.Protocol):
             return
         self._hand_over_pieces()  # the last ones came in the read that ended the message
         self.message_complete = True
-        self.behind_since = self.last_activity  # what is left waits for the client alone
         self._end()
 
     # -- use --------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ class Connection(asyncio.Protocol):
         self._body_expected = body_expected
         self._raw_headers = []
         self._raw_reason = b""
-        self.last_activity = self.loop.time()
+        self.last_activity = self.client_idle_since = self.loop.time()
         self.transport.write(request)
         if self._idle_timer is None:  # else the one armed before looks again when it fires
             self._look_at(self.last_activity + self.pool.idle_timeout)
@@ -209,14 +210,13 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self.transport is not None and self.state is State.ACTIVE:
             self.paused = True
-            self.behind_since = self.loop.time()
+            self.client_idle_since = self.loop.time()  # the sink noted the client's backlog
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and self.paused and self.state is not State.CLOSED:
             self.paused = False
             self.last_activity = self.loop.time()  # the pause was the client's, not the node's
-            self.behind_since = self.last_activity  # and the client has just taken bytes
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -253,47 +253,44 @@ class Connection(asyncio.Protocol):
 
     # One timer per connection, armed by its first request and kept across the ones after
     # (a timer armed and cancelled per request costs more than the rest of the exchange's
-    # bookkeeping). When it fires it looks at whose turn it is: the node's (silent for
-    # idle_timeout?) or, once the proxy stopped reading because the client is behind or the
-    # node's answer is all in, the client's (has it taken nothing for client_timeout?); in the
-    # pool, whether it has been unused for idle_connection_timeout. It never sleeps longer
-    # than either, so a client that falls behind, or a connection given back, just after a
-    # look is still seen on time, without a timer armed per pause or per return.
+    # bookkeeping). When it fires during an exchange it looks at the client (have the bytes
+    # waiting for it not moved for client_timeout?) and, while the proxy reads the node, at
+    # the node (silent for idle_timeout?); in the pool, at whether the connection has been
+    # unused for idle_connection_timeout. It never sleeps longer than the shorter of the
+    # last two, so a connection given back, or a client that stops, just after a look is
+    # still seen in time, without a timer armed per pause or per return.
 
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self.state is State.IDLE:
             self._check_expiry()
-        elif self.state is not State.ACTIVE:  # closed: nothing awaited
-            return
-        elif self.paused or self.message_complete:
-            self._check_client()
-        else:
-            self._check_node()
+        elif self.state is State.ACTIVE:
+            self._check_exchange()
 
-    def _check_node(self) -> None:
-        deadline = self.last_activity + self.pool.idle_timeout
-        if self.loop.time() < deadline:  # bytes came since: look again at the new deadline
-            self._look_at(deadline)
-            return
-        timeout = self.pool.idle_timeout
-        self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
-        self.close()
-
-    def _check_client(self) -> None:
-        """The node waits for the client: drop a client that took nothing for client_timeout."""
+    def _check_exchange(self) -> None:
         now = self.loop.time()
-        deadline = self.behind_since + self.pool.client_timeout
-        if now < deadline:
-            self._look_at(deadline)
-        elif self.sink is not None and self.sink.client_progressed():
-            self.behind_since = now  # a slow reader, not a stalled one
-            self._look_at(now + self.pool.client_timeout)
-        else:
-            sink, self.sink = self.sink, None
-            self.close()  # the node stops generating for a client that takes nothing
-            if sink is not None:
-                sink.client_stalled()
+        if self.sink is None or self.sink.client_progressed():
+            self.client_idle_since = now
+        deadline = self.client_idle_since + self.pool.client_timeout
+        if now >= deadline:
+            self._drop_client()
+            return
+        if not (self.paused or self.message_complete):  # we read the node: its silence counts
+            silent_until = self.last_activity + self.pool.idle_timeout
+            if now >= silent_until:
+                timeout = self.pool.idle_timeout
+                self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
+                self.close()
+                return
+            deadline = min(deadline, silent_until)
+        self._look_at(deadline)
+
+    def _drop_client(self) -> None:
+        """The client took nothing for client_timeout: its fault, never the node's."""
+        sink, self.sink = self.sink, None
+        self.close()  # the node stops generating for a client that takes nothing
+        if sink is not None:  # always: without a sink there is no client to judge
+            sink.client_stalled()
 
     def _check_expiry(self) -> None:
         """In the pool: closed once unused for idle_connection_timeout since the node's last

@@ -171,25 +171,27 @@ class FakeClient:
         self.aborted = True
 
 
-def behind_answer(client: FakeClient, client_timeout: float, ended: bool) -> Connection:
-    """A node's answer the client is behind on: more came than the buffer holds, so the node
-    is not read; or all of it came (the node is done, the client still has to take it)."""
+def answer_under_way(client: FakeClient, client_timeout: float, stage: str) -> Connection:
+    """A node's answer under way: more came than the buffer holds, so the node is not read
+    ("paused"); some came and more is to come ("streaming"); or all of it came ("ended")."""
     pool = NodeConnections("http://node:11434", 1, 60, client_timeout=client_timeout)
     conn = Connection(pool)
     conn.connection_made(FakeTransport(conn))
-    answer = Answer(conn, high_water=1000 if ended else 10, client=client)
+    answer = Answer(conn, high_water=10 if stage == "paused" else 1000, client=client)
     conn.send(b"POST /api/generate HTTP/1.1\r\n\r\n", answer, body_expected=True)
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    conn.data_received(head + b"64\r\n" + b"x" * 100 + b"\r\n" + (b"0\r\n\r\n" if ended else b""))
-    assert (conn.paused, conn.message_complete) == (not ended, ended)
+    end = b"0\r\n\r\n" if stage == "ended" else b""
+    conn.data_received(head + b"64\r\n" + b"x" * 100 + b"\r\n" + end)
+    assert (conn.paused, conn.message_complete) == (stage == "paused", stage == "ended")
     return conn
 
 
-@pytest.mark.parametrize("ended", [False, True], ids=["paused", "ended"])
-async def test_a_client_that_reads_slowly_is_kept_one_that_stops_is_dropped(ended: bool) -> None:
-    """Taking bytes, however slowly, is not taking nothing (nginx's send_timeout)."""
+@pytest.mark.parametrize("stage", ["paused", "streaming", "ended"])
+async def test_a_client_that_reads_slowly_is_kept_one_that_stops_is_dropped(stage: str) -> None:
+    """Taking bytes, however slowly, is not taking nothing (nginx's send_timeout); bytes
+    waiting for the client that do not move are, whether the node still sends or not."""
     client = FakeClient(backlog=100_000)
-    conn = behind_answer(client, client_timeout=0.05, ended=ended)
+    conn = answer_under_way(client, client_timeout=0.05, stage=stage)
     answer = conn.sink
     assert isinstance(answer, Answer)
     for _ in range(4):  # each look finds fewer bytes waiting: the client reads
@@ -197,11 +199,20 @@ async def test_a_client_that_reads_slowly_is_kept_one_that_stops_is_dropped(ende
         client.backlog -= 1000
         await wait_until(lambda looks=looks: client.looks > looks)
         assert not client.aborted and conn.state is State.ACTIVE
-    await wait_until(lambda: client.aborted)  # it stopped: dropped at the next look
+    await wait_until(lambda: client.aborted)  # it stopped: dropped after client_timeout
     assert conn.state is State.CLOSED and answer.client_dropped
-    if not ended:
+    if stage != "ended":
         with pytest.raises(ConnectionResetError):
             await answer.read_all()
+
+
+async def test_a_client_with_nothing_waiting_for_it_is_never_dropped() -> None:
+    """A node that thinks for a long time before its first token: the client waits too."""
+    client = FakeClient(backlog=0)
+    conn = answer_under_way(client, client_timeout=0.02, stage="streaming")
+    await wait_until(lambda: client.looks >= 5)
+    assert not client.aborted and conn.state is State.ACTIVE
+    conn.close()
 
 
 # -- bodies held by the queue ---------------------------------------------------------------
