@@ -5,6 +5,11 @@ pieces httptools reported and the message's end, or a failure. The request path 
 here and writes to the client itself. Between the two sits a bounded buffer: past
 ``high_water`` bytes not yet taken (a client that reads slower than the node writes), the
 node's connection stops being read until the request path has taken them.
+
+The connection's timer also asks it about the client: bytes waiting for the client (its
+socket's backlog) that did not move for ``upstream.client_timeout`` mean a client that takes
+nothing (nginx's send_timeout). It is dropped: the slot is freed and the node stops
+generating, and it is the client's doing, never the node's.
 """
 
 from __future__ import annotations
@@ -24,18 +29,29 @@ class Flow(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class Client(Protocol):
+    """The client's side: the bytes waiting to reach it, and dropping it."""
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
 class Answer:
     """One answer under way: its head, its body as it arrives, its end or failure."""
 
-    def __init__(self, flow: Flow, high_water: int) -> None:
+    def __init__(self, flow: Flow, high_water: int, client: Client | None = None) -> None:
         self._flow = flow
+        self._client = client
+        self._client_backlog = 0  # bytes waiting for the client when last looked at
+        self.client_dropped = False  # it took nothing for client_timeout
         self._high_water = high_water
         self._head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._paused = False
         self._ended = False
-        self._error: UpstreamError | None = None
+        self._error: UpstreamError | ConnectionError | None = None
         self._wakeup: asyncio.Future[None] | None = None
 
     # -- fed by the connection ---------------------------------------------------------------
@@ -49,6 +65,7 @@ class Answer:
         self._buffered += len(data)
         if self._buffered > self._high_water and not self._paused:
             self._paused = True
+            self._look_at_client()
             self._flow.pause_reading()
         self._wake()
 
@@ -64,6 +81,29 @@ class Answer:
             self._head.set_exception(error)
             self._head.exception()  # retrieved here; the request path sees it too
         self._wake()
+
+    def client_progressed(self) -> bool:
+        """The client took bytes since the last look, or none wait for it: a backlog that
+        moved (it shrinks as the client reads, grows as the request path writes) or is empty.
+        One that stayed put is a client that took nothing. No client known: nothing to judge
+        it by. The pause noted the backlog too: the request path is then writing to it."""
+        if self._client is None:
+            return True
+        before = self._client_backlog
+        backlog = self._look_at_client()
+        return backlog == 0 or backlog != before
+
+    def client_stalled(self) -> None:
+        self.client_dropped = True
+        self._error = ConnectionResetError("the client took nothing of its answer in time")
+        if self._client is not None:
+            self._client.abort()  # aiohttp cancels the handler: the request path unwinds
+        self._wake()
+
+    def _look_at_client(self) -> int:
+        if self._client is not None:
+            self._client_backlog = self._client.get_write_buffer_size()
+        return self._client_backlog
 
     @property
     def complete(self) -> bool:

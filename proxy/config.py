@@ -57,10 +57,23 @@ class HealthCheckConfig:
     max_ejection_time: float
 
 
+DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_MAX_IDLE_CONNECTIONS = 32
+DEFAULT_IDLE_CONNECTION_TIMEOUT = 30.0
+DEFAULT_QUEUE_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_OTHER_PER_NODE = 8
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     max_size: int
     timeout: float
+    # Request bodies held by queued requests, in bytes, all together: what the queue may cost
+    # in memory is this, not max_size times max_body_size.
+    max_body_bytes: int = DEFAULT_QUEUE_BODY_BYTES
+    # Requests that take no slot (model information, paths the proxy does not know) sent to
+    # one node at once, apart from its slots; the rest wait in a queue of their own.
+    max_other_per_node: int = DEFAULT_OTHER_PER_NODE
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,13 @@ class UpstreamConfig:
     # for minutes and a long generation can last hours.
     idle_timeout: float
     max_attempts: int  # a request goes to at most this many nodes (retries = attempts - 1)
+    # A client that takes no byte of its answer for this long, while the node has more for
+    # it, is dropped (nginx's send_timeout): it would hold a slot and the node's GPU.
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    # Kept-alive connections to one node: at most this many idle, none idle longer than this
+    # (a node, or a middlebox, may close an idle one first: then it costs a retry).
+    max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS
+    idle_connection_timeout: float = DEFAULT_IDLE_CONNECTION_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -322,20 +342,40 @@ def _health_check(r: _Reader, raw: dict[str, Any]) -> HealthCheckConfig:
 
 
 def _queue(r: _Reader, raw: dict[str, Any]) -> QueueConfig:
-    r.no_unknown_keys(raw, "queue", {"max_size", "timeout"})
+    r.no_unknown_keys(raw, "queue", {"max_size", "timeout", "max_body_bytes", "max_other_per_node"})
     return QueueConfig(
         max_size=r.integer(raw.get("max_size", 512), "queue.max_size", 0),
         timeout=r.number(raw.get("timeout", 300), "queue.timeout", minimum=0.001),
+        max_body_bytes=r.size(
+            raw.get("max_body_bytes", DEFAULT_QUEUE_BODY_BYTES), "queue.max_body_bytes"
+        ),
+        max_other_per_node=r.integer(
+            raw.get("max_other_per_node", DEFAULT_OTHER_PER_NODE), "queue.max_other_per_node", 1
+        ),
     )
 
 
 def _upstream(r: _Reader, raw: dict[str, Any]) -> UpstreamConfig:
     p = "upstream"
-    r.no_unknown_keys(raw, p, {"connect_timeout", "idle_timeout", "max_attempts"})
+    known = {"connect_timeout", "idle_timeout", "max_attempts", "client_timeout"}
+    r.no_unknown_keys(raw, p, known | {"max_idle_connections", "idle_connection_timeout"})
     return UpstreamConfig(
         connect_timeout=r.number(raw.get("connect_timeout", 5), f"{p}.connect_timeout", 0.01),
         idle_timeout=r.number(raw.get("idle_timeout", 600), f"{p}.idle_timeout", 0.01),
         max_attempts=r.integer(raw.get("max_attempts", 3), f"{p}.max_attempts", 1),
+        client_timeout=r.number(
+            raw.get("client_timeout", DEFAULT_CLIENT_TIMEOUT), f"{p}.client_timeout", 0.01
+        ),
+        max_idle_connections=r.integer(
+            raw.get("max_idle_connections", DEFAULT_MAX_IDLE_CONNECTIONS),
+            f"{p}.max_idle_connections",
+            0,
+        ),
+        idle_connection_timeout=r.number(
+            raw.get("idle_connection_timeout", DEFAULT_IDLE_CONNECTION_TIMEOUT),
+            f"{p}.idle_connection_timeout",
+            0.01,
+        ),
     )
 
 

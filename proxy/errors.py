@@ -15,7 +15,7 @@ from aiohttp import web
 UpstreamKind = Literal["connect", "reset", "timeout", "broken"]
 FailureKind = UpstreamKind | Literal["status_5xx"]
 # Why the proxy answered 503 without trying a node.
-RejectReason = Literal["no_node", "full", "timeout", "unspecified"]
+RejectReason = Literal["no_node", "full", "body_bytes", "timeout", "unspecified"]
 # Why a request was sent again: a node failure that nothing was generated for (``may_retry``),
 # or a busy node.
 RetryReason = UpstreamKind | Literal["node_busy"]

@@ -103,8 +103,14 @@ class Forwarder:
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
+        upstream = config.upstream
         self.upstreams.configure(
-            config.upstream.connect_timeout, config.upstream.idle_timeout, urls
+            upstream.connect_timeout,
+            upstream.idle_timeout,
+            urls,
+            client_timeout=upstream.client_timeout,
+            max_idle=upstream.max_idle_connections,
+            idle_expiry=upstream.idle_connection_timeout,
         )
         self.access_log = AccessLog(config.access_log)
 
@@ -252,20 +258,18 @@ class Forwarder:
         return bool(self.pool.candidates(others))
 
     async def _admit(self, ex: Exchange, tried: list[Node]) -> Lease:
-        """A slot for inference; for other requests a node with no slot counted."""
+        """A slot for inference; for other requests a place of their own on a node (they are
+        capped apart, so they neither wait behind generations nor reach a node unbounded)."""
         if ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
             queued_at = time.monotonic()
-            lease = await self.pool.acquire(want)
+            lease = await self.pool.acquire(want, len(ex.body))
             ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
         else:
-            node = self.pool.any_node(want)
-            if node is None:
-                raise ProxyError(503, "no healthy node is available", retry_after=1)
-            lease = Lease.unmetered(node)
+            lease = await self.pool.acquire(want, len(ex.body), slot=False)
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
@@ -294,7 +298,7 @@ class Forwarder:
         )
         while True:
             conn, reused = await connections.get()
-            answer = Answer(conn, NODE_BUFFER_HIGH)
+            answer = Answer(conn, NODE_BUFFER_HIGH, request.transport)
             conn.send(raw, answer, body_expected=request.method != "HEAD")
             try:
                 head = await answer.head()
@@ -333,11 +337,16 @@ class Forwarder:
             while data := await upstream.answer.read():
                 tail.append(data)
                 await response.write(data)
+            await response.write_eof()
         except UpstreamError as err:
             self._node_failed(node, err.kind)
             await _break_stream(request, response, head, node, err)
             return response
-        await response.write_eof()
+        finally:
+            # Dropped for taking nothing (upstream.client_timeout): aiohttp cancels this
+            # handler, and the request is counted as the client's (499), never the node's.
+            if upstream.answer.client_dropped:
+                self.metrics.client_timeout()
         self._after_response(ex, node, head, tail)
         return response
 

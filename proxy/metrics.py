@@ -75,6 +75,7 @@ DURATION_BUCKETS = (
     5120,
     10240,
 )
+QUEUE_REJECTIONS = ("full", "body_bytes", "timeout")  # a 503 from the queue, for these reasons
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -114,6 +115,12 @@ class Metrics:
         self.client_disconnects = Counter(
             "ollama_proxy_client_disconnects",
             "Requests whose client left before the end; the node's request was cancelled.",
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "ollama_proxy_client_timeouts",
+            "Requests dropped because their client took nothing of the answer for "
+            "upstream.client_timeout (also counted as disconnects, status 499).",
             registry=r,
         )
         self.upstream_errors = Counter(
@@ -189,7 +196,7 @@ class Metrics:
         # Known label values start at 0, so the first event is an increase, not a new series.
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
-        for reason in ("full", "timeout"):
+        for reason in QUEUE_REJECTIONS:
             self.queue_rejected.labels(reason)
         for reason in ("connect", "reset", "node_busy"):
             self.retries.labels(reason)
@@ -224,8 +231,11 @@ class Metrics:
         self.config_reloads.labels(result).inc()
 
     def proxy_error(self, exc: ProxyError) -> None:
-        if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
+        if isinstance(exc, Unavailable) and exc.reason in QUEUE_REJECTIONS:
             self.queue_rejected.labels(exc.reason).inc()
+
+    def client_timeout(self) -> None:
+        self.client_timeouts.inc()
 
     def upstream_error(self, node: Node, kind: FailureKind) -> None:
         self.upstream_errors.labels(node.name, kind).inc()
@@ -246,6 +256,11 @@ class _PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
             "ollama_proxy_in_flight", "Requests holding a slot on the node now.", labels=["node"]
+        )
+        other = GaugeMetricFamily(
+            "ollama_proxy_other_in_flight",
+            "Requests that take no slot (model information, unknown paths) on the node now.",
+            labels=["node"],
         )
         cap = GaugeMetricFamily(
             "ollama_proxy_node_max_concurrency", "The node's max_concurrency.", labels=["node"]
@@ -269,6 +284,7 @@ class _PoolCollector(Collector):
         )
         for node in self.pool.all_nodes():
             in_flight.add_metric([node.name], node.in_flight)
+            other.add_metric([node.name], node.other_in_flight)
             cap.add_metric([node.name], node.config.max_concurrency)
             up.add_metric([node.name], 1 if node.up else 0)
             draining.add_metric([node.name], 1 if node.draining or node.removed else 0)
@@ -282,4 +298,24 @@ class _PoolCollector(Collector):
             "ollama_proxy_queue_max_size", "Requests that may wait in the proxy (queue.max_size)."
         )
         capacity.add_metric([], self.pool.queue_config.max_size)
-        yield from (in_flight, cap, up, draining, depth, capacity, speed)
+        body_bytes = GaugeMetricFamily(
+            "ollama_proxy_queue_body_bytes", "Bytes of request bodies held by queued requests."
+        )
+        body_bytes.add_metric([], self.pool.queued_body_bytes)
+        body_budget = GaugeMetricFamily(
+            "ollama_proxy_queue_max_body_bytes",
+            "Bytes of request bodies queued requests may hold in all (queue.max_body_bytes).",
+        )
+        body_budget.add_metric([], self.pool.queue_config.max_body_bytes)
+        yield from (
+            in_flight,
+            other,
+            cap,
+            up,
+            draining,
+            depth,
+            capacity,
+            body_bytes,
+            body_budget,
+            speed,
+        )

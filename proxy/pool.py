@@ -31,6 +31,9 @@ class Node:
 
     config: NodeConfig
     in_flight: int = 0  # requests holding a slot on this node now
+    # Requests that take no slot (model information, unknown paths) on this node now: capped
+    # apart (queue.max_other_per_node), so they neither wait behind generations nor flood it.
+    other_in_flight: int = 0
     model_in_flight: dict[str, int] = field(default_factory=dict)  # the same, per model
     up: bool = True
     draining: bool = False  # takes no new requests; finishes what it has
@@ -65,6 +68,11 @@ class Node:
     @property
     def takes_new(self) -> bool:
         return self.up and not self.draining and not self.removed
+
+    @property
+    def busy(self) -> bool:
+        """Some request is on this node now, with a slot or without."""
+        return bool(self.in_flight or self.other_in_flight)
 
     @property
     def load(self) -> float:
@@ -131,31 +139,29 @@ ANY = Want()
 
 
 class Lease:
-    """A slot on a node, held by one request; ``release`` is idempotent."""
+    """A place on a node, held by one request: a slot, or for a request that takes none one
+    of the node's places for those (``slot`` False); ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "model", "node", "released")
+    __slots__ = ("_pool", "model", "node", "released", "slot")
 
-    def __init__(self, pool: Pool | None, node: Node, model: str | None = None) -> None:
+    def __init__(self, pool: Pool, node: Node, model: str | None = None, slot: bool = True) -> None:
         self._pool = pool
         self.node = node
         self.model = model
+        self.slot = slot
         self.released = False
-
-    @classmethod
-    def unmetered(cls, node: Node) -> Lease:
-        """For a request that takes no slot: the same handle, nothing to give back."""
-        return cls(None, node)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            if self._pool is not None:
-                self._pool._give_back(self.node, self.model)
+            self._pool._give_back(self.node, self.model, self.slot)
 
 
 @dataclass(eq=False)
 class _Waiter:
     want: Want
+    body_bytes: int  # the request's body, held while it waits
+    slot: bool  # waits for a slot, or for a place for a request that takes none
     future: asyncio.Future[Lease] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -168,6 +174,8 @@ class Pool:
         self.retiring: list[Node] = []
         self.queue_config = queue
         self._waiters: deque[_Waiter] = deque()
+        self._other_waiters: deque[_Waiter] = deque()  # for requests that take no slot
+        self.queued_body_bytes = 0  # bodies held by the waiters, against max_body_bytes
         self._turn = itertools.count()  # rotates among equally loaded nodes
 
     def all_nodes(self) -> list[Node]:
@@ -192,8 +200,10 @@ class Pool:
         tied = [n for n, key in zip(nodes, keys, strict=True) if key == lowest]
         return tied[next(self._turn) % len(tied)]
 
-    def try_acquire(self, want: Want = ANY) -> Lease | None:
+    def try_acquire(self, want: Want = ANY, slot: bool = True) -> Lease | None:
         """Choose and count in one step; None when every candidate is at its cap."""
+        if not slot:
+            return self._try_other(want)
         node = self.best([n for n in self.candidates(want) if n.has_slot_for(want.model)], want)
         if node is None:
             return None
@@ -202,34 +212,60 @@ class Pool:
             node.model_in_flight[want.model] = node.model_in_flight.get(want.model, 0) + 1
         return Lease(self, node, want.model)
 
-    def any_node(self, want: Want = ANY) -> Node | None:
-        """A node for a request that takes no slot (listings, management)."""
-        return self.best(self.candidates(want), want)
+    def _try_other(self, want: Want) -> Lease | None:
+        cap = self.queue_config.max_other_per_node
+        node = self.best([n for n in self.candidates(want) if n.other_in_flight < cap], want)
+        if node is None:
+            return None
+        node.other_in_flight += 1
+        return Lease(self, node, slot=False)
+
+    def _has_room(self, slot: bool) -> bool:
+        """Some node takes requests and has a place of this kind free."""
+        cap = self.queue_config.max_other_per_node
+        if slot:
+            return any(n.takes_new and n.has_slot_for(None) for n in self.nodes.values())
+        return any(n.takes_new and n.other_in_flight < cap for n in self.nodes.values())
 
     # -- waiting ----------------------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + len(self._other_waiters)
 
     def waiting_for(self, node: Node) -> int:
         """Queued requests this node could take (for /-/nodes; not on the request path)."""
-        return sum(1 for w in self._waiters if node not in w.want.exclude and w.want.eligible(node))
+        waiters = (*self._waiters, *self._other_waiters)
+        return sum(1 for w in waiters if node not in w.want.exclude and w.want.eligible(node))
 
-    async def acquire(self, want: Want = ANY) -> Lease:
-        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise."""
-        if not self._waiters:  # nobody ahead: no need to queue
-            lease = self.try_acquire(want)
+    async def acquire(self, want: Want = ANY, body_bytes: int = 0, *, slot: bool = True) -> Lease:
+        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise.
+
+        ``body_bytes``, the request's body, counts against ``queue.max_body_bytes`` while
+        it waits: a request that would take the queued bodies past it is not queued. With
+        ``slot`` False, a place for a request that takes no slot, from a queue of its own.
+        """
+        if not self._queue(slot):  # nobody ahead: no need to queue
+            lease = self.try_acquire(want, slot)
             if lease is not None:
                 return lease
         if not self.candidates(want):
             raise Unavailable("no healthy node can serve this request", reason="no_node")
-        if len(self._waiters) >= self.queue_config.max_size:
+        if self.queue_depth >= self.queue_config.max_size:
             raise Unavailable("the proxy's queue is full, please try again", reason="full")
-        return await self._wait(_Waiter(want))
+        if self.queued_body_bytes + body_bytes > self.queue_config.max_body_bytes:
+            raise Unavailable(
+                "the proxy's queue holds too many request bytes, please try again",
+                reason="body_bytes",
+            )
+        return await self._wait(_Waiter(want, body_bytes, slot))
+
+    def _queue(self, slot: bool) -> deque[_Waiter]:
+        return self._waiters if slot else self._other_waiters
 
     async def _wait(self, waiter: _Waiter) -> Lease:
-        self._waiters.append(waiter)
+        self._queue(waiter.slot).append(waiter)
+        self.queued_body_bytes += waiter.body_bytes
         self._dispatch()
         recheck = None
         if waiter.want.recheck_at is not None:
@@ -253,8 +289,8 @@ class Pool:
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Leave the queue at once; a slot granted in the same instant goes to the next."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        if waiter in self._queue(waiter.slot):
+            self._leave(waiter)
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             fut.result().release()
@@ -262,27 +298,38 @@ class Pool:
             fut.cancel()
 
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in arrival order; fail waiters no node can ever serve."""
-        for waiter in list(self._waiters):
+        """Hand free places to waiters in arrival order; fail waiters no node can ever serve."""
+        self._dispatch_from(self._waiters, slot=True)
+        self._dispatch_from(self._other_waiters, slot=False)
+
+    def _dispatch_from(self, waiters: deque[_Waiter], slot: bool) -> None:
+        for waiter in list(waiters):
             if waiter.future.done():
                 continue
-            lease = self.try_acquire(waiter.want)
+            lease = self.try_acquire(waiter.want, slot)
             if lease is not None:
-                self._waiters.remove(waiter)
+                self._leave(waiter)
                 waiter.future.set_result(lease)
             elif not self.candidates(waiter.want):
-                self._waiters.remove(waiter)
+                self._leave(waiter)
                 waiter.future.set_exception(
                     Unavailable("no healthy node can serve this request", reason="no_node")
                 )
-            if not any(n.takes_new and n.has_slot_for(None) for n in self.nodes.values()):
+            if not self._has_room(slot):
                 break
 
-    def _give_back(self, node: Node, model: str | None) -> None:
-        node.in_flight -= 1
-        if model is not None:
-            node.model_in_flight[model] -= 1
-        if node.removed and node.in_flight == 0 and node in self.retiring:
+    def _leave(self, waiter: _Waiter) -> None:
+        self._queue(waiter.slot).remove(waiter)
+        self.queued_body_bytes -= waiter.body_bytes
+
+    def _give_back(self, node: Node, model: str | None, slot: bool) -> None:
+        if not slot:
+            node.other_in_flight -= 1
+        else:
+            node.in_flight -= 1
+            if model is not None:
+                node.model_in_flight[model] -= 1
+        if node.removed and not node.busy and node in self.retiring:
             self.retiring.remove(node)
         self._dispatch()
 
@@ -311,7 +358,7 @@ class Pool:
         for node in self.nodes.values():
             if kept.get(node.name) is not node:
                 node.removed = True
-                if node.in_flight:
+                if node.busy:
                     self.retiring.append(node)
         self.nodes = kept
         self._dispatch()

@@ -18,6 +18,11 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .config import (
+    DEFAULT_CLIENT_TIMEOUT,
+    DEFAULT_IDLE_CONNECTION_TIMEOUT,
+    DEFAULT_MAX_IDLE_CONNECTIONS,
+)
 from .errors import UpstreamError
 from .http1 import Head
 
@@ -32,6 +37,14 @@ class Sink(Protocol):
     def ended(self) -> None: ...
 
     def failed(self, error: UpstreamError) -> None: ...
+
+    def client_progressed(self) -> bool:
+        """Whether the client took bytes since the last look, or none wait for it."""
+        ...
+
+    def client_stalled(self) -> None:
+        """The client took nothing for ``client_timeout``: drop it (its fault, not the node's)."""
+        ...
 
 
 class State(enum.Enum):
@@ -53,6 +66,9 @@ class Connection(asyncio.Protocol):
         self.message_complete = False
         self.unsolicited = False  # the node sent more than one answer
         self.paused = False  # by the request path: the client is behind
+        # Since when the client has taken nothing, as far as the timer looked (the bytes
+        # waiting for it did not move); reset whenever they are seen to move or be none.
+        self.client_idle_since = 0.0
         self._informational = False
         self.last_activity = 0.0
         self._body_expected = True
@@ -160,12 +176,10 @@ class Connection(asyncio.Protocol):
         self._body_expected = body_expected
         self._raw_headers = []
         self._raw_reason = b""
-        self.last_activity = self.loop.time()
+        self.last_activity = self.client_idle_since = self.loop.time()
         self.transport.write(request)
         if self._idle_timer is None:  # else the one armed before looks again when it fires
-            self._idle_timer = self.loop.call_at(
-                self.last_activity + self.pool.idle_timeout, self._idle_check
-            )
+            self._look_at(self.last_activity + self.pool.idle_timeout)
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if it may carry another, else closed."""
@@ -196,6 +210,7 @@ class Connection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self.transport is not None and self.state is State.ACTIVE:
             self.paused = True
+            self.client_idle_since = self.loop.time()  # the sink noted the client's backlog
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -235,26 +250,61 @@ class Connection(asyncio.Protocol):
             for name, value in head.raw_headers
         )
 
-    # -- idle timeout -----------------------------------------------------------------------
+    # -- timeouts ---------------------------------------------------------------------------
 
     # One timer per connection, armed by its first request and kept across the ones after
     # (a timer armed and cancelled per request costs more than the rest of the exchange's
-    # bookkeeping): when it fires it looks at the time of the last bytes, and at whether an
-    # answer is awaited at all.
+    # bookkeeping). When it fires during an exchange it looks at the client (have the bytes
+    # waiting for it not moved for client_timeout?) and, while the proxy reads the node, at
+    # the node (silent for idle_timeout?); in the pool, at whether the connection has been
+    # unused for idle_connection_timeout. It never sleeps longer than the shorter of the
+    # last two, so a connection given back, or a client that stops, just after a look is
+    # still seen in time, without a timer armed per pause or per return.
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        if self.state is not State.ACTIVE:  # in the pool, or closed: nothing awaited
+        if self.state is State.IDLE:
+            self._check_expiry()
+        elif self.state is State.ACTIVE:
+            self._check_exchange()
+
+    def _check_exchange(self) -> None:
+        now = self.loop.time()
+        if self.sink is None or self.sink.client_progressed():
+            self.client_idle_since = now
+        deadline = self.client_idle_since + self.pool.client_timeout
+        if now >= deadline:
+            self._drop_client()
             return
-        deadline = self.last_activity + self.pool.idle_timeout
-        if self.paused:  # we stopped reading (the client is behind): not the node's silence
-            deadline = self.loop.time() + self.pool.idle_timeout
-        if self.loop.time() < deadline:  # bytes came since: look again at the new deadline
-            self._idle_timer = self.loop.call_at(deadline, self._idle_check)
-            return
-        timeout = self.pool.idle_timeout
-        self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
-        self.close()
+        if not (self.paused or self.message_complete):  # we read the node: its silence counts
+            silent_until = self.last_activity + self.pool.idle_timeout
+            if now >= silent_until:
+                timeout = self.pool.idle_timeout
+                self._fail(UpstreamError("timeout", f"no bytes from the node for {timeout:g}s"))
+                self.close()
+                return
+            deadline = min(deadline, silent_until)
+        self._look_at(deadline)
+
+    def _drop_client(self) -> None:
+        """The client took nothing for client_timeout: its fault, never the node's."""
+        sink, self.sink = self.sink, None
+        self.close()  # the node stops generating for a client that takes nothing
+        if sink is not None:  # always: without a sink there is no client to judge
+            sink.client_stalled()
+
+    def _check_expiry(self) -> None:
+        """In the pool: closed once unused for idle_connection_timeout since the node's last
+        bytes (the node may drop it about then, and a stale one costs a retry)."""
+        deadline = self.last_activity + self.pool.idle_expiry
+        if self.loop.time() < deadline:
+            self._look_at(deadline)
+        else:
+            self.close()
+
+    def _look_at(self, deadline: float) -> None:
+        deadline = min(deadline, self.loop.time() + self.pool.longest_sleep)
+        self._idle_timer = self.loop.call_at(deadline, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -265,7 +315,16 @@ class Connection(asyncio.Protocol):
 class NodeConnections:
     """Kept-alive connections to one node."""
 
-    def __init__(self, url: str, connect_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float,
+        idle_timeout: float,
+        *,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        idle_expiry: float = DEFAULT_IDLE_CONNECTION_TIMEOUT,
+    ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
         self.https = parts.scheme == "https"
@@ -274,9 +333,17 @@ class NodeConnections:
         self.base_path = parts.path.rstrip("/")  # an Ollama behind another proxy's sub-path
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.idle: list[Connection] = []
+        self.client_timeout = client_timeout
+        self.max_idle = max_idle  # kept-alive connections at most; the oldest go first
+        self.idle_expiry = idle_expiry  # one unused this long since the node's last bytes closes
+        self.idle: list[Connection] = []  # oldest first; the newest is used first
         self.retired = False  # the node left the config: connections close when done
         self.tls = ssl.create_default_context() if self.https else None
+
+    @property
+    def longest_sleep(self) -> float:
+        """How long a connection's timer may sleep and still see every deadline on time."""
+        return min(self.client_timeout, self.idle_expiry)
 
     async def get(self) -> tuple[Connection, bool]:
         """A connection and whether it was reused (a reused one may have gone stale)."""
@@ -304,8 +371,10 @@ class NodeConnections:
     def give_back(self, conn: Connection) -> None:
         if self.retired:
             conn.close()
-        else:
-            self.idle.append(conn)
+            return
+        self.idle.append(conn)
+        if len(self.idle) > self.max_idle:
+            self.idle[0].close()  # the oldest: the likeliest to have gone stale
 
     def forget(self, conn: Connection) -> None:
         if conn in self.idle:
@@ -318,20 +387,27 @@ class NodeConnections:
 
 
 class Upstreams:
-    """Connections to every node, created on first use; timeouts from the current config."""
+    """Connections to every node, created on first use; limits from the current config."""
 
     def __init__(self, connect_timeout: float, idle_timeout: float) -> None:
         self.by_url: dict[str, NodeConnections] = {}
         self.configure(connect_timeout, idle_timeout)
 
     def configure(
-        self, connect_timeout: float, idle_timeout: float, urls: frozenset[str] | None = None
+        self,
+        connect_timeout: float,
+        idle_timeout: float,
+        urls: frozenset[str] | None = None,
+        *,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        max_idle: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        idle_expiry: float = DEFAULT_IDLE_CONNECTION_TIMEOUT,
     ) -> None:
-        """New timeouts; with ``urls``, the nodes that are left (others' idle ones close)."""
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
+        """New limits; with ``urls``, the nodes that are left (others' idle ones close)."""
+        self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
+        self.client_timeout, self.max_idle, self.idle_expiry = client_timeout, max_idle, idle_expiry
         for url, node in list(self.by_url.items()):
-            node.connect_timeout, node.idle_timeout = connect_timeout, idle_timeout
+            self._apply(node)
             if urls is not None and url not in urls:
                 node.retired = True
                 node.close_all()
@@ -341,7 +417,13 @@ class Upstreams:
         node = self.by_url.get(url)
         if node is None:
             node = self.by_url[url] = NodeConnections(url, self.connect_timeout, self.idle_timeout)
+            self._apply(node)
         return node
+
+    def _apply(self, node: NodeConnections) -> None:
+        node.connect_timeout, node.idle_timeout = self.connect_timeout, self.idle_timeout
+        node.client_timeout, node.max_idle = self.client_timeout, self.max_idle
+        node.idle_expiry = self.idle_expiry
 
     def close(self) -> None:
         for node in self.by_url.values():
