@@ -58,10 +58,19 @@ def test_compare_runs_two_checkouts_side_by_side() -> None:
     out = smoke_run("--compare", "HEAD")
     for row in ("Compare: this checkout (A) against HEAD (B)", "streams of", "/api/embed"):
         assert row in out, out
-    worktrees = subprocess.run(
-        ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert "compare-checkout" not in worktrees.stdout  # the checkout is gone again
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip()
+    ours = [
+        line
+        for line in git("worktree", "list").splitlines()
+        if "compare-checkout" in line and f" {head} " in line
+    ]
+    assert ours == []  # the checkout is gone again (others' runs may hold checkouts of theirs)
 
 
 def test_percentile_interpolates_between_ranks() -> None:
