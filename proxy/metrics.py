@@ -116,6 +116,12 @@ class Metrics:
             "Requests whose client left before the end; the node's request was cancelled.",
             registry=r,
         )
+        self.resource_shortages = Counter(
+            "ollama_proxy_resource_shortages",
+            "Requests answered 503 because the proxy ran out of descriptors or buffers "
+            "when connecting to a node; not counted against the node.",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "ollama_proxy_upstream_errors",
             "Failures talking to a node, by kind (connect, reset, timeout, broken, status_5xx).",
@@ -226,6 +232,8 @@ class Metrics:
     def proxy_error(self, exc: ProxyError) -> None:
         if isinstance(exc, Unavailable) and exc.reason in ("full", "timeout"):
             self.queue_rejected.labels(exc.reason).inc()
+        elif isinstance(exc, Unavailable) and exc.reason == "resources":
+            self.resource_shortages.inc()
 
     def upstream_error(self, node: Node, kind: FailureKind) -> None:
         self.upstream_errors.labels(node.name, kind).inc()

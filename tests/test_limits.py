@@ -1,23 +1,45 @@
 """What one client can hold of the proxy, through the real server.
 
-Each test plays one attack on raw sockets: here, pipelining without ever reading.
+Each test plays one attack on raw sockets: pipelining without ever reading, idle connections
+by the hundred under a low descriptor limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import os
 import re
+import resource
 import socket
+import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 import yaml
 
+from proxy.discovery import Discovery
+from proxy.health import Health
+from proxy.pool import Pool
 from proxy.sim import SimNode
+from proxy.supervision import Tasks
 
-from .conftest import StartNodes, generations, proxy_config_data, proxy_subprocess
+from .conftest import (
+    StartNodes,
+    free_port,
+    generations,
+    metric,
+    proxy_config,
+    proxy_config_data,
+    proxy_subprocess,
+    wait_until,
+)
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 
@@ -33,11 +55,100 @@ def write_config(tmp_path: Path, nodes: list[SimNode], **top: Any) -> Path:
     return path
 
 
+@contextlib.asynccontextmanager
+async def proxy_with_descriptors(
+    config: Path, limit: int
+) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
+    """``python -m proxy`` with its descriptor limit (RLIMIT_NOFILE) lowered to ``limit``."""
+    port = free_port()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "--config", str(config)),
+        *("--listen", f"127.0.0.1:{port}"),
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)),
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(20):
+        async for line in process.stderr:
+            if b"listening on" in line:
+                break
+    drain = asyncio.create_task(process.stderr.read())
+    try:
+        yield port, process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
+        await drain
+
+
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
     assert match is not None
     return int(match[1]) / 1024
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- raw HTTP/1.1 on one kept-alive connection ----------------------------------------------
+
+
+class Raw:
+    """One client connection, kept alive: a request written, its whole answer read."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Raw:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def ask(
+        self, method: str, path: str, body: Any = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.writer.write(head.encode() + data)
+        async with asyncio.timeout(5):
+            return await read_answer(self.reader)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer with a Content-Length (every answer these tests ask for has one)."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def idle_connections_now(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that send nothing; those the kernel cannot queue stay in SYN."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        sockets.append(sock)
+    return sockets
+
+
+@contextlib.contextmanager
+def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """Idle connections, closed at the end (with any the caller added to the list)."""
+    sockets = idle_connections_now(port, count)
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 # -- 1: a client that pipelines and never reads --------------------------------------------
@@ -102,3 +213,68 @@ async def test_a_client_that_pipelines_and_never_reads_holds_a_bounded_share(
             async with asyncio.timeout(5):
                 while len(generations(node)) - seen_before <= forwarded:
                     await loop.sock_recv(sock, 1 << 16)
+
+
+# -- 2: descriptors --------------------------------------------------------------------------
+
+DESCRIPTOR_LIMIT = 200
+IDLE = 260
+
+
+async def test_running_out_of_descriptors_is_the_proxys_503_not_the_nodes_failure(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    """The proxy runs out of descriptors itself. A request
+    that cannot connect to a node for that gets 503 with Retry-After, and the node is not
+    blamed (no upstream error, never ejected)."""
+    (node,) = await start_nodes(1)
+    config = write_config(tmp_path, [node])
+    async with proxy_with_descriptors(config, DESCRIPTOR_LIMIT) as (port, process):
+        client = await Raw.connect(port)
+        assert (await client.ask("GET", "/"))[0] == 200  # answered by the proxy: no node yet
+        with idle_connections(port, IDLE):
+            await wait_until(
+                lambda: open_descriptors(process.pid) >= DESCRIPTOR_LIMIT, what="all taken"
+            )
+            for _ in range(3):  # more than health_check.fall
+                status, headers, body = await client.ask("POST", "/api/generate", GENERATE)
+                assert status == 503, body
+                assert "retry-after" in headers and b"resources" in body
+            text = (await client.ask("GET", "/metrics"))[2].decode()
+        assert metric(text, "ollama_proxy_resource_shortages_total") == 3
+        assert metric(text, "ollama_proxy_node_up", node=node.name) == 1
+        assert "ollama_proxy_upstream_errors_total{" not in text
+        # Descriptors free again: the same connection is served by the node.
+        await wait_until(lambda: open_descriptors(process.pid) < DESCRIPTOR_LIMIT - 100)
+        assert (await client.ask("POST", "/api/generate", GENERATE))[0] == 200
+        client.close()
+
+
+async def test_a_health_check_the_proxy_could_not_make_is_no_failure(
+    start_nodes: StartNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors, the proxy cannot check a node: that says nothing about the node."""
+    (sim,) = await start_nodes(1)
+    config = proxy_config([sim], health_check={"fall": 1})
+    pool = Pool(config.nodes, config.queue)
+    # A new connection per check, so that each one needs a descriptor.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = Tasks()
+        health = Health(pool, session, config.health_check, Discovery(pool, session, config, tasks))
+        node = pool.nodes[sim.name]
+        await health.check(node)
+        assert node.up
+        loop = asyncio.get_running_loop()
+
+        async def out_of_descriptors(*args: Any, sock: Any = None, **kwargs: Any) -> Any:
+            if sock is not None:  # made by the connector before it asks the loop
+                sock.close()
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(loop, "create_connection", out_of_descriptors)
+        for _ in range(3):
+            await health.check(node)
+        assert node.up and node.check_failures_in_row == 0
+        monkeypatch.undo()
+        await tasks.aclose()
