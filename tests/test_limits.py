@@ -1,7 +1,7 @@
-"""What one client can hold of the proxy, through the real server.
+"""What one client can hold of the proxy: memory, descriptors and time, through the real server.
 
 Each test plays one attack on raw sockets: pipelining without ever reading, idle connections
-by the hundred under a low descriptor limit.
+by the hundred under a low descriptor limit, a head or a body sent a byte at a time.
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ import aiohttp
 import pytest
 import yaml
 
+from proxy.config import ConfigError, parse_config
 from proxy.discovery import Discovery
 from proxy.health import Health
 from proxy.pool import Pool
+from proxy.serving import KEEPALIVE_TIMEOUT, default_max_client_connections
 from proxy.sim import SimNode
 from proxy.supervision import Tasks
 
 from .conftest import (
     StartNodes,
+    StartProxy,
     free_port,
     generations,
     metric,
@@ -221,14 +224,44 @@ DESCRIPTOR_LIMIT = 200
 IDLE = 260
 
 
+async def test_idle_connections_cannot_take_the_descriptors_nodes_need(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    """With the default cap (sized from the descriptor limit), connections past it wait in the
+    kernel's accept queue, and requests on accepted connections still reach the node."""
+    (node,) = await start_nodes(1)
+    config = write_config(tmp_path, [node])
+    cap = default_max_client_connections(DESCRIPTOR_LIMIT)
+    queued = 20  # ahead of the late one in the kernel's queue (it holds serving.BACKLOG)
+    async with proxy_with_descriptors(config, DESCRIPTOR_LIMIT) as (port, process):
+        client = await Raw.connect(port)
+        assert (await client.ask("GET", "/"))[0] == 200  # accepted before the flood
+        with idle_connections(port, cap - 1 + queued), idle_connections(port, 0) as more:
+            late = await Raw.connect(port)  # past the cap: waits in the kernel's queue
+            more.extend(idle_connections_now(port, IDLE - cap - queued))
+            for _ in range(3):  # more than health_check.fall
+                status, _, _ = await client.ask("POST", "/api/generate", GENERATE)
+                assert status == 200
+            late.writer.write(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(read_answer(late.reader), 0.3)
+            assert open_descriptors(process.pid) < DESCRIPTOR_LIMIT - 32
+        # The idle ones are gone: the one that waited is served.
+        assert (await asyncio.wait_for(read_answer(late.reader), 5))[0] == 200
+        text = (await client.ask("GET", "/metrics"))[2].decode()
+        assert metric(text, "ollama_proxy_node_up", node=node.name) == 1
+        late.close()
+        client.close()
+
+
 async def test_running_out_of_descriptors_is_the_proxys_503_not_the_nodes_failure(
     start_nodes: StartNodes, tmp_path: Path
 ) -> None:
-    """The proxy runs out of descriptors itself. A request
+    """A cap set too high for the limit: the proxy runs out of descriptors itself. A request
     that cannot connect to a node for that gets 503 with Retry-After, and the node is not
     blamed (no upstream error, never ejected)."""
     (node,) = await start_nodes(1)
-    config = write_config(tmp_path, [node])
+    config = write_config(tmp_path, [node], limits={"max_client_connections": 1000})
     async with proxy_with_descriptors(config, DESCRIPTOR_LIMIT) as (port, process):
         client = await Raw.connect(port)
         assert (await client.ask("GET", "/"))[0] == 200  # answered by the proxy: no node yet
@@ -278,3 +311,151 @@ async def test_a_health_check_the_proxy_could_not_make_is_no_failure(
         assert node.up and node.check_failures_in_row == 0
         monkeypatch.undo()
         await tasks.aclose()
+
+
+# -- 3: time to send a request ----------------------------------------------------------------
+
+LIMITS = {"header_timeout": 0.4, "body_timeout": 0.4}
+
+
+async def proxy_port(start_nodes: StartNodes, start_proxy: StartProxy, **limits: Any) -> int:
+    nodes = await start_nodes(1)
+    proxy = await start_proxy(nodes, limits={**LIMITS, **limits})
+    return proxy.serving.port
+
+
+async def closed_after(reader: asyncio.StreamReader, bound: float = 3.0) -> tuple[bytes, float]:
+    """Everything the proxy sends until it closes the connection, and how long that took."""
+    started = time.monotonic()
+    async with asyncio.timeout(bound):
+        data = await reader.read()
+    return data, time.monotonic() - started
+
+
+async def trickle(writer: asyncio.StreamWriter, data: bytes, gap: float) -> None:
+    with contextlib.suppress(ConnectionError):
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await asyncio.sleep(gap)
+
+
+async def test_a_head_sent_a_byte_at_a_time_gets_408_and_the_connection_closes(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    port = await proxy_port(start_nodes, start_proxy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sending = asyncio.create_task(
+        trickle(writer, b"GET /api/tags HTTP/1.1\r\nHost: p\r\nX-Slow: " + b"x" * 200, 0.05)
+    )
+    data, took = await closed_after(reader)
+    assert data.startswith(b"HTTP/1.1 408 ") and data.count(b"HTTP/1.1") == 1
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+    assert 0.3 < took < 1.5
+    sending.cancel()
+    writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    port = await proxy_port(start_nodes, start_proxy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data, took = await closed_after(reader)
+    assert data == b"" and 0.3 < took < 1.5
+    writer.close()
+
+
+async def test_idle_keep_alive_is_not_cut_short_by_the_head_timeout(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """After an answer, a connection may wait (aiohttp's keep-alive, 75 s) for its next
+    request; the head's time starts with the next request's first byte."""
+    nodes = await start_nodes(1)
+    proxy = await start_proxy(nodes, limits=LIMITS)
+    client = await Raw.connect(proxy.serving.port)
+    assert (await client.ask("GET", "/"))[0] == 200
+    await asyncio.sleep(1.0)  # more than twice the head timeout, idle
+    assert (await client.ask("GET", "/"))[0] == 200
+    (connection,) = proxy.serving.clients.values()
+    assert connection.handler.keepalive_timeout == KEEPALIVE_TIMEOUT == 75
+    client.writer.write(b"GET / HTTP/1.1\r\n")  # the next head, never finished
+    data, took = await closed_after(client.reader)
+    assert data.startswith(b"HTTP/1.1 408 ") and 0.3 < took < 1.5
+    client.close()
+
+
+async def test_a_head_pipelined_during_an_answer_and_left_unfinished_gets_408_after_it(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """The head's time starts when the answer before it ends. (A partial head that comes in
+    the same read as the end of the request before it is not seen as one: aiohttp's keep-alive
+    timeout bounds that connection instead.)"""
+    nodes = await start_nodes(1, tokens=20, token_interval=0.02)
+    proxy = await start_proxy(nodes, limits=LIMITS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.serving.port)
+    body = json.dumps(GENERATE).encode()
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    writer.write(body)
+    await nodes[0].wait_for(lambda stats: stats.active == 1)
+    writer.write(b"GET / HTTP/1.1\r\nHo")  # while the generation runs
+    status, _, answer = await asyncio.wait_for(read_answer(reader), 5)
+    assert status == 200 and json.loads(answer)["done"] is True
+    data, took = await closed_after(reader)
+    assert data.startswith(b"HTTP/1.1 408 ") and 0.3 < took < 1.5
+    writer.close()
+
+
+async def test_a_body_that_stalls_gets_408_and_the_connection_closes(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    port = await proxy_port(start_nodes, start_proxy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\n{")
+    data, took = await closed_after(reader)
+    assert data.startswith(b"HTTP/1.1 408 ") and b"body" in data
+    assert 0.3 < took < 1.5
+    writer.close()
+
+
+async def test_a_slow_body_that_keeps_coming_is_served(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """Each piece comes within the body timeout, the whole takes longer than both timeouts:
+    the head's timer stopped when the head was whole, the body's restarts at each piece."""
+    nodes = await start_nodes(1)
+    proxy = await start_proxy(nodes, limits=LIMITS)
+    body = json.dumps(GENERATE).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.serving.port)
+    head = b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(body)
+    writer.write(head)
+    started = time.monotonic()
+    for piece in (body[:10], body[10:20], body[20:]):
+        await asyncio.sleep(0.3)
+        writer.write(piece)
+    status, _, answer = await asyncio.wait_for(read_answer(reader), 5)
+    assert status == 200 and json.loads(answer)["done"] is True
+    assert time.monotonic() - started > 0.8
+    assert len(generations(nodes[0])) == 1
+    writer.close()
+
+
+def test_limits_are_checked_with_the_config() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                "nodes": [{"url": "http://127.0.0.1:11434"}],
+                "limits": {"max_client_connections": 0, "header_timeout": "soon"},
+            }
+        )
+    assert caught.value.errors == [
+        'limits.max_client_connections: must be "auto" or an integer of at least 1',
+        "limits.header_timeout: must be a number",
+    ]
+    limits = parse_config({"nodes": [{"url": "http://127.0.0.1:11434"}]}).limits
+    assert (limits.max_client_connections, limits.header_timeout, limits.body_timeout) == (
+        None,
+        30,
+        60,
+    )
