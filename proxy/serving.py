@@ -55,32 +55,35 @@ def default_max_client_connections(descriptors: int | None = None) -> int:
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client connection: aiohttp's handler for it, with a timer on each request head.
+    """One client connection: aiohttp's handler for it, with a deadline on each request head.
 
-    The timer starts at accept, and at the first byte after an answer (or at the answer's end
-    when bytes beyond the request came while it was being answered: a pipelined head); it
-    stops when a request's handler starts, which aiohttp does once the head is whole. Bytes of
-    a head that came in the same read as the end of the request before it cannot be told from
-    that request (only aiohttp's parser frames requests): aiohttp's keep-alive timeout, which
-    closes a connection that has not sent a whole request in time, bounds that one instead.
+    The head's time starts at accept, and at the first byte after an answer (or at the
+    answer's end when bytes beyond the request came while it was being answered: a pipelined
+    head); it stops when a request's handler starts, which aiohttp does once the head is
+    whole. Bytes of a head that came in the same read as the end of the request before it
+    cannot be told from that request (only aiohttp's parser frames requests): aiohttp's
+    keep-alive timeout, which closes a connection that has not sent a whole request in time,
+    bounds that one instead.
     """
 
     def __init__(self, serving: Serving, handler: web.RequestHandler) -> None:
         self.serving = serving
         self.handler = handler
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.request: web.BaseRequest | None = None  # the one being answered, or the last
         self.busy = False  # a request is being answered
         self.head_expected = False  # bytes beyond the request's body came while busy
         self.partial_head = False  # bytes of a head came, no handler started yet
-        self._head_timer: asyncio.TimerHandle | None = None
+        self.head_since: float | None = None  # when the awaited head's time started
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol, handed on to aiohttp -----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP transport
         self.serving.opened(self)
-        self._start_head_timer()
+        self._head_due()
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -90,8 +93,8 @@ class ClientConnection(asyncio.Protocol):
             self.head_expected = True
         else:
             self.partial_head = True
-            if self._head_timer is None:
-                self._start_head_timer()
+            if self.head_since is None:
+                self._head_due()
         self.handler.data_received(data)
 
     def eof_received(self) -> None:
@@ -104,14 +107,16 @@ class ClientConnection(asyncio.Protocol):
         self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
+        self.head_since = None
+        if self._timer is not None:
+            self._timer.cancel()
         self.serving.closed(self)
         self.handler.connection_lost(exc)
 
     # -- from the middleware --------------------------------------------------------------------
 
     def request_started(self, request: web.BaseRequest) -> None:
-        self._stop_head_timer()
+        self.head_since = None  # the timer, if armed, finds nothing due when it fires
         self.request, self.busy = request, True
         self.head_expected = self.partial_head = False
 
@@ -119,27 +124,38 @@ class ClientConnection(asyncio.Protocol):
         self.busy = False
         if self.head_expected:
             self.partial_head = True
-            self._start_head_timer()
+            self._head_due()
 
-    # -- the head's timer -----------------------------------------------------------------------
+    # -- the head's deadline --------------------------------------------------------------------
 
-    def _start_head_timer(self) -> None:
-        self._stop_head_timer()
-        delay = self.serving.limits.header_timeout
-        self._head_timer = asyncio.get_running_loop().call_later(delay, self._head_late)
+    # One timer per connection, left armed when a head arrives in time (arming and cancelling
+    # one per request would cost more than the rest of this bookkeeping): when it fires it
+    # looks at whether a head is still awaited, and since when.
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _head_due(self) -> None:
+        self.head_since = self.loop.time()
+        if self._timer is None:
+            self._arm(self.head_since + self.serving.limits.header_timeout)
+
+    def _arm(self, when: float) -> None:
+        self._timer = self.loop.call_at(when, self._look)
+
+    def _look(self) -> None:
+        self._timer = None
+        if self.head_since is None or self.busy:
+            return  # no head awaited: the next one arms the timer again
+        deadline = self.head_since + self.serving.limits.header_timeout
+        if self.loop.time() < deadline:
+            self._arm(deadline)  # a later head than the one that armed it
+        else:
+            self._head_late()
 
     def _head_late(self) -> None:
         """No request started in time. Every earlier answer is whole in the transport by now
         (aiohttp writes an answer's last bytes before it waits for them to drain), so a 408
         cannot cut into one; a client that sent nothing gets no answer, only the close."""
-        self._head_timer = None
         transport = self.transport
-        if self.busy or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return
         if self.partial_head and transport.get_write_buffer_size() == 0:
             transport.write(HEAD_TIMEOUT_ANSWER)
