@@ -1,18 +1,30 @@
-"""Request bodies as the proxy reads them: bounded in size, JSON objects or a clear 400, and
-the fields the proxy acts on read as Ollama's Go decoder reads them."""
+"""Request bodies as the proxy reads them: bounded in size and in time, JSON objects or a
+clear 400, and the fields the proxy acts on read as Ollama's Go decoder reads them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
-from .errors import BadRequest, BodyTooLarge
+from .errors import BadRequest, BodyTooLarge, ProxyError
+
+# The longest wait for the next piece of a body (limits.body_timeout), set on each request by
+# the server (serving.py); this default is for requests that come another way.
+BODY_TIMEOUT = web.RequestKey("body_timeout", float)
+DEFAULT_BODY_TIMEOUT = 60.0
+
+
+class BodyStalled(ProxyError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"the request body stopped arriving for {timeout:g}s")
 
 
 async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it passes ``limit`` (announced or sent chunked)."""
+    """The whole body, or 413 as soon as it passes ``limit`` (announced or sent chunked), or
+    408 when its next piece does not come within the body timeout."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     if request.content.is_eof():  # the usual short body came with the head: take it at once
@@ -20,12 +32,21 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
         if len(whole) > limit:
             raise BodyTooLarge(limit)
         return whole
+    stall = request.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
     body = bytearray()
-    async for piece in request.content.iter_any():
+    while piece := await _next_piece(request, stall):
         body += piece
         if len(body) > limit:
             raise BodyTooLarge(limit)
     return bytes(body)
+
+
+async def _next_piece(request: web.Request, stall: float) -> bytes:
+    try:
+        async with asyncio.timeout(stall):
+            return await request.content.readany()
+    except TimeoutError:
+        raise BodyStalled(stall) from None
 
 
 # The top-level fields the proxy acts on (routing, caps, unloads, fan-out), named as Ollama's

@@ -130,6 +130,17 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold of the proxy: connections, and time to send a request."""
+
+    # Client connections open at once; None: sized from the descriptor limit at start (see
+    # serving.py). More wait in the kernel's accept queue until one closes.
+    max_client_connections: int | None
+    header_timeout: float  # from accept, or the previous answer's end, to a whole request head
+    body_timeout: float  # the longest wait for the next piece of a request body
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -144,6 +155,7 @@ class Config:
     reload: ReloadConfig
     routing: RoutingConfig
     discovery: DiscoveryConfig
+    limits: LimitsConfig
     # Model → names of the nodes an /api/pull of it goes to; others go to every healthy node.
     placement: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -421,6 +433,27 @@ def _discovery(r: _Reader, raw: dict[str, Any]) -> DiscoveryConfig:
     )
 
 
+def _limits(r: _Reader, raw: dict[str, Any]) -> LimitsConfig:
+    p = "limits"
+    r.no_unknown_keys(raw, p, {"max_client_connections", "header_timeout", "body_timeout"})
+    return LimitsConfig(
+        max_client_connections=_auto_or_count(
+            r, raw.get("max_client_connections", "auto"), f"{p}.max_client_connections"
+        ),
+        header_timeout=r.number(raw.get("header_timeout", 30), f"{p}.header_timeout", 0.01),
+        body_timeout=r.number(raw.get("body_timeout", 60), f"{p}.body_timeout", 0.01),
+    )
+
+
+def _auto_or_count(r: _Reader, value: object, path: str) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        r.error(path, 'must be "auto" or an integer of at least 1')
+        return None
+    return value
+
+
 # Sections whose every key has a default: name → reader.
 _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "health_check": _health_check,
@@ -432,6 +465,7 @@ _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "reload": _reload,
     "routing": _routing,
     "discovery": _discovery,
+    "limits": _limits,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)

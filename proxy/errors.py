@@ -6,6 +6,7 @@ raises ``UpstreamError`` with its kind.
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Literal
 
@@ -14,8 +15,11 @@ from aiohttp import web
 # How a node failed to answer (UpstreamError); a 5xx answer is a failure too, for health.
 UpstreamKind = Literal["connect", "reset", "timeout", "broken"]
 FailureKind = UpstreamKind | Literal["status_5xx"]
-# Why the proxy answered 503 without trying a node.
-RejectReason = Literal["no_node", "full", "body_bytes", "timeout", "unspecified"]
+# Why the proxy answered 503 without trying a node ("resources": it ran out of its own).
+RejectReason = Literal["no_node", "full", "body_bytes", "timeout", "resources", "unspecified"]
+# The proxy's own shortages, of descriptors (its own or the system's) or of buffer memory:
+# never a node's failure.
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Why a request was sent again: a node failure that nothing was generated for (``may_retry``),
 # or a busy node.
 RetryReason = UpstreamKind | Literal["node_busy"]
@@ -69,6 +73,12 @@ class UpstreamError(Exception):
         answered (a stale keep-alive connection, a crash), so nothing reached the client and
         the node is not generating for it. A timeout may mean the node is still working."""
         return self.kind in ("connect", "reset")
+
+
+def is_shortage(exc: BaseException) -> bool:
+    """The proxy ran out of descriptors or buffers (an aiohttp connector error is an OSError
+    with the errno of the one it wraps)."""
+    return isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS
 
 
 def error_body(message: str) -> bytes:

@@ -235,6 +235,9 @@ class Forwarder:
         try:
             upstream = await self._send(request, ex, node)
             ex.first_byte = time.monotonic()  # the node's status line and headers are in
+        except Unavailable:
+            ex.node = None  # the proxy's own shortage: no node answered, none is to blame
+            raise
         except UpstreamError as err:
             self._node_failed(node, err.kind)
             tried.append(node)

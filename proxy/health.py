@@ -23,7 +23,7 @@ import aiohttp
 
 from .config import HealthCheckConfig
 from .discovery import Discovery
-from .errors import FailureKind
+from .errors import FailureKind, is_shortage
 from .pool import Node, Pool
 from .supervision import Once, every, for_each
 
@@ -72,6 +72,9 @@ class Health:
             if ok:
                 node.version = _version_of(body)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if is_shortage(exc):  # the proxy's own shortage says nothing about the node
+                log.warning("health check of %s not made: %s", node.name, exc)
+                return
             ok, reason = False, f"health check failed: {exc or type(exc).__name__}"
         self._record_check(node, ok, reason)
 

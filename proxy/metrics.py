@@ -123,6 +123,12 @@ class Metrics:
             "upstream.client_timeout (also counted as disconnects, status 499).",
             registry=r,
         )
+        self.resource_shortages = Counter(
+            "ollama_proxy_resource_shortages",
+            "Requests answered 503 because the proxy ran out of descriptors or buffers "
+            "when connecting to a node; not counted against the node.",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "ollama_proxy_upstream_errors",
             "Failures talking to a node, by kind (connect, reset, timeout, broken, status_5xx).",
@@ -233,6 +239,8 @@ class Metrics:
     def proxy_error(self, exc: ProxyError) -> None:
         if isinstance(exc, Unavailable) and exc.reason in QUEUE_REJECTIONS:
             self.queue_rejected.labels(exc.reason).inc()
+        elif isinstance(exc, Unavailable) and exc.reason == "resources":
+            self.resource_shortages.inc()
 
     def client_timeout(self) -> None:
         self.client_timeouts.inc()

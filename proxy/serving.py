@@ -1,41 +1,275 @@
-"""Listening: aiohttp's server on the socket, and the stop."""
+"""Listening: client connections accepted up to a cap, timed while a request head is on its way,
+and served by aiohttp's server; the stop.
+
+The proxy accepts connections itself (``loop.sock_accept``, then ``connect_accepted_socket``
+with aiohttp's ``web.Server`` as the protocol factory), so that it can stop accepting at
+``limits.max_client_connections``: the next connections wait in the kernel's accept queue, as
+in HAProxy's ``maxconn``, and every descriptor the proxy may need for its nodes stays free.
+Each connection is a ``ClientConnection``, which hands every event to aiohttp's handler and
+watches the time its requests' heads take (``limits.header_timeout``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import resource
+import socket
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from .app import RUNTIME
+from .bodies import BODY_TIMEOUT
+from .config import LimitsConfig
+from .errors import error_body, is_shortage
+
+log = logging.getLogger("ollama_proxy")
+
+KEEPALIVE_TIMEOUT = 75.0  # an idle kept-alive client connection closes after it (as nginx)
+BACKLOG = 128  # connections the kernel holds for the proxy to accept (aiohttp's own default)
+# Descriptors kept apart from client and node connections: the listener, the event loop,
+# logs, the health checks' and fleet calls' own connections.
+RESERVED_DESCRIPTORS = 64
+# The kernel refused an accept for want of descriptors or memory: look again after this.
+ACCEPT_RETRY_DELAY = 0.1
+CAP_RECHECK = 1.0  # at the cap, seconds between looks at a cap a reload may have raised
+
+_HEAD_LATE = error_body("the request's head did not arrive in time")
+HEAD_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_HEAD_LATE), _HEAD_LATE)
+)
+
+
+def default_max_client_connections(descriptors: int | None = None) -> int:
+    """Half of what the descriptor limit (RLIMIT_NOFILE's soft one) leaves: a busy client
+    connection may need a connection to a node, and node connections stay open between
+    requests."""
+    if descriptors is None:
+        descriptors, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if descriptors == resource.RLIM_INFINITY:
+            descriptors = 2**20
+    return max(1, (descriptors - RESERVED_DESCRIPTORS) // 2)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: aiohttp's handler for it, with a deadline on each request head.
+
+    The head's time starts at accept, and at the first byte after an answer (or at the
+    answer's end when bytes beyond the request came while it was being answered: a pipelined
+    head); it stops when a request's handler starts, which aiohttp does once the head is
+    whole. Bytes of a head that came in the same read as the end of the request before it
+    cannot be told from that request (only aiohttp's parser frames requests): aiohttp's
+    keep-alive timeout, which closes a connection that has not sent a whole request in time,
+    bounds that one instead.
+    """
+
+    def __init__(self, serving: Serving, handler: web.RequestHandler) -> None:
+        self.serving = serving
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.request: web.BaseRequest | None = None  # the one being answered, or the last
+        self.busy = False  # a request is being answered
+        self.head_expected = False  # bytes beyond the request's body came while busy
+        self.partial_head = False  # bytes of a head came, no handler started yet
+        self.head_since: float | None = None  # when the awaited head's time started
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol, handed on to aiohttp -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport
+        self.serving.opened(self)
+        self._head_due()
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.request is not None and not self.request.content.is_eof():
+            pass  # the request's body (or the rest of an unread one, which aiohttp skips)
+        elif self.busy:
+            self.head_expected = True
+        else:
+            self.partial_head = True
+            if self.head_since is None:
+                self._head_due()
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()  # aiohttp's returns nothing: the transport closes
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.head_since = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.serving.closed(self)
+        self.handler.connection_lost(exc)
+
+    # -- from the middleware --------------------------------------------------------------------
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        self.head_since = None  # the timer, if armed, finds nothing due when it fires
+        self.request, self.busy = request, True
+        self.head_expected = self.partial_head = False
+
+    def request_ended(self) -> None:
+        self.busy = False
+        if self.head_expected:
+            self.partial_head = True
+            self._head_due()
+
+    # -- the head's deadline --------------------------------------------------------------------
+
+    # One timer per connection, left armed when a head arrives in time (arming and cancelling
+    # one per request would cost more than the rest of this bookkeeping): when it fires it
+    # looks at whether a head is still awaited, and since when.
+
+    def _head_due(self) -> None:
+        self.head_since = self.loop.time()
+        if self._timer is None:
+            self._arm(self.head_since + self.serving.limits.header_timeout)
+
+    def _arm(self, when: float) -> None:
+        self._timer = self.loop.call_at(when, self._look)
+
+    def _look(self) -> None:
+        self._timer = None
+        if self.head_since is None or self.busy:
+            return  # no head awaited: the next one arms the timer again
+        deadline = self.head_since + self.serving.limits.header_timeout
+        if self.loop.time() < deadline:
+            self._arm(deadline)  # a later head than the one that armed it
+        else:
+            self._head_late()
+
+    def _head_late(self) -> None:
+        """No request started in time. Every earlier answer is whole in the transport by now
+        (aiohttp writes an answer's last bytes before it waits for them to drain), so a 408
+        cannot cut into one; a client that sent nothing gets no answer, only the close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.partial_head and transport.get_write_buffer_size() == 0:
+            transport.write(HEAD_TIMEOUT_ANSWER)
+        if transport.get_write_buffer_size():
+            transport.abort()  # the client is not reading: a close would wait for it forever
+        else:
+            transport.close()
 
 
 class Serving:
     """The proxy accepting connections: started by ``serve``, then ``stop_accepting`` and
     ``close``."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
         self.runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
-        # Client connections with a request being answered: the others are idle.
-        self.busy: dict[asyncio.BaseTransport, int] = {}
+        self.sockets: list[socket.socket] = []
+        self.clients: dict[asyncio.BaseTransport, ClientConnection] = {}  # open ones
+        self.default_cap = default_max_client_connections()
+        self._accepting: list[asyncio.Task[None]] = []
+        self._room = asyncio.Event()  # set when a connection closes
+        self._at_cap_logged = False
+        self._shortage_logged = False
 
-    @web.middleware
-    async def count_busy(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        if transport is None:
-            return await handler(request)
-        self.busy[transport] = self.busy.get(transport, 0) + 1
-        try:
-            return await handler(request)
-        finally:
-            if self.busy[transport] == 1:
-                del self.busy[transport]
-            else:
-                self.busy[transport] -= 1
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.app[RUNTIME].config.limits  # the current config's: reloads apply
+
+    @property
+    def max_clients(self) -> int:
+        return self.limits.max_client_connections or self.default_cap
 
     @property
     def port(self) -> int:
-        assert self.runner is not None
-        return int(self.runner.addresses[0][1])
+        return int(self.sockets[0].getsockname()[1])
+
+    @web.middleware
+    async def track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tells each connection when its requests start and end; sets the body timeout."""
+        request[BODY_TIMEOUT] = self.limits.body_timeout
+        client = self.clients.get(request.transport) if request.transport else None
+        if client is None:
+            return await handler(request)
+        client.request_started(request)
+        try:
+            response = await handler(request)
+        finally:
+            client.request_ended()
+        if response.status == 408 and not request.content.is_eof():
+            await _close_after(request, response)  # the body stalled: nothing to linger for
+        return response
+
+    # -- accepting --------------------------------------------------------------------------------
+
+    def start_accepting(self) -> None:
+        for sock in self.sockets:
+            task = asyncio.create_task(self._accept_on(sock), name=f"accept {sock.getsockname()}")
+            self._accepting.append(task)
+
+    async def _accept_on(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.runner is not None and self.runner.server is not None
+        server = self.runner.server
+        while True:
+            await self._wait_for_room()
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                await self._accept_failed(exc)
+                continue
+            self._shortage_logged = False
+            try:  # returns once the connection is counted (ClientConnection.connection_made)
+                await loop.connect_accepted_socket(lambda: ClientConnection(self, server()), client)
+            except OSError:
+                client.close()  # gone before it could be served
+            except BaseException:
+                client.close()  # the proxy stops
+                raise
+
+    async def _wait_for_room(self) -> None:
+        """Below the cap; at it, new connections wait in the kernel's queue."""
+        while len(self.clients) >= self.max_clients:
+            if not self._at_cap_logged:
+                self._at_cap_logged = True
+                log.warning(
+                    "%d client connections open (limits.max_client_connections): new "
+                    "connections wait until one closes",
+                    len(self.clients),
+                )
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), CAP_RECHECK)
+        self._at_cap_logged = False
+
+    async def _accept_failed(self, exc: OSError) -> None:
+        if is_shortage(exc):
+            if not self._shortage_logged:  # once until an accept succeeds again
+                self._shortage_logged = True
+                log.warning("cannot accept connections: %s; new ones wait", exc.strerror)
+            await asyncio.sleep(ACCEPT_RETRY_DELAY)
+        elif not isinstance(exc, ConnectionAbortedError):  # the client left first: nothing
+            log.warning("accepting a connection failed: %s", exc)
+            await asyncio.sleep(ACCEPT_RETRY_DELAY)
+
+    def opened(self, client: ClientConnection) -> None:
+        assert client.transport is not None
+        self.clients[client.transport] = client
+
+    def closed(self, client: ClientConnection) -> None:
+        if client.transport in self.clients:
+            del self.clients[client.transport]
+            self._room.set()
+
+    # -- stopping ---------------------------------------------------------------------------------
 
     async def stop_accepting(self) -> None:
         """No new connections, and no new requests on open ones; requests in flight go on.
@@ -44,27 +278,71 @@ class Serving:
         but leaves idle ones open, where a client's next request would wait unanswered until
         the end: those are closed here.
         """
-        assert self.runner is not None and self.site is not None
-        await self.site.stop()
-        server = self.runner.server
+        await self._close_listeners()
+        server = self.runner.server if self.runner is not None else None
         if server is None:
             return
         await asyncio.sleep(0)  # requests already read start their handlers (are busy)
         server.pre_shutdown()
-        for connection in server.connections:
-            if connection.transport is not None and connection.transport not in self.busy:
-                connection.force_close()
+        for client in list(self.clients.values()):
+            if not client.busy:
+                client.handler.force_close()
+
+    async def _close_listeners(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        self._accepting.clear()
+        for sock in self.sockets:
+            sock.close()
 
     async def close(self) -> None:
         """Close every connection, then the application (its tasks and node connections)."""
+        await self._close_listeners()
         if self.runner is not None:
             await self.runner.cleanup()
 
 
+async def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the answer now, then close the connection (aiohttp would linger, reading the rest
+    of the body for a while, and a stalled client sends none)."""
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def _listening_sockets(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
+    """Bound and listening, one per address of ``host`` (as ``loop.create_server`` does)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # an IPv6 socket takes no IPv4: that has its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> Serving:
     """Start the application (its start-up checks), then listen on ``host:port``."""
-    serving = Serving()
-    app.middlewares.append(serving.count_busy)
+    serving = Serving(app)
+    app.middlewares.append(serving.track)
     runner = serving.runner = web.AppRunner(
         app,
         # Without this aiohttp notices a departed client only at its next write, so a
@@ -72,12 +350,13 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
         handler_cancellation=True,
         access_log=None,  # the proxy writes its own, with node, model and tokens
         shutdown_timeout=1.0,  # the drain is where requests get their time
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     await runner.setup()
-    site = serving.site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port)
     try:
-        await site.start()
+        serving.sockets = await _listening_sockets(host, port, reuse_port=reuse_port)
     except BaseException:
         await runner.cleanup()
         raise
+    serving.start_accepting()
     return serving

@@ -23,7 +23,7 @@ from .config import (
     DEFAULT_IDLE_CONNECTION_TIMEOUT,
     DEFAULT_MAX_IDLE_CONNECTIONS,
 )
-from .errors import UpstreamError
+from .errors import Unavailable, UpstreamError, is_shortage
 from .http1 import Head
 
 
@@ -364,6 +364,11 @@ class NodeConnections:
             timeout = self.connect_timeout
             raise UpstreamError("connect", f"connect timed out after {timeout:g}s") from None
         except OSError as exc:
+            if is_shortage(exc):  # the proxy's own shortage: the node was not even asked
+                raise Unavailable(
+                    f"the proxy is short of resources to reach a node: {exc.strerror or exc}",
+                    reason="resources",
+                ) from None
             raise UpstreamError("connect", str(exc) or type(exc).__name__) from None
         protocol.transport = transport  # uvloop may call connection_made only later
         return protocol
