@@ -175,8 +175,12 @@ class Serving:
         self.sockets: list[socket.socket] = []
         self.clients: dict[asyncio.BaseTransport, ClientConnection] = {}  # open ones
         self.default_cap = default_max_client_connections()
-        self._accepting: list[asyncio.Task[None]] = []
-        self._room = asyncio.Event()  # set when a connection closes
+        self.loop = asyncio.get_running_loop()
+        self._listening: set[socket.socket] = set()  # those whose readiness is watched
+        self._starting: set[asyncio.Task[None]] = set()  # accepted, being handed to aiohttp
+        self._connecting = 0  # of those, not yet counted in ``clients``
+        self._recheck: asyncio.TimerHandle | None = None
+        self._stopped = False
         self._at_cap_logged = False
         self._shortage_logged = False
 
@@ -210,55 +214,93 @@ class Serving:
 
     # -- accepting --------------------------------------------------------------------------------
 
+    # Callbacks on the listening sockets' readiness, not a task per accept: one wake-up takes
+    # every connection the kernel holds (up to the cap), so a burst of clients costs one loop
+    # turn, not two per client behind the turns busy relaying other streams.
+
     def start_accepting(self) -> None:
         for sock in self.sockets:
-            task = asyncio.create_task(self._accept_on(sock), name=f"accept {sock.getsockname()}")
-            self._accepting.append(task)
+            self._listen(sock)
 
-    async def _accept_on(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _listen(self, sock: socket.socket) -> None:
+        if sock.fileno() >= 0 and sock not in self._listening:
+            self._listening.add(sock)
+            self.loop.add_reader(sock.fileno(), self._acceptable, sock)
+
+    def _unlisten(self, sock: socket.socket) -> None:
+        if sock in self._listening:
+            self._listening.discard(sock)
+            self.loop.remove_reader(sock.fileno())
+
+    def _acceptable(self, sock: socket.socket) -> None:
+        """Accept what waits, below the cap; at it, the next wait in the kernel's queue."""
+        while len(self.clients) + self._connecting < self.max_clients:
+            try:
+                client, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._accept_failed(sock, exc)
+                return
+            self._shortage_logged = False
+            self._connecting += 1
+            task = asyncio.ensure_future(self._serve_accepted(client))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+        self._at_cap(sock)
+
+    async def _serve_accepted(self, client: socket.socket) -> None:
         assert self.runner is not None and self.runner.server is not None
         server = self.runner.server
-        while True:
-            await self._wait_for_room()
-            try:
-                client, _ = await loop.sock_accept(sock)
-            except OSError as exc:
-                await self._accept_failed(exc)
-                continue
-            self._shortage_logged = False
-            try:  # returns once the connection is counted (ClientConnection.connection_made)
-                await loop.connect_accepted_socket(lambda: ClientConnection(self, server()), client)
-            except OSError:
-                client.close()  # gone before it could be served
-            except BaseException:
-                client.close()  # the proxy stops
-                raise
+        try:  # returns once the connection is counted (ClientConnection.connection_made)
+            await self.loop.connect_accepted_socket(
+                lambda: ClientConnection(self, server()), client
+            )
+        except OSError:
+            client.close()  # gone before it could be served
+        except BaseException:
+            client.close()  # the proxy stops
+            raise
+        finally:
+            self._connecting -= 1
 
-    async def _wait_for_room(self) -> None:
-        """Below the cap; at it, new connections wait in the kernel's queue."""
-        while len(self.clients) >= self.max_clients:
-            if not self._at_cap_logged:
-                self._at_cap_logged = True
-                log.warning(
-                    "%d client connections open (limits.max_client_connections): new "
-                    "connections wait until one closes",
-                    len(self.clients),
-                )
-            self._room.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), CAP_RECHECK)
-        self._at_cap_logged = False
+    def _at_cap(self, sock: socket.socket) -> None:
+        self._unlisten(sock)
+        if not self._at_cap_logged:
+            self._at_cap_logged = True
+            log.warning(
+                "%d client connections open (limits.max_client_connections): new "
+                "connections wait until one closes",
+                len(self.clients),
+            )
+        self._look_again_later()
 
-    async def _accept_failed(self, exc: OSError) -> None:
-        if is_shortage(exc):
-            if not self._shortage_logged:  # once until an accept succeeds again
-                self._shortage_logged = True
-                log.warning("cannot accept connections: %s; new ones wait", exc.strerror)
-            await asyncio.sleep(ACCEPT_RETRY_DELAY)
-        elif not isinstance(exc, ConnectionAbortedError):  # the client left first: nothing
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        if isinstance(exc, ConnectionAbortedError):
+            return  # the client left first: nothing
+        if not is_shortage(exc):
             log.warning("accepting a connection failed: %s", exc)
-            await asyncio.sleep(ACCEPT_RETRY_DELAY)
+        elif not self._shortage_logged:  # once until an accept succeeds again
+            self._shortage_logged = True
+            log.warning("cannot accept connections: %s; new ones wait", exc.strerror)
+        self._unlisten(sock)
+        self.loop.call_later(ACCEPT_RETRY_DELAY, self._room_again)
+
+    def _look_again_later(self) -> None:
+        """At the cap a closing connection makes room; a reload may raise the cap too."""
+        if self._recheck is None:
+            self._recheck = self.loop.call_later(CAP_RECHECK, self._room_again)
+
+    def _room_again(self) -> None:
+        self._recheck = None
+        if self._stopped:
+            return
+        if len(self.clients) + self._connecting < self.max_clients:
+            self._at_cap_logged = False
+            for sock in self.sockets:
+                self._listen(sock)
+        else:
+            self._look_again_later()
 
     def opened(self, client: ClientConnection) -> None:
         assert client.transport is not None
@@ -267,7 +309,8 @@ class Serving:
     def closed(self, client: ClientConnection) -> None:
         if client.transport in self.clients:
             del self.clients[client.transport]
-            self._room.set()
+            if len(self._listening) < len(self.sockets) and not self._stopped:
+                self._room_again()
 
     # -- stopping ---------------------------------------------------------------------------------
 
@@ -289,12 +332,13 @@ class Serving:
                 client.handler.force_close()
 
     async def _close_listeners(self) -> None:
-        for task in self._accepting:
-            task.cancel()
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-        self._accepting.clear()
+        self._stopped = True
+        if self._recheck is not None:
+            self._recheck.cancel()
         for sock in self.sockets:
+            self._unlisten(sock)
             sock.close()
+        await asyncio.gather(*self._starting, return_exceptions=True)
 
     async def close(self) -> None:
         """Close every connection, then the application (its tasks and node connections)."""
