@@ -16,7 +16,7 @@ from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import error_response
 from .fleet import Fleet
-from .forward import Forwarder
+from .forward import Forwarder, expect_continue
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
@@ -116,9 +116,13 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)
-    runtime.fleet.add_routes(app.router, wrap=runtime.forwarder.observed)
+    runtime.fleet.add_routes(
+        app.router, wrap=runtime.forwarder.observed, expect_handler=expect_continue
+    )
     _other_methods_not_allowed(app.router, runtime)
-    app.router.add_route("*", "/{tail:.*}", runtime.forwarder.handle)
+    app.router.add_route(
+        "*", "/{tail:.*}", runtime.forwarder.handle, expect_handler=expect_continue
+    )
     return app
 
 
@@ -131,7 +135,8 @@ def _other_methods_not_allowed(router: web.UrlDispatcher, runtime: Runtime) -> N
         if isinstance(resource, web.Resource) and "*" not in methods:  # "*": admin's 404
             own = resource.canonical.startswith(PROXY_OWN_PATHS)
             refuse = runtime.forwarder.observed(_not_allowed(methods))
-            resource.add_route("*", refuse if own else _preflight_to_node(refuse, runtime))
+            answer = refuse if own else _preflight_to_node(refuse, runtime)
+            resource.add_route("*", answer, expect_handler=expect_continue)
 
 
 def _not_allowed(methods: set[str]) -> Handler:

@@ -100,7 +100,12 @@ class Fleet:
             "/api/version": self.version,
         }
 
-    def add_routes(self, router: web.UrlDispatcher, wrap: Callable[[Handler], Handler]) -> None:
+    def add_routes(
+        self,
+        router: web.UrlDispatcher,
+        wrap: Callable[[Handler], Handler],
+        expect_handler: Callable[[web.Request], Awaitable[None]],
+    ) -> None:
         """Route the fleet's paths; ``wrap`` adds the request accounting every path has."""
         routes: list[tuple[str, str, Handler]] = [
             ("GET", path, _ignoring_request(listing)) for path, listing in self.listings.items()
@@ -114,7 +119,9 @@ class Fleet:
             ("POST", "/api/blobs/{digest}", self.blob_upload),
         ]
         for method, path, handler in routes:
-            router.add_route(method, path, wrap(_answering_errors(handler)))
+            router.add_route(
+                method, path, wrap(_answering_errors(handler)), expect_handler=expect_handler
+            )
             if method == "GET":
                 router.add_route("HEAD", path, wrap(_answering_errors(handler)))
 

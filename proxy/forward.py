@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .accesslog import AccessLog
 from .answer import Answer
@@ -170,6 +170,8 @@ class Forwarder:
                 self.idle.set()
 
     async def _proxy(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        if "#" in request.raw_path:  # aiohttp and a node may cut a fragment at other places
+            raise BadRequest("invalid request target: a fragment is never sent to a server")
         await self._read(request, ex)
         if ex.unload and ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
@@ -401,6 +403,19 @@ def _with_node_headers(headers: RawHeaders, node: Node) -> RawHeaders:
     names = {name.lower().encode() for name in own}
     kept = [(k, v) for k, v in headers if k.lower() not in names]
     return [*kept, *((k.encode(), v.encode()) for k, v in own.items())]
+
+
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's own expect handler, but quiet when the client has gone already: aiohttp's
+    writes its ``100 Continue`` to the closing transport and logs that as a server error."""
+    if request.version != HttpVersion11:
+        return
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    if not _client_left(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own bytes have not begun
 
 
 def _client_left(request: web.Request) -> bool:

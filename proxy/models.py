@@ -19,11 +19,12 @@ def is_unload_request(path: str, body: dict[str, Any]) -> bool:
 
     ``body`` holds its fields as Ollama reads them, under their own names (``Prompt`` is the
     prompt): ``bodies.json_object`` for the proxy, the simulator's own reading for it."""
-    if path not in UNLOAD_PATHS or body.get("keep_alive") not in UNLOAD:
+    keep_alive = body.get("keep_alive")
+    if path not in UNLOAD_PATHS or isinstance(keep_alive, bool) or keep_alive not in UNLOAD:
         return False
     if path == "/api/chat":
         return not body.get("messages")
     return not body.get("prompt") and not body.get("images")
 
 
-UNLOAD = (0, "0", "0s", "0m")
+UNLOAD = (0, "0", "0s", "0m")  # not False, though False == 0: Ollama refuses a bool there

@@ -42,8 +42,8 @@ P4 no leak: afterwards every request has ended, every slot is back and the queue
 P5 no crash: nothing is logged as an error by aiohttp's server, the proxy or asyncio, other
    than aiohttp's note of a request it could not parse (and answered 400).
 
-Findings still open are skipped by filters named ``KNOWN_OPEN_…`` (being fixed elsewhere) and
-``NEW_OPEN_…`` (found here), each pinned by a strict xfail test at the end of the file.
+The examples this fuzz and the attack run found, shrunk, stay at the end of the file as
+regression cases (``test_a_found_example_holds``).
 
 Runs derandomized (the same examples on every run, no example database) in a few seconds.
 ``FUZZ_EXAMPLES=3000 FUZZ_RANDOM=1`` explores further (about two minutes, with
@@ -68,7 +68,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 import pytest
 from aiohttp.http_exceptions import HttpProcessingError
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.api import (
@@ -111,89 +111,6 @@ REQUEST_ID = "x-request-id"
 SLOW_HEADER = "X-Slow"  # the node answers a request that has it only after SLOW_ANSWER
 SLOW_ANSWER = 0.05
 _ids = itertools.count(1)
-
-
-# -- open findings ----------------------------------------------------------------------------
-# Each filter skips the examples of exactly one finding; remove it with its pinned test (at the
-# end of the file) when the fix lands, and the fuzz checks the fix too.
-# Being fixed on other branches:
-
-GO_FIELDS = ("model", "name", "keep_alive", "prompt", "messages", "images")
-
-
-def KNOWN_OPEN_go_case_insensitive_keys(request: ClientRequest) -> bool:
-    """Go-style case-insensitive JSON keys: the proxy reads ``model`` (and ``keep_alive``,
-    ``prompt`` …) case-sensitively, Ollama's encoding/json matches ``Model`` or ``MODEL`` too.
-    Skips the bodies where reading the keys case-insensitively changes some field's value."""
-    pairs = json_pairs(request.body)
-    if pairs is None:
-        return False
-    return any(matching(pairs, f)[-1:] != matching(pairs, f, str)[-1:] for f in GO_FIELDS)
-
-
-def KNOWN_OPEN_blob_path_traversal(request: ClientRequest) -> bool:
-    """Blob path traversal: ``/api/blobs/..%2Fgenerate`` matches the blob route, and the
-    fleet's client resolves the decoded ``..`` before sending: the node gets ``/api/generate``."""
-    path = client_path(request.target)
-    if not path.startswith(BLOBS_PREFIX.encode()):
-        return False
-    digest = path.removeprefix(BLOBS_PREFIX.encode())
-    return b"/" in digest or digest in (b".", b"..")
-
-
-# Found by this fuzz:
-
-
-def NEW_OPEN_fragment_before_query(request: ClientRequest) -> bool:
-    """aiohttp's parser finds a fragment only after the query (``_http_parser.pyx``, origin
-    form): in ``/#a?b`` the path is ``/#a``, and ``raw_path_qs`` sends the ``#`` to the node."""
-    hash_at = request.target.find("#")
-    return request.target.startswith("/") and 0 <= hash_at < request.target.find("?")
-
-
-def NEW_OPEN_pipelined_after_upgrade(conversation: Conversation) -> bool:
-    """aiohttp takes the bytes after a request with ``Upgrade`` and ``Connection: upgrade`` as
-    the upgraded protocol's even when the answer is no 101: a request pipelined after it is
-    never answered (the connection hangs)."""
-    return any(r.asks_to_upgrade for r in conversation.requests[:-1])
-
-
-def NEW_OPEN_expect_continue_client_left(conversation: Conversation) -> bool:
-    """A client that sent ``Expect: 100-continue`` and left: aiohttp's default expect handler
-    writes its ``100 Continue`` to the closing transport and logs the failure as an error,
-    with a traceback, before the proxy's handler runs."""
-    expects = any(k.lower() == "expect" for r in conversation.requests for k, _ in r.headers)
-    return expects and conversation.leave_after is not None
-
-
-def NEW_OPEN_chunked_blob_upload(request: ClientRequest) -> bool:
-    """A blob upload sent chunked (no Content-Length) goes to the nodes chunked as well: the
-    fleet streams it with aiohttp's client, which frames a body of unknown length so."""
-    chunked = request.framing in ("chunked", "chunked-ext", "chunked-trailer", "gzip-chunked")
-    return chunked and client_path(request.target).startswith(BLOBS_PREFIX.encode())
-
-
-PER_REQUEST = (
-    KNOWN_OPEN_go_case_insensitive_keys,
-    KNOWN_OPEN_blob_path_traversal,
-    NEW_OPEN_fragment_before_query,
-    NEW_OPEN_chunked_blob_upload,
-)
-PER_CONVERSATION = (NEW_OPEN_pipelined_after_upgrade, NEW_OPEN_expect_continue_client_left)
-CHECKED = os.environ.get("FUZZ_CHECK_OPEN", "").split(",")
-
-
-def skipped(example: list[Conversation]) -> bool:
-    """An example of an open finding: the fuzz goes on with the others."""
-    per_request = [f for f in PER_REQUEST if f.__name__ not in CHECKED and "all" not in CHECKED]
-    per_conversation = [
-        f for f in PER_CONVERSATION if f.__name__ not in CHECKED and "all" not in CHECKED
-    ]
-    return any(
-        any(skip(c) for skip in per_conversation)
-        or any(skip(r) for r in c.requests for skip in per_request)
-        for c in example
-    )
 
 
 # -- the node ---------------------------------------------------------------------------------
@@ -892,11 +809,15 @@ def check_well_formed(node: RecordingNode, by_id: dict[str, ClientRequest]) -> N
         where = f"the node got {got.method} {got.target!r} {got.headers}"
         assert got.version == "1.1", where
         assert got.target.startswith(b"/") and b"#" not in got.target, f"target: {where}"
-        assert not got.values("transfer-encoding"), f"Transfer-Encoding: {where}"
+        streamed = got.target.startswith(BLOBS_PREFIX.encode()) and not got.values("content-length")
+        if streamed:  # a blob of unknown length (sent chunked) can only go on so (fleet.py)
+            assert got.values("transfer-encoding") == [b"chunked"], where
+        else:
+            assert not got.values("transfer-encoding"), f"Transfer-Encoding: {where}"
         lengths = got.values("content-length")
         assert len(lengths) <= 1 and lengths in ([], [b"%d" % len(got.body)]), where
         assert got.values("host") == [node.authority], f"Host: {where}"
-        named = HOP_BY_HOP
+        named = HOP_BY_HOP - {"transfer-encoding"} if streamed else HOP_BY_HOP
         if (client := by_id.get(got.request_id or "")) is not None:
             named = named | client.connection_tokens - {"host", "content-length"}
         assert not {n.decode() for n, _ in got.headers} & named, f"hop-by-hop: {where}"
@@ -1024,7 +945,6 @@ async def holds(rig: Rig, example: list[Conversation]) -> None:
 )
 @given(example=examples)
 async def test_the_request_path_holds_its_properties(rig: Rig, example: list[Conversation]) -> None:
-    assume(not skipped(example))
     await holds(rig, example)
 
 
@@ -1044,67 +964,33 @@ def alone(*sent: ClientRequest, leave_after: int | None = None) -> list[Conversa
 
 UPGRADE = (("Upgrade", "h2c"), ("Connection", "Upgrade"))
 GENERATION = b'{"model": "llama3.2", "prompt": "hi"}'
-# Each open finding: the example hypothesis shrank it to (or a plainer one of the same), what
-# it shows, and words of the failure that shows it. The filter of the same name keeps the fuzz
-# going meanwhile. Strict: a fix makes this test fail; then the filter and its entry here go.
-OPEN_FINDINGS = [
-    (
-        KNOWN_OPEN_go_case_insensitive_keys,
-        alone(one("POST", "/", b'{"Model": "llama3.2"}')),
-        ("P2: the node reads model llama3.2, the proxy counted none", "the proxy counted None"),
+DIGEST = "sha256:" + "0" * 64
+# What this fuzz and the attack run found, each as the example it shrank to (or a plainer one
+# of the same): they failed before their fixes and must hold now.
+FOUND = {
+    "a model key in another case (Go's decoder reads it)": alone(
+        one("POST", "/", b'{"Model": "llama3.2"}')
     ),
-    (
-        KNOWN_OPEN_blob_path_traversal,
-        alone(one("POST", "/api/blobs/..%2Fgenerate", GENERATION)),
-        (
-            "P2: the node gets POST /api/generate, a generation the proxy never counted",
-            "neither forwarded nor the proxy's own",
-        ),
+    "blob path traversal to a generation": alone(
+        one("POST", "/api/blobs/..%2Fgenerate", GENERATION)
     ),
-    (
-        NEW_OPEN_fragment_before_query,
-        alone(one("GET", "/#a?b")),
-        ("P1: the node gets the target /#a?b", "target: the node got GET b'/#a?b'"),
+    "blob path traversal, encoded twice": alone(
+        one("POST", "/api/blobs/..%252F..%252Fapi%252Fgenerate", GENERATION)
     ),
-    (
-        NEW_OPEN_chunked_blob_upload,
-        alone(one("POST", BLOBS_PREFIX + "sha256:0", framing="chunked")),
-        ("P1: the node gets Transfer-Encoding: chunked", "Transfer-Encoding: the node got POST"),
+    "a key given again as null (Go keeps the first)": alone(
+        one("POST", "/", b'{"model": "llama3.2", "model": null}')
     ),
-    (
-        NEW_OPEN_pipelined_after_upgrade,
-        alone(one("GET", "/", headers=UPGRADE), one("GET", "/")),
-        ("P3: the second request is never answered", "no answer within"),
+    "a fragment before the query": alone(one("GET", "/#a?b")),
+    "a blob upload of unknown length": alone(one("POST", BLOBS_PREFIX + DIGEST, framing="chunked")),
+    "a request pipelined after an upgrade request": alone(
+        one("GET", "/", headers=UPGRADE), one("GET", "/")
     ),
-    (
-        NEW_OPEN_expect_continue_client_left,
-        alone(one("POST", "/", headers=(("Expect", "100-continue"),)), leave_after=0),
-        (
-            "P5: aiohttp logs ClientConnectionResetError as 'Error handling request'",
-            "Cannot write to closing transport",
-        ),
+    "Expect: 100-continue from a client that left": alone(
+        one("POST", "/", headers=(("Expect", "100-continue"),)), leave_after=0
     ),
-]
+}
 
 
-@pytest.mark.parametrize(
-    ("example", "message"),
-    [
-        pytest.param(
-            example,
-            message,
-            id=finding.__name__,
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=shows),
-        )
-        for finding, example, (shows, message) in OPEN_FINDINGS
-    ],
-)
-async def test_an_open_finding_still_fails(
-    rig: Rig, example: list[Conversation], message: str
-) -> None:
-    try:
-        await holds(rig, example)
-    except AssertionError as failure:
-        if message not in str(failure):  # not the finding: that must not pass as expected
-            pytest.fail(f"expected {message!r}, got {failure}")
-        raise
+@pytest.mark.parametrize("example", list(FOUND.values()), ids=list(FOUND))
+async def test_a_found_example_holds(rig: Rig, example: list[Conversation]) -> None:
+    await holds(rig, example)

@@ -355,3 +355,11 @@ async def test_the_real_process_reads_requests_as_ollama(
     assert deep[0] == ambiguous[0] == 400
     assert status == 200 and seen([tiny, big]) == [("POST", "/api/generate")]
     assert [r.model for r in generations(big)] == ["big"]
+
+
+def test_keep_alive_false_is_no_unload() -> None:
+    """Python's ``False == 0``; Go's decoder refuses a bool for a duration: not an unload."""
+    from proxy.models import is_unload_request
+
+    assert is_unload_request("/api/generate", {"model": "m", "keep_alive": 0})
+    assert not is_unload_request("/api/generate", {"model": "m", "keep_alive": False})
