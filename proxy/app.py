@@ -108,7 +108,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 def make_app(config: Config, config_path: Path | None = None) -> web.Application:
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
     # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
-    app = web.Application(client_max_size=2**62, middlewares=[_front_door])
+    app = web.Application(client_max_size=2**62, middlewares=[_every_request_first])
     logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
@@ -159,7 +159,7 @@ def _preflight_to_node(refuse: Handler, runtime: Runtime) -> Handler:
 
 
 @web.middleware
-async def _front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _every_request_first(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request first: only HTTP/1.0 and 1.1 are served, and aiohttp's own answers
     (its 404 for a path no route takes) come in Ollama's shape, ``{"error": ...}``."""
     if request.version not in HTTP_VERSIONS:
