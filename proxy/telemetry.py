@@ -103,7 +103,7 @@ def _from_openai(obj: dict[str, Any]) -> Usage | None:
 def _object(data: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # too deep is no final chunk
         return None
     return value if isinstance(value, dict) else None
 

@@ -41,3 +41,10 @@ def test_small_body_is_parsed_whole() -> None:
     body = compact({"model": "m", "done": True, "eval_count": 2, "eval_duration": 10**9})
     usage = usage_from_tail([body[:10], body[10:]], "application/json")
     assert usage is not None and usage.completion_tokens == 2 and usage.tokens_per_second == 2
+
+
+def test_a_final_chunk_nested_too_deep_has_no_counts() -> None:
+    """A node's answer nested deeper than Python's parser goes is no final chunk: no counts,
+    and no RecursionError (raised after the answer, it would log a traceback)."""
+    deep = b'{"done":true,"eval_count":3,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    assert usage_from_tail([deep], "application/x-ndjson") is None
