@@ -80,6 +80,7 @@ from proxy.api import (
 )
 
 from .conftest import Proxy, StartProxy, pool_is_idle, wait_until
+from .socketnode import SocketNode
 
 ANSWER_TIMEOUT = 2.0  # per connection: every answer within it, or the proxy hangs
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
@@ -195,39 +196,21 @@ def answer_to(request: NodeRequest) -> bytes:
     return head % len(body) + (b"" if request.method == "HEAD" else body)
 
 
-class RecordingNode:
+class RecordingNode(SocketNode):
     """Answers and records (see the module's docstring); a parse failure is a fault."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.name = "rec"
-        self.url = ""
-        self.authority = b""
         self.received: list[NodeRequest] = []
         self.faults: list[str] = []
         self.open: set[NodeConnection] = set()  # accepted and not yet closed
-        self.server: asyncio.Server | None = None
-        self.handlers: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.authority = b"127.0.0.1:%d" % port
+    def closing(self) -> None:
+        for conn in self.open:  # ones the proxy left open (a leak the test reported)
+            conn.writer.close()
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for conn in self.open:  # ones the proxy left open (a leak the test reported)
-                conn.writer.close()
-            await self.server.wait_closed()
-        if self.handlers:
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = NodeConnection(self, writer)
         self.open.add(conn)
         try:
@@ -816,7 +799,7 @@ def check_well_formed(node: RecordingNode, by_id: dict[str, ClientRequest]) -> N
             assert not got.values("transfer-encoding"), f"Transfer-Encoding: {where}"
         lengths = got.values("content-length")
         assert len(lengths) <= 1 and lengths in ([], [b"%d" % len(got.body)]), where
-        assert got.values("host") == [node.authority], f"Host: {where}"
+        assert got.values("host") == [node.address.encode()], f"Host: {where}"
         named = HOP_BY_HOP - {"transfer-encoding"} if streamed else HOP_BY_HOP
         if (client := by_id.get(got.request_id or "")) is not None:
             named = named | client.connection_tokens - {"host", "content-length"}

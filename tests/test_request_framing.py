@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from .conftest import proxy_subprocess
+from .socketnode import SocketNode
 
 BODY = b'{"model": "m", "prompt": "x"}'
 LENGTH = b"Content-Length: %d" % len(BODY)
@@ -123,34 +124,16 @@ ATTACKS = [
 # -- the node -------------------------------------------------------------------------------
 
 
-class RecordingNode:
+class RecordingNode(SocketNode):
     """Records every byte of every connection. Answers checks and discovery with the model
     ``m``, any other request with a short JSON body: a request ends where its
     Content-Length says (the parse that judges it comes later, from the record)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.records: list[bytearray] = []
-        self.handlers: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self.authority = ""
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.authority = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        """Once the proxy has gone: every connection has ended, and its record is whole."""
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        if self.handlers:
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         record = bytearray()
         self.records.append(record)
         pending = b""
@@ -279,7 +262,7 @@ async def test_the_node_gets_one_clean_request_or_none(attack: Attack, tmp_path:
     bait = await bait_listener(accepted)
     raw = attack.raw.replace(BAIT, b"%d" % bait.sockets[0].getsockname()[1])
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"nodes": [{"url": f"http://{node.authority}"}]}))
+    config.write_text(yaml.safe_dump({"nodes": [{"url": f"http://{node.address}"}]}))
     try:
         async with proxy_subprocess(config) as (url, _):
             host, port = url.removeprefix("http://").split(":")
@@ -302,6 +285,6 @@ async def test_the_node_gets_one_clean_request_or_none(attack: Attack, tmp_path:
     assert request.target == b"/api/generate", (
         f"not the target the proxy routed: {request.target!r}"
     )
-    assert request.values(b"host") == [node.authority.encode()]
+    assert request.values(b"host") == [node.address.encode()]
     assert request.values(b"content-length") == [b"%d" % len(BODY)]
     assert request.body == BODY

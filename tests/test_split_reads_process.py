@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from .conftest import proxy_subprocess
+from .socketnode import SocketNode
 
 SEED = 75
 REQUESTS = 300
@@ -137,36 +138,19 @@ def cut(plan: Planned, number: int) -> list[bytes]:
     return [plan.wire[a:b] for a, b in itertools.pairwise(edges)]
 
 
-class SplitNode:
+class SplitNode(SocketNode):
     """A node on a bare socket: health checks and discovery answered at once, every POST with
     the pieces ``script(target, body)`` gives, each written, drained and followed by
     ``pause`` so that it reaches the proxy as a read of its own. Counts answers per connection.
     """
 
     def __init__(self, script: Callable[[str, bytes], list[bytes]], pause: float) -> None:
+        super().__init__()
         self.script = script
         self.pause = pause
         self.answers_per_connection: list[int] = []
-        self.handlers: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-        self.url = ""
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        if self.handlers:  # each ends on its own once the proxy has gone: its connection ends
-            await asyncio.wait(self.handlers, timeout=5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        task.add_done_callback(self.handlers.discard)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = len(self.answers_per_connection)
         self.answers_per_connection.append(0)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
