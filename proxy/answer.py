@@ -105,11 +105,6 @@ class Answer:
             self._client_backlog = self._client.get_write_buffer_size()
         return self._client_backlog
 
-    @property
-    def complete(self) -> bool:
-        """The whole body has come (which need not mean the request path has taken it)."""
-        return self._ended
-
     # -- read by the request path ------------------------------------------------------------
 
     async def head(self) -> Head:
