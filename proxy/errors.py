@@ -25,18 +25,57 @@ SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 RetryReason = UpstreamKind | Literal["node_busy"]
 
 
-class ProxyError(Exception):
-    """A failure answered by the proxy itself with ``{"error": message}``."""
+# The API a request speaks, which decides the shape of the proxy's own errors: the SDKs of
+# each read their message from a different place.
+ApiFamily = Literal["ollama", "openai", "anthropic"]
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+
+def family_of(path: str) -> ApiFamily:
+    """Ollama's OpenAI layer answers under /v1, its Anthropic layer on /v1/messages."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "openai"
+    return "ollama"
+
+
+class ProxyError(Exception):
+    """A failure answered by the proxy itself, in the shape of the request's API family.
+
+    ``kind`` overrides the error type the status implies (OpenAI and Anthropic shapes), and
+    ``code`` fills OpenAI's ``code`` (``"invalid_api_key"``, ``"rate_limit_exceeded"``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+        kind: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
+        self.kind = kind
+        self.code = code
 
-    def response(self) -> web.Response:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return error_response(self.status, self.message, headers=headers)
+    def response(self, path: str = "/") -> web.Response:
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return error_response(
+            self.status,
+            self.message,
+            headers=headers or None,
+            family=family_of(path),
+            kind=self.kind,
+            code=self.code,
+        )
 
 
 class BadRequest(ProxyError):
@@ -81,16 +120,66 @@ def is_shortage(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS
 
 
-def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}, separators=(",", ":")).encode()
+# The error type each status implies, as Ollama's OpenAI layer names them (400 and 404; the
+# rest as the OpenAI API does) and as Anthropic's API does.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(
+    message: str,
+    status: int = 500,
+    family: ApiFamily = "ollama",
+    *,
+    kind: str | None = None,
+    code: str | None = None,
+) -> bytes:
+    """The body of an error in ``family``'s shape: ``{"error": message}`` for Ollama's own
+    API, ``{"error": {"message", "type", "param", "code"}}`` for OpenAI's, ``{"type":
+    "error", "error": {"type", "message"}}`` for Anthropic's."""
+    body: object
+    if family == "openai":
+        error_type = kind or _OPENAI_TYPES.get(status, "api_error")
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    elif family == "anthropic":
+        error_type = kind or _ANTHROPIC_TYPES.get(status, "api_error")
+        body = {"type": "error", "error": {"type": error_type, "message": message}}
+    else:
+        body = {"error": message}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def error_response(
-    status: int, message: str, *, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    family: ApiFamily = "ollama",
+    kind: str | None = None,
+    code: str | None = None,
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=error_body(message),
+        body=error_body(message, status, family, kind=kind, code=code),
         content_type="application/json",
         charset="utf-8",
         headers=headers,

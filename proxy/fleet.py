@@ -46,7 +46,7 @@ def _answering_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ProxyError as exc:
-            return exc.response()
+            return exc.response(request.path)
 
     return answer
 

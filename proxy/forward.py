@@ -150,7 +150,7 @@ class Forwarder:
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
-            return exc.response()
+            return exc.response(request.path)
         except asyncio.CancelledError:
             ex.client_gone = True  # not the node's fault: never counted against it
             raise
