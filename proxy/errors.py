@@ -98,6 +98,33 @@ class Unavailable(ProxyError):
         self.reason = reason
 
 
+# Why a client's key was refused (tenants): label values of ollama_proxy_key_rejections_total.
+RejectionReason = Literal["unauthorized", "forbidden", "rate", "tokens", "concurrency"]
+
+
+class RateLimited(ProxyError):
+    """429: the client's key is over one of its limits; it may retry after ``retry_after``.
+
+    ``headers`` carries the remaining budget (``X-RateLimit-*``) where one is known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: RejectionReason,
+        retry_after: int = 1,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            429,
+            message,
+            retry_after=retry_after,
+            headers=headers,
+            code="rate_limit_exceeded",
+        )
+        self.reason: RejectionReason = reason
+
+
 class UpstreamError(Exception):
     """A node failed to answer; ``kind`` says how (for metrics, retries and logs)."""
 
