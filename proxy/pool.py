@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .config import NodeConfig, QueueConfig
 from .errors import Unavailable
+from .fairshare import OPEN, Tenant
 from .telemetry import Usage
 
 SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving average of tokens/s
@@ -238,7 +239,9 @@ class Pool:
         waiters = (*self._waiters, *self._other_waiters)
         return sum(1 for w in waiters if node not in w.want.exclude and w.want.eligible(node))
 
-    async def acquire(self, want: Want = ANY, body_bytes: int = 0, *, slot: bool = True) -> Lease:
+    async def acquire(
+        self, want: Want = ANY, body_bytes: int = 0, *, slot: bool = True, tenant: Tenant = OPEN
+    ) -> Lease:
         """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise.
 
         ``body_bytes``, the request's body, counts against ``queue.max_body_bytes`` while
