@@ -195,6 +195,18 @@ def error_body(
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def stream_error(message: str, family: ApiFamily, *, event_stream: bool) -> bytes:
+    """The last event of a stream a node broke off, in the stream's own format: Anthropic's
+    ``event: error`` (its SDK reads only named events), OpenAI's ``data:`` line with an
+    error object (its SDK raises on one), or an NDJSON ``{"error": ...}`` line (Ollama's own,
+    which its clients raise on)."""
+    if not event_stream:
+        return error_body(message, 502) + b"\n"
+    if family == "anthropic":
+        return b"event: error\ndata: " + error_body(message, 502, "anthropic") + b"\n\n"
+    return b"data: " + error_body(message, 502, "openai") + b"\n\n"
+
+
 def error_response(
     status: int,
     message: str,
@@ -216,6 +228,12 @@ def error_response(
 # Characters of a client-supplied name (a model, a path) that a message or a log field quotes:
 # an 8 MiB model name must not come back as an 8 MiB error body or log line.
 SHOWN_MAX = 200
+
+
+def go_quoted(text: str) -> str:
+    """``text`` as Go's ``%q`` quotes it in Ollama's messages (``model "x" not found``): in
+    double quotes, with quotes, backslashes and control characters escaped."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def shown(text: str, limit: int = SHOWN_MAX) -> str:

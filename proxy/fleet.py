@@ -23,7 +23,7 @@ from .api import BLOBS_PREFIX
 from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
-from .errors import ProxyError, error_body, error_response, shown
+from .errors import ProxyError, error_body, error_response, go_quoted, shown
 from .models import normalize_model
 from .pool import Node, Pool
 
@@ -192,15 +192,17 @@ class Fleet:
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         body, model = await _model_body(request, self.max_body_size)
+        named = model_of(required_json_object(body)) or model  # as the client spelt it
+        missing = f"model '{shown(named)}' not found"  # Ollama's words for a delete
         holders = [n for n in self._healthy() if n.has_model(model)]
         if not holders:
-            return error_response(404, f"model '{shown(model)}' not found")
+            return error_response(404, missing)
         outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
         for node, status, _ in outcomes:
             if status in (200, 404) and node.models is not None:
                 node.models.discard(model)
                 node.resident.pop(model, None)
-        return _summarise(outcomes, "delete", ok=(200,), gone=404, model=model)
+        return _summarise(outcomes, "delete", ok=(200,), gone=404, missing=missing)
 
     async def copy(self, request: web.Request) -> web.StreamResponse:
         body = await read_bounded(request, self.max_body_size)
@@ -209,14 +211,15 @@ class Fleet:
         destination = payload.get("destination")
         if not isinstance(source, str) or not isinstance(destination, str):
             raise ProxyError(400, "source and destination are required")
+        missing = f"model {go_quoted(shown(source))} not found"  # Ollama's words for a copy
         holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
         if not holders:
-            return error_response(404, f"model '{shown(source)}' not found")
+            return error_response(404, missing)
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
         for node, status, _ in outcomes:
             if status == 200 and node.models is not None:
                 node.models.add(normalize_model(destination))
-        return _summarise(outcomes, "copy", ok=(200,), gone=404, model=source)
+        return _summarise(outcomes, "copy", ok=(200,), gone=404, missing=missing)
 
     async def unload(self, path: str, body: bytes, model: str) -> web.StreamResponse:
         """``ollama stop``: unload the model on every node that has it; one node's answer."""
@@ -418,10 +421,11 @@ def _summarise(
     *,
     ok: tuple[int, ...],
     gone: int | None = None,
-    model: str = "",
+    missing: str = "",
     status_on_success: int = 200,
 ) -> web.Response:
-    """One answer for a fan-out: success when every node did it (or never had it)."""
+    """One answer for a fan-out: success when every node did it (or never had it); 404 with
+    ``missing`` when every node answered ``gone``."""
     failed = [(n, s, b) for n, s, b in outcomes if s not in ok and s != gone]
     if failed:
         reasons = "; ".join(
@@ -431,7 +435,7 @@ def _summarise(
             500, f"{what} failed on {len(failed)} of {len(outcomes)} nodes: {reasons}"
         )
     if all(s == gone for _, s, _ in outcomes):
-        return error_response(404, f"model '{shown(model)}' not found")
+        return error_response(404, missing)
     return web.Response(status=status_on_success)
 
 

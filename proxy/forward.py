@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import time
 from collections import deque
@@ -42,7 +41,17 @@ from .api import (
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
-from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError, shown
+from .errors import (
+    BadRequest,
+    FailureKind,
+    ProxyError,
+    Unavailable,
+    UpstreamError,
+    family_of,
+    go_quoted,
+    shown,
+    stream_error,
+)
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
@@ -281,13 +290,14 @@ class Forwarder:
         return lease
 
     def _check_model_available(self, model_key: str, named: str) -> None:
-        """404 when no node has the model, 503 when only nodes that are down may have it."""
+        """404 when no node has the model, in Ollama's words for a model it cannot load; 503
+        when only nodes that are down may have it."""
         where = availability(self.pool, model_key)
         named = shown(named)  # the client's own name, however long, quoted in short
         if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
         if where == "nowhere":
-            raise ProxyError(404, f"model '{named}' not found, try pulling it first")
+            raise ProxyError(404, f"model {go_quoted(named)} not found, try pulling it first")
 
     async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
@@ -433,19 +443,17 @@ async def _break_stream(
 ) -> None:
     """The node failed mid-body: end the client's stream so that it cannot look complete.
 
-    A streamed (chunked) body gets one more line in its own format, ``{"error": ...}`` for
-    NDJSON or an SSE ``data:`` event; then the connection closes without the terminating
-    chunk (aiohttp's last chunk, written after the handler returns, finds it closed). A body
-    with a Content-Length just closes short of its length.
+    A streamed (chunked) body gets one more event in its own format and the request's API
+    family's shape (``errors.stream_error``); then the connection closes without the
+    terminating chunk (aiohttp's last chunk, written after the handler returns, finds it
+    closed). A body with a Content-Length just closes short of its length.
     """
     if head.content_length is None and request.version >= (1, 1):
         message = f"node {node.name} failed mid-response: {err.detail}"
-        if head.content_type == "text/event-stream":
-            event = {"error": {"message": message, "type": "api_error"}}
-            line = b"data: " + json.dumps(event).encode() + b"\n\n"
-        else:
-            line = json.dumps({"error": message}).encode() + b"\n"
-        await response.write(line)
+        event_stream = head.content_type == "text/event-stream"
+        await response.write(
+            stream_error(message, family_of(request.path), event_stream=event_stream)
+        )
     if request.transport is not None:
         request.transport.close()  # flushes what was written, then FIN: never the last chunk
 

@@ -62,7 +62,7 @@ async def test_unknown_model_is_the_proxys_404(
     proxy = await start_proxy(nodes)
     status, body = await post(proxy, "/api/generate", {"model": "no-such", "prompt": "x"})
     assert status == 404
-    assert json.loads(body) == {"error": "model 'no-such' not found, try pulling it first"}
+    assert json.loads(body) == {"error": 'model "no-such" not found, try pulling it first'}
     assert all(generations(n) == [] for n in nodes)
     client = ollama.AsyncClient(host=proxy.url)
     try:
