@@ -30,3 +30,13 @@ BLOBS_PREFIX = "/api/blobs/"
 OPENAI_MODEL_PREFIX = "/v1/models/"
 
 KNOWN_PATHS = MODEL_REQUIRED_PATHS | LISTING_PATHS | FANOUT_PATHS | {"/"}
+# The methods Ollama's router takes (server/routes.go) on its paths that go on to one node:
+# any other method is answered 405 by the proxy, as by Ollama, and never reaches a node. The
+# listings and fan-out paths are routed with their methods by fleet.py; paths not named here
+# (Ollama's newer cloud and experimental ones, or one a future Ollama adds) go to a node with
+# any method.
+FORWARDED_ROUTES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(sorted(INFERENCE_PATHS | MODEL_INFO_PATHS), ("POST",)),
+    "/v1/audio/transcriptions": ("POST",),
+    OPENAI_MODEL_PREFIX + "{model}": ("GET",),
+}

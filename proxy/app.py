@@ -12,9 +12,10 @@ from aiohttp.typedefs import Handler
 
 from . import admin
 from .accesslog import MALFORMED_REQUESTS
+from .api import FORWARDED_ROUTES
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
-from .errors import error_response
+from .errors import error_response, family_of
 from .fleet import Fleet
 from .forward import Forwarder, expect_continue
 from .health import Health
@@ -119,11 +120,20 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     runtime.fleet.add_routes(
         app.router, wrap=runtime.forwarder.observed, expect_handler=expect_continue
     )
+    _route_ollama_paths(app.router, runtime)
     _other_methods_not_allowed(app.router, runtime)
     app.router.add_route(
         "*", "/{tail:.*}", runtime.forwarder.handle, expect_handler=expect_continue
     )
     return app
+
+
+def _route_ollama_paths(router: web.UrlDispatcher, runtime: Runtime) -> None:
+    """Ollama's paths that go to a node, each with the methods Ollama takes on it, so that
+    ``_other_methods_not_allowed`` refuses the others, as Ollama's router does."""
+    for path, methods in FORWARDED_ROUTES.items():
+        for method in methods:
+            router.add_route(method, path, runtime.forwarder.handle, expect_handler=expect_continue)
 
 
 def _other_methods_not_allowed(router: web.UrlDispatcher, runtime: Runtime) -> None:
@@ -144,7 +154,8 @@ def _not_allowed(methods: set[str]) -> Handler:
 
     async def refuse(request: web.Request) -> web.StreamResponse:
         message = f"method {request.method} not allowed (allowed: {allow})"
-        return error_response(405, message, headers={"Allow": allow})
+        family = family_of(request.path)
+        return error_response(405, message, headers={"Allow": allow}, family=family)
 
     return refuse
 
@@ -161,11 +172,12 @@ def _preflight_to_node(refuse: Handler, runtime: Runtime) -> Handler:
 @web.middleware
 async def _every_request_first(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request first: only HTTP/1.0 and 1.1 are served, and aiohttp's own answers
-    (its 404 for a path no route takes) come in Ollama's shape, ``{"error": ...}``."""
+    (its 404 for a path no route takes) come in the shape of the path's API family."""
     if request.version not in HTTP_VERSIONS:
         # HTTP/0.9 (``GET /`` and no version) or a made-up HTTP/2.0 request line: llhttp
         # accepts both, and the answer would carry that version in its status line.
-        response = error_response(505, "only HTTP/1.0 and HTTP/1.1 are served here")
+        message = "only HTTP/1.0 and HTTP/1.1 are served here"
+        response = error_response(505, message, family=family_of(request.path))
         response.force_close()
         return response
     try:
@@ -174,7 +186,8 @@ async def _every_request_first(request: web.Request, handler: Handler) -> web.St
         if exc.status < 400:
             raise
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, exc.reason.lower(), headers=allow)
+        family = family_of(request.path)
+        return error_response(exc.status, exc.reason.lower(), headers=allow, family=family)
 
 
 async def _close_after_upgrade_request(request: web.Request, response: web.StreamResponse) -> None:

@@ -10,12 +10,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import anthropic
 import ollama
 import openai
 import pytest
 
-from .conftest import BareNode, Proxy, StartNodes, StartProxy, free_port
+from proxy.api import FORWARDED_ROUTES
+
+from .conftest import BareNode, Proxy, StartNodes, StartProxy, free_port, generations
 
 MISSING = 'model "no-such" not found, try pulling it first'  # Ollama's words (handleScheduleError)
 USER = [{"role": "user", "content": "hi"}]
@@ -190,3 +193,72 @@ async def test_openai_sdk_raises_on_a_stream_the_node_broke_off(
     assert "tok0 " in texts
     assert caught.value.message.startswith("node sim0 failed mid-response")
     assert caught.value.body["type"] == "api_error"  # type: ignore[index]
+
+
+# Each path the proxy knows, a method it does not take, and the methods it does.
+WRONG_METHODS = [
+    ("GET", "/api/chat", "POST"),
+    ("GET", "/api/generate", "POST"),
+    ("PUT", "/api/generate", "POST"),
+    ("GET", "/api/embed", "POST"),
+    ("HEAD", "/api/show", "POST"),
+    ("PUT", "/api/tags", "GET, HEAD"),
+    ("POST", "/api/tags", "GET, HEAD"),
+    ("DELETE", "/api/ps", "GET, HEAD"),
+    ("GET", "/api/pull", "POST"),
+    ("GET", "/api/delete", "DELETE"),
+    ("PUT", "/api/copy", "POST"),
+    ("GET", "/v1/chat/completions", "POST"),
+    ("GET", "/v1/messages", "POST"),
+    ("DELETE", "/v1/models/llama3.2", "GET"),
+    ("POST", "/v1/models", "GET, HEAD"),
+] + [
+    ("GET" if methods == ("POST",) else "POST", path.replace("{model}", "x"), ", ".join(methods))
+    for path, methods in FORWARDED_ROUTES.items()
+]
+
+
+async def test_a_wrong_method_on_a_known_path_is_405_with_allow(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        for method, path, allow in WRONG_METHODS:
+            async with session.request(method, proxy.url + path) as resp:
+                assert (resp.status, resp.headers.get("Allow")) == (405, allow), (method, path)
+                if method != "HEAD":
+                    assert_family_shape(path, await resp.json(), method)
+    assert generations(node) == []  # not one reached the node
+
+
+def assert_family_shape(
+    path: str, body: dict[str, object], needle: str, kind: str = "invalid_request_error"
+) -> None:
+    if path.startswith("/v1/messages"):
+        error = body["error"]
+        assert body["type"] == "error" and isinstance(error, dict), body
+        assert needle in error["message"] and error["type"] == kind
+    elif path.startswith("/v1/"):
+        error = body["error"]
+        assert isinstance(error, dict) and needle in error["message"], body
+        assert error["type"] == kind
+    else:
+        assert isinstance(body["error"], str) and needle in body["error"], body
+
+
+async def test_aiohttps_own_404_takes_the_family_shape(proxy: Proxy) -> None:
+    async with aiohttp.ClientSession() as session:
+        for path in ("/api/a%0Ab", "/v1/a%0Ab", "/v1/messages/a%0Ab"):  # no route takes these
+            async with session.get(proxy.url + path) as resp:
+                assert resp.status == 404, path
+                assert_family_shape(path, await resp.json(), "not found", "not_found_error")
+
+
+async def test_a_preflight_on_a_known_path_is_not_refused(proxy: Proxy) -> None:
+    """OPTIONS is not a wrong method: a browser's CORS preflight is never the proxy's 405."""
+    preflight = {"Origin": "http://localhost", "Access-Control-Request-Method": "POST"}
+    async with aiohttp.ClientSession() as session:
+        for path in ("/api/chat", "/v1/chat/completions", "/v1/messages"):
+            async with session.options(proxy.url + path, headers=preflight) as resp:
+                assert "not allowed" not in await resp.text(), path
