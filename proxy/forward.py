@@ -146,7 +146,9 @@ class Forwarder:
         self.active += 1
         self.idle.clear()
         try:
-            return await serve(request, ex)
+            response = await serve(request, ex)
+            ex.status = ex.status or response.status  # an answer made whole here (an unload)
+            return response
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
