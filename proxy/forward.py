@@ -94,6 +94,7 @@ class Forwarder:
         self.active = 0  # requests being handled now, for a graceful stop
         self.idle = asyncio.Event()
         self.idle.set()
+        self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -154,7 +155,8 @@ class Forwarder:
             self.metrics.proxy_error(exc)
             return exc.response(request.path)
         except asyncio.CancelledError:
-            ex.client_gone = True  # not the node's fault: never counted against it
+            ex.cut = self.cut_reason  # the proxy's own doing, or else the client left:
+            ex.client_gone = ex.cut is None  # neither is the node's fault
             raise
         except ConnectionError:
             if not _client_left(request):
@@ -162,7 +164,8 @@ class Forwarder:
             # The client left while its answer was being written. aiohttp logs an exception
             # raised from here as a server error, with a traceback; a response returned
             # instead it fails to send, and ends the request quietly.
-            ex.client_gone = True
+            ex.cut = self.cut_reason
+            ex.client_gone = ex.cut is None
             return web.Response()
         finally:
             self.metrics.request_done(ex, endpoint_label(request.path))

@@ -3,15 +3,19 @@ the routing decision at debug level."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import aiohttp
 import pytest
 
+from proxy.__main__ import _drain as drain
+
 from .conftest import StartNodes, StartProxy, metric, wait_until
 
 UNLOAD = {"model": "llama3.2", "keep_alive": 0}
+GENERATE = {"model": "llama3.2", "prompt": "one two three"}
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
@@ -35,3 +39,26 @@ async def test_an_unload_is_counted_and_logged_as_the_200_it_was(
     requests = "ollama_proxy_requests_total"
     assert metric(text, requests, node="", endpoint="/api/generate", code="200") == 1
     assert metric(text, requests, node="", endpoint="/api/generate", code="500") == 0
+
+
+async def test_streams_cut_at_the_drains_end_are_the_proxys_not_the_clients(
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    (node,) = await start_nodes(1, tokens=2000, token_interval=0.02)
+    proxy = await start_proxy(
+        [node], shutdown={"drain_timeout": 0.1}, access_log={"format": "json"}
+    )
+    caplog.set_level(logging.INFO, logger="ollama_proxy.access")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=GENERATE) as resp:
+            await resp.content.readline()
+            await drain(proxy.runtime, proxy.serving, asyncio.Event())
+            await proxy.serving.close()
+    (line,) = access_lines(caplog)
+    assert line["status"] == 503 and line["cut"] == "drain"
+    text = proxy.runtime.metrics.render().decode()
+    assert metric(text, "ollama_proxy_requests_cut_total", reason="drain") == 1
+    assert metric(text, "ollama_proxy_client_disconnects_total") == 0
+    generate = {"node": node.name, "endpoint": "/api/generate"}
+    assert metric(text, "ollama_proxy_requests_total", **generate, code="503") == 1
+    assert metric(text, "ollama_proxy_requests_total", **generate, code="499") == 0
