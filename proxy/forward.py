@@ -141,9 +141,10 @@ class Forwarder:
         ex = Exchange(
             request.method,
             request.path,
-            request_id=request.headers.get("X-Request-Id") or _new_request_id(),
+            request_id=request.headers.get(REQUEST_ID_HEADER) or _new_request_id(),
             client=request.remote or "",
         )
+        request[REQUEST_ID] = ex.request_id  # for the answer's head (tag_response)
         self.active += 1
         self.idle.clear()
         try:
@@ -303,7 +304,7 @@ class Forwarder:
             # of an absolute-form request names the proxy, not where the node should look).
             connections.base_path + request.rel_url.raw_path_qs,
             connections.host_header,
-            _with_node_headers(end_to_end(request.raw_headers, RESET_REQUEST_HEADERS), node),
+            _with_node_headers(_with_request_id(request, ex), node),
             ex.body,
         )
         while True:
@@ -390,6 +391,8 @@ class Forwarder:
                 self.discovery.refresh_soon(node)
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
 _request_numbers = itertools.count(1)
 
@@ -397,6 +400,22 @@ _request_numbers = itertools.count(1)
 def _new_request_id() -> str:
     """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+
+
+async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every answer carries the request's id (the client's, or the proxy's own): set as its
+    head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
+    request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
+    response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
+
+
+def _with_request_id(request: web.Request, ex: Exchange) -> RawHeaders:
+    """The client's end-to-end headers, with the proxy's id for the request when it sent none,
+    so that the node's log and the proxy's name the same request."""
+    headers = end_to_end(request.raw_headers, RESET_REQUEST_HEADERS)
+    if REQUEST_ID_HEADER in request.headers:
+        return headers
+    return [*headers, (REQUEST_ID_HEADER.encode(), ex.request_id.encode())]
 
 
 def _with_node_headers(headers: RawHeaders, node: Node) -> RawHeaders:

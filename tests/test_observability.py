@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from proxy.__main__ import _drain as drain
+from proxy.sim import SimNode
 
-from .conftest import StartNodes, StartProxy, metric, wait_until
+from .conftest import StartNodes, StartProxy, generations, metric, wait_until
 
 UNLOAD = {"model": "llama3.2", "keep_alive": 0}
 GENERATE = {"model": "llama3.2", "prompt": "one two three"}
@@ -62,3 +63,41 @@ async def test_streams_cut_at_the_drains_end_are_the_proxys_not_the_clients(
     generate = {"node": node.name, "endpoint": "/api/generate"}
     assert metric(text, "ollama_proxy_requests_total", **generate, code="503") == 1
     assert metric(text, "ollama_proxy_requests_total", **generate, code="499") == 0
+
+
+def request_ids(node: SimNode) -> list[str | None]:
+    """The ids the node was given, in order, case as aiohttp's server keeps headers."""
+    return [
+        next((v for k, v in r.headers.items() if k.lower() == "x-request-id"), None)
+        for r in generations(node)
+    ]
+
+
+async def test_every_answer_carries_the_request_id_and_the_node_gets_it(
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    (node,) = await start_nodes(1, tokens=3)
+    proxy = await start_proxy([node], access_log={"format": "json"})
+    caplog.set_level(logging.INFO, logger="ollama_proxy.access")
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Request-Id": "client-7"}
+        async with session.post(proxy.url + "/api/generate", json=GENERATE, headers=headers) as r:
+            await r.read()
+            assert r.headers["X-Request-Id"] == "client-7"  # a stream's head
+        async with session.post(proxy.url + "/api/generate", json=GENERATE) as r:
+            await r.read()
+            own = r.headers["X-Request-Id"]
+        quiet = {**GENERATE, "stream": False}
+        async with session.post(proxy.url + "/api/generate", json=quiet) as r:
+            await r.read()
+            whole = r.headers["X-Request-Id"]
+        missing = {"model": "nothing-like-it", "prompt": "hi"}
+        async with session.post(proxy.url + "/api/generate", json=missing) as r:
+            assert r.status == 404 and r.headers["X-Request-Id"]  # the proxy's own error
+        for path in ("/api/tags", "/", "/-/healthy"):
+            async with session.get(proxy.url + path) as r:
+                assert r.headers["X-Request-Id"], path
+    assert own != whole and "client-7" not in (own, whole)
+    assert request_ids(node) == ["client-7", own, whole]
+    logged = [line["id"] for line in access_lines(caplog) if line["path"] == "/api/generate"]
+    assert logged[:3] == ["client-7", own, whole]
