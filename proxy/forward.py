@@ -57,7 +57,7 @@ from .http1 import (
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
-from .routing import availability, want_for
+from .routing import availability, log_decision, want_for
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
@@ -284,6 +284,7 @@ class Forwarder:
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
+        log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
 
     def _check_model_available(self, model_key: str, named: str) -> None:
@@ -292,6 +293,8 @@ class Forwarder:
         named = shown(named)  # the client's own name, however long, quoted in short
         if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
+        if where == "unknown":
+            raise Unavailable(f"no node that may have model '{named}' is reachable", retry_after=5)
         if where == "nowhere":
             raise ProxyError(404, f"model '{named}' not found, try pulling it first")
 

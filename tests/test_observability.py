@@ -13,7 +13,15 @@ import pytest
 from proxy.__main__ import _drain as drain
 from proxy.sim import SimNode
 
-from .conftest import StartNodes, StartProxy, generations, metric, wait_until
+from .conftest import (
+    BareNode,
+    StartNodes,
+    StartProxy,
+    free_port,
+    generations,
+    metric,
+    wait_until,
+)
 
 UNLOAD = {"model": "llama3.2", "keep_alive": 0}
 GENERATE = {"model": "llama3.2", "prompt": "one two three"}
@@ -101,3 +109,42 @@ async def test_every_answer_carries_the_request_id_and_the_node_gets_it(
     assert request_ids(node) == ["client-7", own, whole]
     logged = [line["id"] for line in access_lines(caplog) if line["path"] == "/api/generate"]
     assert logged[:3] == ["client-7", own, whole]
+
+
+async def test_debug_logs_each_routing_decision(
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    (holds,) = await start_nodes(1)  # llama3.2 in memory
+    (lacks,) = await start_nodes(1, models=["qwen2.5:0.5b"], resident=[])
+    proxy = await start_proxy([holds, lacks])
+    nodes = proxy.pool.nodes
+    await wait_until(lambda: nodes[holds.name].is_resident("llama3.2:latest"))
+    await wait_until(lambda: nodes[lacks.name].models is not None)
+    caplog.set_level(logging.DEBUG, logger="ollama_proxy.routing")
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Request-Id": "r-1"}
+        async with session.post(proxy.url + "/api/generate", json=GENERATE, headers=headers) as r:
+            await r.read()
+    (line,) = [r.message for r in caplog.records if r.name == "ollama_proxy.routing"]
+    assert line.startswith(f"route id=r-1 model=llama3.2:latest node={holds.name} why=resident ")
+    assert f"candidates={holds.name} " in line and "queue_s=0.0" in line, line
+
+
+async def test_a_node_never_reached_is_not_said_to_have_the_model(
+    start_proxy: StartProxy,
+) -> None:
+    dead = BareNode()  # a port nobody listens on: the node was never reachable
+    dead.url = f"http://127.0.0.1:{free_port()}"
+    proxy = await start_proxy([dead])
+    await wait_until(lambda: not proxy.pool.nodes["bare"].up, what="the first check failed")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=GENERATE) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
+            message = (await r.json())["error"]
+        async with session.get(proxy.url + "/-/nodes") as r:
+            (node,) = (await r.json())["nodes"]
+    assert message == "no node that may have model 'llama3.2' is reachable"
+    assert node["recent_errors"], node
+    for error in node["recent_errors"]:  # an http:// node: nothing about SSL
+        assert "ssl" not in error["error"].lower(), error
+    assert "Connection refused" in node["recent_errors"][-1]["error"]
