@@ -215,3 +215,21 @@ async def test_a_second_sigterm_during_the_drain_stops_at_once(
     line = await proxy.line("path=/api/generate")
     assert "status=503" in line and "cut=drain" in line, line
     assert "after a second signal: cutting them" in proxy.output
+
+
+async def test_log_level_debug_shows_each_routing_decision(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    (node,) = await start_nodes(1)
+    config = write_config(tmp_path / "config.yaml", [node.url])
+    listen = f"127.0.0.1:{free_port()}"
+    args = ("--config", str(config), "--listen", listen, "--log-level", "debug")
+    async with run_proxy(*args) as proxy, aiohttp.ClientSession() as session:
+        await proxy.line("listening on")
+        headers = {"X-Request-Id": "seen-1"}
+        async with session.post(
+            f"http://{listen}/api/generate", json=GENERATE, headers=headers
+        ) as resp:
+            await resp.read()
+        line = await proxy.line("route id=seen-1 ")
+    assert "model=llama3.2:latest" in line and "node=127.0.0.1:" in line and "why=" in line
