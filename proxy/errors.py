@@ -159,7 +159,8 @@ def failure_text(exc: BaseException) -> str:
         return str(exc) or type(exc).__name__
     words = os.strerror(exc.errno)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {exc.host}:{exc.port}: {words}"
+        host = f"[{exc.host}]" if ":" in exc.host else exc.host  # IPv6, as a URL writes it
+        return f"cannot connect to {host}:{exc.port}: {words}"
     return words
 
 
