@@ -96,6 +96,7 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "tokens_in": ex.usage.prompt_tokens if ex.usage else None,
         "tokens_out": ex.usage.completion_tokens if ex.usage else None,
         "retries": max(0, ex.attempts - 1),
+        "cut": ex.cut,
     }
 
 

@@ -17,7 +17,7 @@ from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import error_response, family_of
 from .fleet import Fleet
-from .forward import Forwarder, expect_continue
+from .forward import Forwarder, expect_continue, tag_response
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
@@ -114,6 +114,7 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_close_after_upgrade_request)
+    app.on_response_prepare.append(tag_response)
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)

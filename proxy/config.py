@@ -158,6 +158,9 @@ class Config:
     limits: LimitsConfig
     # Model → names of the nodes an /api/pull of it goes to; others go to every healthy node.
     placement: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # SO_REUSEPORT: another process may listen on the same port (a zero-downtime upgrade on
+    # one host); without it a second proxy on the port fails with "address in use".
+    listen_reuse_port: bool = False
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -191,7 +194,8 @@ def parse_config(data: object) -> Config:
 
 
 def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
-    r.no_unknown_keys(top, "", set(_SECTIONS) | {"listen", "nodes", "max_body_size", "placement"})
+    top_keys = {"listen", "listen_reuse_port", "nodes", "max_body_size", "placement"}
+    r.no_unknown_keys(top, "", set(_SECTIONS) | top_keys)
     host, port = _listen(r, top.get("listen", DEFAULT_LISTEN), "listen")
     nodes = _nodes(r, top.get("nodes"))
     section = {
@@ -203,8 +207,18 @@ def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
         nodes=nodes,
         max_body_size=r.size(top.get("max_body_size", DEFAULT_MAX_BODY), "max_body_size"),
         placement=_placement(r, top.get("placement", {}), {n.name for n in nodes}),
+        listen_reuse_port=r.boolean(top.get("listen_reuse_port", False), "listen_reuse_port"),
         **section,
     )
+
+
+def parse_listen(value: str, path: str) -> tuple[str, int]:
+    """``listen``'s reading, for ``--listen`` too (its errors name ``path``)."""
+    r = _Reader()
+    host_port = _listen(r, value, path)
+    if r.errors:
+        raise ConfigError(r.errors)
+    return host_port
 
 
 def _listen(r: _Reader, value: object, path: str) -> tuple[str, int]:
@@ -213,7 +227,11 @@ def _listen(r: _Reader, value: object, path: str) -> tuple[str, int]:
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         r.error(path, 'must be "host:port" with a port from 0 to 65535')
         return "127.0.0.1", 0
-    return host.strip("[]") or "0.0.0.0", int(port_text)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        r.error(path, 'an IPv6 address goes in brackets, as in "[::1]:11434"')
+        return "127.0.0.1", 0
+    return (host[1:-1] if bracketed else host) or "0.0.0.0", int(port_text)
 
 
 def _nodes(r: _Reader, value: object) -> tuple[NodeConfig, ...]:
@@ -533,4 +551,11 @@ class _Reader:
         return stand_in
 
 
-__all__ = ["Config", "ConfigError", "HealthCheckConfig", "NodeConfig", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "HealthCheckConfig",
+    "NodeConfig",
+    "load_config",
+    "parse_listen",
+]

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from .config import Config
+from .errors import failure_text
 from .models import normalize_model
 from .pool import Node, Pool
 from .supervision import Once, Tasks, every, for_each
@@ -130,7 +131,7 @@ class Discovery:
                 return json.loads(body) if body is not None else None
         # RecursionError: JSON nested deeper than Python's parser goes is no listing either.
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
-            log.debug("%s %s failed: %s", node.name, path, exc)
+            log.debug("%s %s failed: %s", node.name, path, failure_text(exc))
             return None
 
     def served_on_disk(self, node: Node, model: str) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import ssl
 from typing import Literal
 
+import aiohttp
 from aiohttp import web
 
 # How a node failed to answer (UpstreamError); a 5xx answer is a failure too, for health.
@@ -145,6 +148,20 @@ def is_shortage(exc: BaseException) -> bool:
     """The proxy ran out of descriptors or buffers (an aiohttp connector error is an OSError
     with the errno of the one it wraps)."""
     return isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failure in words: a connection's from its errno (``cannot connect to host:port:
+    Connection refused``), not aiohttp's text for it, which names an ``ssl`` setting even for
+    an http:// node; a TLS failure as it is."""
+    tls = isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError)
+    if not isinstance(exc, OSError) or tls or not exc.errno or exc.errno < 0:
+        return str(exc) or type(exc).__name__
+    words = os.strerror(exc.errno)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        host = f"[{exc.host}]" if ":" in exc.host else exc.host  # IPv6, as a URL writes it
+        return f"cannot connect to {host}:{exc.port}: {words}"
+    return words
 
 
 # The error type each status implies, as Ollama's OpenAI layer names them (400 and 404; the

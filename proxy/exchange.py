@@ -9,6 +9,9 @@ from .pool import Node
 from .telemetry import Usage
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer ended
+# The proxy itself ended the request before its answer did (the drain's end at a stop): the
+# client saw a broken or missing answer, through no fault of its own or of the node.
+CUT_BY_PROXY = 503
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Exchange:
     status: int = 0
     attempts: int = 0
     client_gone: bool = False
+    cut: str | None = None  # why the proxy ended it before its answer ended ("drain")
     request_id: str = ""
     client: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -34,5 +38,8 @@ class Exchange:
 
     @property
     def reported_status(self) -> int:
-        """The status for metrics and the log: 499 when the client left first."""
+        """The status for metrics and the log: 499 when the client left first, 503 when the
+        proxy cut it."""
+        if self.cut is not None:
+            return CUT_BY_PROXY
         return CLIENT_CLOSED if self.client_gone else self.status

@@ -23,7 +23,7 @@ from .api import BLOBS_PREFIX
 from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
-from .errors import ProxyError, error_body, error_response, go_quoted, shown
+from .errors import ProxyError, error_body, error_response, failure_text, go_quoted, shown
 from .models import normalize_model
 from .pool import Node, Pool
 
@@ -293,7 +293,7 @@ class Fleet:
             ) as resp:
                 return node, resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return node, 502, error_body(f"{exc or type(exc).__name__}")
+            return node, 502, error_body(failure_text(exc))
 
     # -- merged progress (pull, create) -----------------------------------------------------
 
@@ -350,7 +350,7 @@ class Fleet:
                     if line.strip():
                         await lines.put((node, _json_line(line)))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            await lines.put((node, {"error": f"{exc or type(exc).__name__}"}))
+            await lines.put((node, {"error": failure_text(exc)}))
         finally:
             await lines.put((node, None))
 

@@ -66,7 +66,7 @@ from .http1 import (
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
-from .routing import availability, want_for
+from .routing import availability, log_decision, want_for
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
@@ -103,6 +103,7 @@ class Forwarder:
         self.active = 0  # requests being handled now, for a graceful stop
         self.idle = asyncio.Event()
         self.idle.set()
+        self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -149,19 +150,23 @@ class Forwarder:
         ex = Exchange(
             request.method,
             request.path,
-            request_id=request.headers.get("X-Request-Id") or _new_request_id(),
+            request_id=request.headers.get(REQUEST_ID_HEADER) or _new_request_id(),
             client=request.remote or "",
         )
+        request[REQUEST_ID] = ex.request_id  # for the answer's head (tag_response)
         self.active += 1
         self.idle.clear()
         try:
-            return await serve(request, ex)
+            response = await serve(request, ex)
+            ex.status = ex.status or response.status  # an answer made whole here (an unload)
+            return response
         except ProxyError as exc:
             ex.status = exc.status
             self.metrics.proxy_error(exc)
             return exc.response(request.path)
         except asyncio.CancelledError:
-            ex.client_gone = True  # not the node's fault: never counted against it
+            ex.cut = self.cut_reason  # the proxy's own doing, or else the client left:
+            ex.client_gone = ex.cut is None  # neither is the node's fault
             raise
         except ConnectionError:
             if not _client_left(request):
@@ -169,7 +174,8 @@ class Forwarder:
             # The client left while its answer was being written. aiohttp logs an exception
             # raised from here as a server error, with a traceback; a response returned
             # instead it fails to send, and ends the request quietly.
-            ex.client_gone = True
+            ex.cut = self.cut_reason
+            ex.client_gone = ex.cut is None
             return web.Response()
         finally:
             self.metrics.request_done(ex, endpoint_label(request.path))
@@ -287,6 +293,7 @@ class Forwarder:
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
+        log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
 
     def _check_model_available(self, model_key: str, named: str) -> None:
@@ -296,6 +303,8 @@ class Forwarder:
         named = shown(named)  # the client's own name, however long, quoted in short
         if where == "down":
             raise Unavailable(f"model '{named}' is only on nodes that are down", retry_after=5)
+        if where == "unknown":
+            raise Unavailable(f"no node that may have model '{named}' is reachable", retry_after=5)
         if where == "nowhere":
             raise ProxyError(404, f"model {go_quoted(named)} not found, try pulling it first")
 
@@ -308,7 +317,7 @@ class Forwarder:
             # of an absolute-form request names the proxy, not where the node should look).
             connections.base_path + request.rel_url.raw_path_qs,
             connections.host_header,
-            _with_node_headers(end_to_end(request.raw_headers, RESET_REQUEST_HEADERS), node),
+            _with_node_headers(_with_request_id(request, ex), node),
             ex.body,
         )
         while True:
@@ -395,6 +404,8 @@ class Forwarder:
                 self.discovery.refresh_soon(node)
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
 _request_numbers = itertools.count(1)
 
@@ -402,6 +413,22 @@ _request_numbers = itertools.count(1)
 def _new_request_id() -> str:
     """Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall)."""
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
+
+
+async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every answer carries the request's id (the client's, or the proxy's own): set as its
+    head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
+    request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
+    response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
+
+
+def _with_request_id(request: web.Request, ex: Exchange) -> RawHeaders:
+    """The client's end-to-end headers, with the proxy's id for the request when it sent none,
+    so that the node's log and the proxy's name the same request."""
+    headers = end_to_end(request.raw_headers, RESET_REQUEST_HEADERS)
+    if REQUEST_ID_HEADER in request.headers:
+        return headers
+    return [*headers, (REQUEST_ID_HEADER.encode(), ex.request_id.encode())]
 
 
 def _with_node_headers(headers: RawHeaders, node: Node) -> RawHeaders:

@@ -23,7 +23,7 @@ import aiohttp
 
 from .config import HealthCheckConfig
 from .discovery import Discovery
-from .errors import FailureKind, is_shortage
+from .errors import FailureKind, failure_text, is_shortage
 from .pool import Node, Pool
 from .supervision import Once, every, for_each
 
@@ -75,7 +75,7 @@ class Health:
             if is_shortage(exc):  # the proxy's own shortage says nothing about the node
                 log.warning("health check of %s not made: %s", node.name, exc)
                 return
-            ok, reason = False, f"health check failed: {exc or type(exc).__name__}"
+            ok, reason = False, f"health check failed: {failure_text(exc)}"
         self._record_check(node, ok, reason)
 
     def _record_check(self, node: Node, ok: bool, reason: str) -> None:

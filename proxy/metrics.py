@@ -96,7 +96,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ollama_proxy_requests",
-            "Requests answered, by node, endpoint and status code (499: the client left).",
+            "Requests answered, by node, endpoint and status code (499: the client left; 503 "
+            "too when the proxy cut it at a stop).",
             ["node", "endpoint", "code"],
             registry=r,
         )
@@ -121,6 +122,13 @@ class Metrics:
             "ollama_proxy_client_timeouts",
             "Requests dropped because their client took nothing of the answer for "
             "upstream.client_timeout (also counted as disconnects, status 499).",
+            registry=r,
+        )
+        self.requests_cut = Counter(
+            "ollama_proxy_requests_cut",
+            "Requests the proxy itself ended before their answer did, by reason (drain: still "
+            "running when a stop's drain ended); counted with status 503, not as disconnects.",
+            ["reason"],
             registry=r,
         )
         self.resource_shortages = Counter(
@@ -206,6 +214,7 @@ class Metrics:
             self.queue_rejected.labels(reason)
         for reason in ("connect", "reset", "node_busy"):
             self.retries.labels(reason)
+        self.requests_cut.labels("drain")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -216,6 +225,8 @@ class Metrics:
         self._requests_for(node, endpoint, code).inc()
         if ex.client_gone:
             self.client_disconnects.inc()
+        if ex.cut is not None:
+            self.requests_cut.labels(ex.cut).inc()
         if ex.first_byte is not None:
             self._ttfb_for(node).observe(ex.first_byte - ex.started)
         self._duration_for(node).observe(time.monotonic() - ex.started)

@@ -15,13 +15,16 @@ For a model-bound request:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from typing import Literal
 
 from .pool import Node, Pool, Want
 
+log = logging.getLogger("ollama_proxy.routing")
+
 RESIDENT, ON_DISK, UNKNOWN = 0, 1, 2
-Availability = Literal["up", "down", "nowhere"]
+Availability = Literal["up", "down", "unknown", "nowhere"]
 
 
 def want_for(
@@ -52,11 +55,46 @@ def want_for(
 
 
 def availability(pool: Pool, model: str) -> Availability:
-    """Where ``model`` can be served: "up", "down" (only on nodes out of service, or on ones
-    whose models are not known yet), or "nowhere" (every node listed its models: a real 404).
+    """Where ``model`` can be served: "up", "down" (listed by nodes that are out of service
+    now), "unknown" (no node in service may have it, and nodes out of service never listed
+    their models: never reachable, they may or may not have it), or "nowhere" (every node
+    listed its models: a real 404).
     """
     if any(n.has_model(model) for n in pool.nodes.values() if n.takes_new):
         return "up"
-    if any(n.has_model(model) for n in pool.nodes.values()):
+    if any(n.models is not None and model in n.models for n in pool.nodes.values()):
         return "down"
+    if any(n.models is None for n in pool.nodes.values()):
+        return "unknown"
     return "nowhere"
+
+
+def log_decision(pool: Pool, want: Want, node: Node, request_id: str, queue_wait: float) -> None:
+    """At debug level, one line per admitted request: where it went, why, and among what."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    candidates = [n.name for n in pool.candidates(want)]
+    log.debug(
+        "route id=%s model=%s node=%s why=%s candidates=%s queue_s=%.4f",
+        request_id,
+        want.model or "-",
+        node.name,
+        _why(pool, want, node),
+        ",".join(candidates) or "-",
+        queue_wait,
+    )
+
+
+def _why(pool: Pool, want: Want, node: Node) -> str:
+    """resident (holds the model), on_disk (none in service holds it), spill (others hold it,
+    but the request waited past routing.spill_after), unknown (its list is not known yet), or
+    any (no model)."""
+    model = want.model
+    if model is None:
+        return "any"
+    if node.models is None:
+        return "unknown"
+    if node.is_resident(model):
+        return "resident"
+    others = (n for n in pool.nodes.values() if n.takes_new and n not in want.exclude)
+    return "spill" if any(n.is_resident(model) for n in others) else "on_disk"

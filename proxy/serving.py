@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import socket
@@ -357,6 +358,26 @@ async def _close_after(request: web.Request, response: web.StreamResponse) -> No
         request.transport.close()
 
 
+class ListenError(Exception):
+    """The proxy cannot listen where it was told to; the message says where and why."""
+
+
+def shown_address(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_failure(host: str, port: int, exc: OSError) -> ListenError:
+    where = shown_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"cannot listen on {where}: address in use (another process listens there: stop "
+            "it or choose another address with --listen or listen:; two proxies share a port "
+            "only when both have listen_reuse_port: true)"
+        )
+    return ListenError(f"cannot listen on {where}: {exc.strerror or exc}")
+
+
 async def _listening_sockets(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
     """Bound and listening, one per address of ``host`` (as ``loop.create_server`` does)."""
     loop = asyncio.get_running_loop()
@@ -399,6 +420,9 @@ async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool 
     await runner.setup()
     try:
         serving.sockets = await _listening_sockets(host, port, reuse_port=reuse_port)
+    except OSError as exc:
+        await runner.cleanup()
+        raise _listen_failure(host, port, exc) from None
     except BaseException:
         await runner.cleanup()
         raise

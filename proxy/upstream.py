@@ -23,7 +23,7 @@ from .config import (
     DEFAULT_IDLE_CONNECTION_TIMEOUT,
     DEFAULT_MAX_IDLE_CONNECTIONS,
 )
-from .errors import Unavailable, UpstreamError, is_shortage
+from .errors import Unavailable, UpstreamError, failure_text, is_shortage
 from .http1 import Head
 
 
@@ -369,7 +369,7 @@ class NodeConnections:
                     f"the proxy is short of resources to reach a node: {exc.strerror or exc}",
                     reason="resources",
                 ) from None
-            raise UpstreamError("connect", str(exc) or type(exc).__name__) from None
+            raise UpstreamError("connect", failure_text(exc)) from None
         protocol.transport = transport  # uvloop may call connection_made only later
         return protocol
 

@@ -16,10 +16,10 @@ import pytest
 from proxy.bench import cores
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
-from proxy.bench.report import percentile, render
+from proxy.bench.report import percentile, relay_table, render
 from proxy.bench.scale import SMOKE, Scale
-from proxy.bench.scenarios import _latency_load, _shares, _stream_load
-from proxy.bench.specs import StreamOutcome, pooled
+from proxy.bench.scenarios import Column, Results, _latency_load, _shares, _stream_load
+from proxy.bench.specs import EmbedOutcome, StreamOutcome, pooled
 from proxy.bench.stacks import Front
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +167,15 @@ def test_clients_start_spread_over_one_stream() -> None:
     front, scale = Front("direct", ["http://127.0.0.1:1"]), Scale()
     assert _stream_load(front, scale, 10).stagger == pytest.approx(0.5)  # 100 tokens at 5 ms
     assert _latency_load(front, scale, 10).stagger == pytest.approx(0.05)  # 10 tokens
+
+
+def test_a_cpu_time_of_a_few_clock_ticks_is_no_figure() -> None:
+    """A smoke run's streams take less CPU than the clock's tick: n/a, not 0.00."""
+    stream = StreamOutcome(8, 0, 48, cpu_seconds=0.0, wall_seconds=0.1, ttfb=[0.01], latency=[])
+    embed = EmbedOutcome(20, 0, cpu_seconds=0.01, wall_seconds=0.1)
+    columns = {f: Column(True, stream=stream, embed=embed) for f in ("proxy", "nginx")}
+    table = relay_table(Results(relay=columns), SMOKE)
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert rows["CPU per streamed chunk (us)"].split()[-3:] == ["n/a"] * 3, table
+    assert rows["embed req/s per core (req / CPU s)"].split()[-3:] == ["n/a"] * 3, table
+    assert " 0.00 " not in table + " "

@@ -8,12 +8,17 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from .procstat import CLOCK_TICKS
 from .scale import CHAT_MODEL, OTHER_CHAT_MODEL, Scale
 from .scenarios import Column, Results, SchedulingRow
 from .stacks import BARE_RELAY
 
 NONE = "-"
+UNMEASURED = "n/a"  # measured, but too little of it to be a figure
 MB = 1024 * 1024
+# CPU time is read in clock ticks (10 ms at Linux's usual 100 Hz): fewer than this many and
+# one tick more or less would change the figure by more than 5 %.
+MIN_CPU_TICKS = 20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,8 +46,10 @@ def render(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _number(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:  # None or NaN: nothing measured
+    if value is None:  # nothing measured
         return NONE
+    if value != value:  # NaN: too little measured (a CPU time of a few clock ticks)
+        return UNMEASURED
     if round(value, digits) == 0:
         value = 0.0  # not "-0.00" for a difference within rounding
     return f"{value:,.{digits}f}"
@@ -56,7 +63,14 @@ Figure = Callable[[Column], float | None]
 def _cpu_per_chunk_us(c: Column) -> float | None:
     if not c.watched or c.stream is None or not c.stream.chunks:
         return None
+    if not measurable_cpu(c.stream.cpu_seconds):
+        return float("nan")
     return c.stream.cpu_seconds / c.stream.chunks * 1e6
+
+
+def measurable_cpu(seconds: float) -> bool:
+    """Enough clock ticks of CPU time for a figure (a smoke run's few streams have none)."""
+    return seconds * CLOCK_TICKS >= MIN_CPU_TICKS
 
 
 def _ttfb_ms(q: float, *, light: bool = False) -> Figure:
@@ -64,7 +78,9 @@ def _ttfb_ms(q: float, *, light: bool = False) -> Figure:
 
     def figure(c: Column) -> float | None:
         outcome = c.latency if light else c.stream
-        return None if outcome is None else percentile(outcome.ttfb, q) * 1000
+        if outcome is None or not outcome.ttfb:
+            return None
+        return percentile(outcome.ttfb, q) * 1000
 
     return figure
 
@@ -90,8 +106,10 @@ def _embed_wall_rate(c: Column) -> float | None:
 
 
 def _embed_rate_per_core(c: Column) -> float | None:
-    if not c.watched or c.embed is None or c.embed.cpu_seconds <= 0:
+    if not c.watched or c.embed is None:
         return None
+    if not measurable_cpu(c.embed.cpu_seconds):
+        return float("nan")
     return c.embed.requests / c.embed.cpu_seconds
 
 
@@ -109,6 +127,8 @@ def _ratio(columns: dict[str, Column], figure: Figure, front: str = "proxy") -> 
     value, nginx = figure(columns[front]), figure(columns["nginx"])
     if value is None or nginx is None or not nginx:
         return NONE
+    if value != value or nginx != nginx:
+        return UNMEASURED
     return f"{value / nginx:.2f}"
 
 
@@ -206,7 +226,7 @@ def _scheduling_row(label: str, row: SchedulingRow) -> list[str]:
         label,
         str(outcome.requests),
         _number(mean, 3),
-        _number(percentile(outcome.latency, 99), 3),
+        _number(percentile(outcome.latency, 99) if outcome.latency else None, 3),
         str(row.cold_loads),
         str(outcome.errors),
     ]
