@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from . import admin
 from .accesslog import MALFORMED_REQUESTS
+from .auth import Auth, startup_notice
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import error_response
@@ -20,6 +21,7 @@ from .forward import Forwarder, expect_continue
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
+from .quota import Quotas
 from .reload import FileWatch
 from .supervision import Tasks, every
 
@@ -50,6 +52,14 @@ class Runtime:
             self.pool, self.health, self.metrics, self.discovery, self.fleet, config
         )
 
+    @property
+    def auth(self) -> Auth:
+        return self.forwarder.auth
+
+    @property
+    def quotas(self) -> Quotas:
+        return self.forwarder.quotas
+
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
         if self.config_path is None:
@@ -72,6 +82,8 @@ class Runtime:
             self.config.listen_port,
         ):
             log.warning("listen changed in the config: it takes effect at the next restart")
+        if self.auth.mode != Auth(config).mode:
+            log.log(*startup_notice(config))
         self.config = config
         added = self.pool.reconfigure(config.nodes, config.queue)
         self.health.configure(config.health_check)
