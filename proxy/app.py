@@ -100,13 +100,20 @@ class Runtime:
             self.tasks.spawn(self._watch_config(self.config_path), name="reload")
 
     async def _watch_config(self, path: Path) -> None:
-        watch = FileWatch(path)
+        watches = {p: FileWatch(p) for p in [path, *self._files_named(path)]}
 
         async def look() -> None:
-            if watch.changed():
+            # The keys file is part of the config: a change to it alone reloads it too.
+            watched = [path, *self._files_named(path)]
+            watches.update({p: FileWatch(p) for p in watched if p not in watches})
+            if [p for p in watched if watches[p].changed()]:  # every file looked at
                 self.reload()
 
         await every(lambda: self.config.reload.poll_interval, look, "config file watch")
+
+    def _files_named(self, path: Path) -> list[Path]:
+        keys_file = self.config.auth.keys_file
+        return [path.parent / keys_file] if keys_file else []
 
     async def aclose(self) -> None:
         await self.tasks.aclose()  # first: checks and refreshes use the session

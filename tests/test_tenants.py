@@ -24,7 +24,15 @@ import yaml
 
 from proxy.sim import SimNode
 
-from .conftest import StartNodes, free_port, generations, metric, proxy_config_data
+from .conftest import (
+    StartNodes,
+    StartProxy,
+    free_port,
+    generations,
+    metric,
+    proxy_config_data,
+    wait_until,
+)
 
 SECRETS = {name: f"op-test-{name}-s3cr3t" for name in ("alice", "ops", "root", "slow", "tok")}
 CHAT = [{"role": "user", "content": "one two three"}]  # three prompt tokens at the sim node
@@ -313,3 +321,37 @@ async def test_protected_and_open_modes_through_the_process(
                 assert resp.status == 200
     sent = [r.headers.get("Authorization") for r in generations(node) if r.path == "/api/generate"]
     assert sent == ["Bearer for-the-node"] * 2
+
+
+async def test_a_change_to_the_keys_file_alone_reloads_the_keys(
+    start_nodes: StartNodes, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    (node,) = await start_nodes(1)
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump([key_entry("ops")]))
+    data = proxy_config_data(
+        [node], auth={"keys_file": "keys.yaml"}, reload={"poll_interval": 0.05}
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    proxy = await start_proxy([node], config_path=tmp_path / "config.yaml")
+    assert [k.name for k in proxy.runtime.config.auth.keys] == ["ops"]
+    keys_file.write_text(yaml.safe_dump({"keys": [key_entry("ops"), key_entry("alice")]}))
+    await wait_until(
+        lambda: len(proxy.runtime.config.auth.keys) == 2, what="the keys file reloaded"
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/api/tags", headers=bearer("alice")) as resp:
+            assert resp.status == 200
+        keys_file.write_text("keys: [")  # a broken keys file: the reload is rejected
+        registry = proxy.runtime.metrics.registry
+        await wait_until(
+            lambda: (
+                registry.get_sample_value(
+                    "ollama_proxy_config_reloads_total", {"result": "failure"}
+                )
+                == 1
+            ),
+            what="the rejected reload",
+        )
+        async with session.get(proxy.url + "/api/tags", headers=bearer("alice")) as resp:
+            assert resp.status == 200  # the old keys keep serving
