@@ -115,13 +115,13 @@ class Quotas:
         if usage is None:
             return {}  # revoked while the request was read: its key is checked no more
         now = self.clock()
-        headers = _headers(usage, now)
         for what, window, limit in usage.limits():
             wait = window.wait(now, limit) if limit is not None else 0.0
             if wait > 0:
                 reason: RejectionReason = "rate" if what.startswith("requests") else "tokens"
                 message = f"key {name!r} is over its {what} ({limit}); retry in {wait:.0f} s"
                 retry = max(1, math.ceil(wait))
+                headers = _headers(usage, now)
                 raise RateLimited(message, reason=reason, retry_after=retry, headers=headers)
         usage.requests.add(now, 1)
         return _headers(usage, now)
