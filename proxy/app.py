@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 
 from . import admin
 from .accesslog import MALFORMED_REQUESTS
-from .auth import Auth, startup_notice
+from .auth import Auth, mode_of, startup_notice
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import error_response
@@ -82,7 +82,7 @@ class Runtime:
             self.config.listen_port,
         ):
             log.warning("listen changed in the config: it takes effect at the next restart")
-        if self.auth.mode != Auth(config).mode:
+        if self.auth.mode != mode_of(config):
             log.log(*startup_notice(config))
         self.config = config
         added = self.pool.reconfigure(config.nodes, config.queue)

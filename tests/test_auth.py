@@ -116,8 +116,8 @@ def refusal(call: Any, *args: Any) -> tuple[int, str]:
 def test_a_key_is_found_by_bearer_or_x_api_key() -> None:
     auth = keys_auth()
     bearer = {"Authorization": "bearer secret-alice"}
-    assert auth.identify("POST", bearer).name == "alice"  # type: ignore[union-attr]
-    assert auth.identify("POST", {"x-api-key": "secret-ops"}).name == "ops"  # type: ignore[union-attr]
+    assert auth.identify("POST", bearer).name == "alice"
+    assert auth.identify("POST", {"x-api-key": "secret-ops"}).name == "ops"
     assert refusal(auth.identify, "POST", {}) == (401, "unauthorized")
     assert refusal(auth.identify, "POST", {"Authorization": "Bearer wrong"}) == (
         401,
@@ -284,11 +284,12 @@ def test_duration_as_openai_writes_it() -> None:
 def test_key_new_prints_a_secret_and_an_entry_that_accepts_it(tmp_path: Path) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli_main(["key", "new", "alice"])
+        cli_main(["key", "new", "team: a#1"])  # quoted in the entry: YAML reads it back
     text = out.getvalue()
     secret = text.splitlines()[0].rsplit(" ", 1)[1]
     assert secret.startswith(keys_cli.PREFIX) and len(secret) >= len(keys_cli.PREFIX) + 22
     entry = yaml.safe_load(text.split("\n\n", 1)[1])
     config = config_with({"keys": entry})
+    assert config.auth.keys[0].name == "team: a#1"
     assert Auth(config).identify("POST", {"Authorization": f"Bearer {secret}"}) is not None
     assert keys_cli.new_secret() != keys_cli.new_secret()

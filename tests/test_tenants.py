@@ -143,17 +143,17 @@ async def openai_answers(url: str) -> None:
     ) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model="llama3.2",
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
         )
         assert raw.parse().choices[0].message.content == "tok0 tok1 tok2 tok3 "
         assert raw.headers["X-RateLimit-Limit-Requests"] == "100"
         assert raw.headers["X-RateLimit-Remaining-Requests"] == "99"
         with pytest.raises(openai.PermissionDeniedError) as denied:
-            await client.chat.completions.create(model="qwen2", messages=CHAT)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="qwen2", messages=CHAT)
         assert denied.value.status_code == 403 and "qwen2" in denied.value.message
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError) as refused:
-            await bad.chat.completions.create(model="llama3.2", messages=CHAT)  # type: ignore[arg-type]
+            await bad.chat.completions.create(model="llama3.2", messages=CHAT)
     assert refused.value.code == "invalid_api_key"
     assert refused.value.response.headers["WWW-Authenticate"] == "Bearer"
 
