@@ -16,7 +16,9 @@ from typing import NoReturn
 
 from proxy import __version__  # the package's, not a module (tests/test_imports.py)
 
+from . import keys_cli
 from .app import RUNTIME, Runtime, make_app
+from .auth import startup_notice
 from .config import Config, ConfigError, NodeConfig, load_config, parse_config, parse_listen
 from .serving import ListenError, Serving, serve, shown_address
 
@@ -28,10 +30,13 @@ DEFAULT_CONFIG = "config.yaml"
 DEMO_LISTEN = ("127.0.0.1", 11434)
 DEMO_NODES = 2
 YOUNG_COLLECTION_THRESHOLD = 10_000  # allocations between collections of young objects
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["key"]:  # ollama-proxy key new NAME
+        keys_cli.main(argv[1:])
+        return
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -149,12 +154,7 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
             len(config.nodes),
             ", ".join(f"{n.name}={n.url}" for n in config.nodes),
         )
-        if not config.admin.token and config.listen_host not in LOOPBACK:
-            log.warning(
-                "admin.token is not set: anyone who can reach %s can drain nodes and "
-                "reload the config through /-/",
-                where,
-            )
+        log.log(*startup_notice(config))  # open, protected or keys; a warning when open
         await signals.stop.wait()
         await _drain(runtime, serving, signals.now)
 

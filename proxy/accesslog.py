@@ -85,6 +85,7 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
     return {
         "id": ex.request_id,
         "client": ex.client,
+        "key": ex.key.name if ex.key is not None else None,
         "method": ex.method,
         "path": ex.path,
         "model": ex.model,

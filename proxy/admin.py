@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from .auth import Auth, KeyRefused
 from .config import Config
 from .errors import error_response, shown
 from .pool import Node, Pool
+from .quota import Quotas
 
 Handler = Any
 
@@ -22,6 +23,12 @@ class Managed(Protocol):
     pool: Pool
     shutting_down: bool
 
+    @property
+    def auth(self) -> Auth: ...
+
+    @property
+    def quotas(self) -> Quotas: ...
+
     def reload(self) -> list[str]: ...
 
 
@@ -31,6 +38,7 @@ def add_routes(router: web.UrlDispatcher, runtime: Managed) -> None:
     router.add_get("/-/ready", admin.ready)
     router.add_get("/-/nodes", admin.guarded(admin.nodes))
     router.add_post("/-/reload", admin.guarded(admin.reload))
+    router.add_get("/-/usage", admin.guarded(admin.usage))
     router.add_post("/-/nodes/{name}/drain", admin.guarded(admin.drain))
     router.add_post("/-/nodes/{name}/ready", admin.guarded(admin.undrain))
     router.add_route("*", "/-/{tail:.*}", admin.not_found)
@@ -41,13 +49,13 @@ class _Admin:
         self.runtime = runtime
 
     def guarded(self, handler: Handler) -> Handler:
-        """Require the admin token, when the config sets one."""
+        """Require admin.token or a key with ``admin`` (auth.Auth.check_admin says when)."""
 
         async def check(request: web.Request) -> web.StreamResponse:
-            token = self.runtime.config.admin.token
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if token and not hmac.compare_digest(given.encode(), token.encode()):
-                return error_response(401, "admin token missing or wrong")
+            try:
+                self.runtime.auth.check_admin(request.headers, request.remote)
+            except KeyRefused as refused:
+                return refused.response(request.path)
             response: web.StreamResponse = await handler(request)
             return response
 
@@ -84,6 +92,10 @@ class _Admin:
                 status=400,
             )
         return web.json_response({"status": "reloaded", "nodes": len(self.runtime.pool.nodes)})
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Each key's totals since the start and its rate windows now."""
+        return web.json_response(self.runtime.quotas.report())
 
     async def drain(self, request: web.Request) -> web.Response:
         return self._set_draining(request, True)

@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 from . import admin
 from .accesslog import MALFORMED_REQUESTS
 from .api import FORWARDED_ROUTES
+from .auth import Auth, mode_of, startup_notice
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import error_response, family_of
@@ -21,6 +22,7 @@ from .forward import Forwarder, expect_continue, tag_response
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
+from .quota import Quotas
 from .reload import FileWatch
 from .supervision import Tasks, every
 
@@ -51,6 +53,14 @@ class Runtime:
             self.pool, self.health, self.metrics, self.discovery, self.fleet, config
         )
 
+    @property
+    def auth(self) -> Auth:
+        return self.forwarder.auth
+
+    @property
+    def quotas(self) -> Quotas:
+        return self.forwarder.quotas
+
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
         if self.config_path is None:
@@ -73,6 +83,8 @@ class Runtime:
             self.config.listen_port,
         ):
             log.warning("listen changed in the config: it takes effect at the next restart")
+        if self.auth.mode != mode_of(config):
+            log.log(*startup_notice(config))
         self.config = config
         added = self.pool.reconfigure(config.nodes, config.queue)
         self.health.configure(config.health_check)
@@ -89,13 +101,20 @@ class Runtime:
             self.tasks.spawn(self._watch_config(self.config_path), name="reload")
 
     async def _watch_config(self, path: Path) -> None:
-        watch = FileWatch(path)
+        watches = {p: FileWatch(p) for p in [path, *self._files_named(path)]}
 
         async def look() -> None:
-            if watch.changed():
+            # The keys file is part of the config: a change to it alone reloads it too.
+            watched = [path, *self._files_named(path)]
+            watches.update({p: FileWatch(p) for p in watched if p not in watches})
+            if [p for p in watched if watches[p].changed()]:  # every file looked at
                 self.reload()
 
         await every(lambda: self.config.reload.poll_interval, look, "config file watch")
+
+    def _files_named(self, path: Path) -> list[Path]:
+        keys_file = self.config.auth.keys_file
+        return [path.parent / keys_file] if keys_file else []
 
     async def aclose(self) -> None:
         await self.tasks.aclose()  # first: checks and refreshes use the session

@@ -9,7 +9,7 @@ yields no Config at all: nothing half-configured can start.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,6 +141,33 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class KeyConfig:
+    """One client key (a tenant). Its secret is never stored: only the SHA-256 of it."""
+
+    name: str  # in metrics, the access log and /-/usage
+    key_sha256: str = field(repr=False)  # 64 lower-case hex digits
+    # Globs over normalised model names (fnmatch, compared in lower case): what it may use.
+    models: tuple[str, ...] = ("*",)
+    max_concurrency: int | None = None  # slots held at once, fleet-wide (None: no cap)
+    max_queued: int | None = None  # of its requests waiting at once; past it 429
+    requests_per_minute: int | None = None  # inference requests admitted
+    tokens_per_minute: int | None = None  # prompt + completion, charged after the answer
+    tokens_per_day: int | None = None
+    weight: float = 1.0  # share of the slots when keys compete
+    manage: bool = False  # pull, push, create, copy, delete, blob uploads
+    admin: bool = False  # the /-/ admin paths
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    keys: tuple[KeyConfig, ...] = ()  # those listed inline, then keys_file's
+    keys_file: str = ""  # as written; read relative to the config file
+    # Lift protected mode: without keys and admin.token, management and the admin paths
+    # answer any client, not only those on loopback.
+    open: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -161,6 +188,7 @@ class Config:
     # SO_REUSEPORT: another process may listen on the same port (a zero-downtime upgrade on
     # one host); without it a second proxy on the port fails with "address in use".
     listen_reuse_port: bool = False
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -180,21 +208,22 @@ def load_config(path: str | Path) -> Config:
         line = f" (line {where.line + 1})" if where is not None else ""
         problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
         raise ConfigError([f"(file): not valid YAML{line}: {problem}"]) from exc
-    return parse_config({} if data is None else data)
+    return parse_config({} if data is None else data, Path(path).parent)
 
 
-def parse_config(data: object) -> Config:
-    """Validate already-parsed YAML; raise ConfigError listing every problem."""
+def parse_config(data: object, base: Path | None = None) -> Config:
+    """Validate already-parsed YAML; raise ConfigError listing every problem. Files it names
+    (``auth.keys_file``) are read relative to ``base``, the config file's directory."""
     r = _Reader()
     top = r.mapping(data, "")
-    config = _read_config(r, top)
+    config = _read_config(r, top, base or Path())
     if r.errors:
         raise ConfigError(r.errors)
     return config
 
 
-def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
-    top_keys = {"listen", "listen_reuse_port", "nodes", "max_body_size", "placement"}
+def _read_config(r: _Reader, top: dict[str, Any], base: Path) -> Config:
+    top_keys = {"listen", "listen_reuse_port", "nodes", "max_body_size", "placement", "auth"}
     r.no_unknown_keys(top, "", set(_SECTIONS) | top_keys)
     host, port = _listen(r, top.get("listen", DEFAULT_LISTEN), "listen")
     nodes = _nodes(r, top.get("nodes"))
@@ -208,6 +237,7 @@ def _read_config(r: _Reader, top: dict[str, Any]) -> Config:
         max_body_size=r.size(top.get("max_body_size", DEFAULT_MAX_BODY), "max_body_size"),
         placement=_placement(r, top.get("placement", {}), {n.name for n in nodes}),
         listen_reuse_port=r.boolean(top.get("listen_reuse_port", False), "listen_reuse_port"),
+        auth=_auth(r, r.mapping(top.get("auth", {}), "auth"), base),
         **section,
     )
 
@@ -414,6 +444,107 @@ def _admin(r: _Reader, raw: dict[str, Any]) -> AdminConfig:
     return AdminConfig(token=r.string(raw.get("token", ""), "admin.token"))
 
 
+_KEY_FIELDS = {"name", "key_sha256", "models", "max_concurrency", "max_queued", "weight"}
+_KEY_FIELDS |= {"requests_per_minute", "tokens_per_minute", "tokens_per_day", "manage", "admin"}
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _auth(r: _Reader, raw: dict[str, Any], base: Path) -> AuthConfig:
+    r.no_unknown_keys(raw, "auth", {"keys", "keys_file", "open"})
+    keys_file = r.string(raw.get("keys_file", ""), "auth.keys_file")
+    listed = [*_key_list(r, raw.get("keys", []), "auth.keys")]
+    if keys_file:
+        listed += _keys_from_file(r, base / keys_file, "auth.keys_file")
+    keys = tuple(key for key, _ in listed)
+    _unique_keys(r, listed)
+    is_open = r.boolean(raw.get("open", False), "auth.open")
+    if is_open and keys:
+        r.error("auth.open", "must not be true while keys are configured: each request needs one")
+    return AuthConfig(keys=keys, keys_file=keys_file, open=is_open)
+
+
+def _keys_from_file(r: _Reader, path: Path, where: str) -> Iterator[tuple[KeyConfig, str]]:
+    """A YAML file holding a list of keys, or a mapping with one: ``keys``."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        r.error(where, f"cannot read {str(path)!r}: {exc.strerror or exc}")
+        return iter(())
+    except yaml.YAMLError as exc:
+        r.error(where, f"{str(path)!r} is not valid YAML: {getattr(exc, 'problem', None) or exc}")
+        return iter(())
+    if isinstance(data, dict):
+        r.no_unknown_keys(data, where, {"keys"})
+        data = data.get("keys", [])
+    return _key_list(r, [] if data is None else data, f"{where}.keys")
+
+
+def _key_list(r: _Reader, value: object, path: str) -> Iterator[tuple[KeyConfig, str]]:
+    if not isinstance(value, list):
+        r.error(path, "must be a list of keys, each with a name and a key_sha256")
+        return iter(())
+    return ((_key(r, item, f"{path}[{i}]"), f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _key(r: _Reader, value: object, path: str) -> KeyConfig:
+    raw = r.mapping(value, path)
+    r.no_unknown_keys(raw, path, _KEY_FIELDS)
+    name = r.string(raw.get("name", ""), f"{path}.name")
+    if not name:
+        r.error(f"{path}.name", "is required and must not be empty")
+    digest = r.string(raw.get("key_sha256", ""), f"{path}.key_sha256")
+    if not _SHA256_HEX.match(digest):
+        r.error(f"{path}.key_sha256", "must be the SHA-256 of the secret: 64 hex digits")
+    limit = _optional_count
+    return KeyConfig(
+        name=name,
+        key_sha256=digest.lower(),
+        models=_model_globs(r, raw.get("models", ["*"]), f"{path}.models"),
+        max_concurrency=limit(r, raw.get("max_concurrency"), f"{path}.max_concurrency", 1),
+        max_queued=limit(r, raw.get("max_queued"), f"{path}.max_queued", 0),
+        requests_per_minute=limit(r, raw.get("requests_per_minute"), f"{path}.requests_per_minute"),
+        tokens_per_minute=limit(r, raw.get("tokens_per_minute"), f"{path}.tokens_per_minute"),
+        tokens_per_day=limit(r, raw.get("tokens_per_day"), f"{path}.tokens_per_day"),
+        weight=r.number(raw.get("weight", 1.0), f"{path}.weight", minimum=0.001),
+        manage=r.boolean(raw.get("manage", False), f"{path}.manage"),
+        admin=r.boolean(raw.get("admin", False), f"{path}.admin"),
+    )
+
+
+def _optional_count(r: _Reader, value: object, path: str, minimum: int = 1) -> int | None:
+    return None if value is None else r.integer(value, path, minimum)
+
+
+def _model_globs(r: _Reader, value: object, path: str) -> tuple[str, ...]:
+    """Globs as given; a plain name is normalised (``llama3.2`` is ``llama3.2:latest``)."""
+    if not isinstance(value, list) or not value:
+        r.error(path, 'must be a list of model names or globs, such as ["llama3.2*"]')
+        return ()
+    globs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            r.error(f"{path}[{i}]", "must be a model name or glob")
+        elif _GLOB_CHARS & set(item):
+            globs.append(item.strip())
+        else:
+            globs.append(normalize_model(item))
+    return tuple(globs)
+
+
+def _unique_keys(r: _Reader, listed: list[tuple[KeyConfig, str]]) -> None:
+    """Names identify keys in metrics and logs, digests identify them on requests."""
+    names: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    for key, path in listed:
+        if key.name in names:
+            r.error(f"{path}.name", f"{key.name!r} is already used by {names[key.name]}")
+        if key.key_sha256 in digests:
+            r.error(f"{path}.key_sha256", f"is the same as {digests[key.key_sha256]}'s")
+        names.setdefault(key.name, path)
+        digests.setdefault(key.key_sha256, path)
+
+
 def _shutdown(r: _Reader, raw: dict[str, Any]) -> ShutdownConfig:
     r.no_unknown_keys(raw, "shutdown", {"drain_timeout"})
     timeout = r.number(raw.get("drain_timeout", 30), "shutdown.drain_timeout", minimum=0)
@@ -552,9 +683,11 @@ class _Reader:
 
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "ConfigError",
     "HealthCheckConfig",
+    "KeyConfig",
     "NodeConfig",
     "load_config",
     "parse_listen",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .auth import Key
+from .errors import RejectionReason
 from .pool import Node
 from .telemetry import Usage
 
@@ -35,6 +37,9 @@ class Exchange:
     queue_wait: float = 0.0
     first_byte: float | None = None
     usage: Usage | None = None
+    key: Key | None = None  # the client's key, when keys are configured
+    rejection: RejectionReason | None = None  # why the key was refused (401, 403, 429)
+    limit_headers: dict[str, str] = field(default_factory=dict)  # X-RateLimit-*, for answers
 
     @property
     def reported_status(self) -> int:

@@ -38,6 +38,7 @@ from .api import (
     OPENAI_MODEL_PREFIX,
     TELEMETRY_PATHS,
 )
+from .auth import Auth, is_management, rejection_reason, tenant_of
 from .bodies import json_object, model_of, read_bounded
 from .config import Config
 from .discovery import Discovery
@@ -66,6 +67,7 @@ from .http1 import (
 from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
+from .quota import Quotas
 from .routing import availability, log_decision, want_for
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
@@ -104,6 +106,7 @@ class Forwarder:
         self.idle = asyncio.Event()
         self.idle.set()
         self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
+        self.quotas = Quotas()  # each key's windows and totals, kept across reloads
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -123,6 +126,10 @@ class Forwarder:
             idle_expiry=upstream.idle_connection_timeout,
         )
         self.access_log = AccessLog(config.access_log)
+        self.auth = Auth(config)
+        self.quotas.configure(config.auth.keys)
+        # A key is the proxy's: never sent on to a node (the node's own headers still are).
+        self.dropped_request_headers = RESET_REQUEST_HEADERS | self.auth.dropped_headers
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request that neither the fleet nor the admin paths answer: to a node."""
@@ -157,11 +164,16 @@ class Forwarder:
         self.active += 1
         self.idle.clear()
         try:
+            # Who is asking, and may they ask for this path (401, 403); the model and the
+            # key's budget are checked once the body is read.
+            ex.key = self.auth.identify(request.method, request.headers)
+            self.auth.check_path(ex.key, request.path, request.remote)
             response = await serve(request, ex)
             ex.status = ex.status or response.status  # an answer made whole here (an unload)
             return response
         except ProxyError as exc:
             ex.status = exc.status
+            ex.rejection = rejection_reason(exc)
             self.metrics.proxy_error(exc)
             return exc.response(request.path)
         except asyncio.CancelledError:
@@ -179,6 +191,7 @@ class Forwarder:
             return web.Response()
         finally:
             self.metrics.request_done(ex, endpoint_label(request.path))
+            self._account_key(ex)
             self.access_log.record(ex)
             self.active -= 1
             if self.active == 0:
@@ -188,6 +201,7 @@ class Forwarder:
         if "#" in request.raw_path:  # aiohttp and a node may cut a fragment at other places
             raise BadRequest("invalid request target: a fragment is never sent to a server")
         await self._read(request, ex)
+        self._check_key(ex)
         if ex.unload and ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
             return await self.fleet.unload(request.path, ex.body, ex.model_key)
@@ -223,6 +237,25 @@ class Forwarder:
             or request.path.startswith(OPENAI_MODEL_PREFIX)
         ):
             ex.model_key = normalize_model(ex.model)
+
+    # -- the client's key -------------------------------------------------------------------
+
+    def _check_key(self, ex: Exchange) -> None:
+        """The key may use the model it names, and has budget left for inference (429)."""
+        if ex.key is None:
+            return
+        if ex.model is not None and not is_management(ex.path):
+            self.auth.check_model(ex.key, normalize_model(ex.model))
+        if ex.takes_slot:
+            ex.limit_headers = self.quotas.admit(ex.key.name)
+
+    def _account_key(self, ex: Exchange) -> None:
+        """After the answer: its status, and its tokens from the final chunk, on the key."""
+        if ex.key is None:
+            return
+        self.quotas.answered(ex.key.name, ex.reported_status, ex.rejection)
+        if ex.usage is not None:
+            self.quotas.charge(ex.key.name, ex.usage.prompt_tokens, ex.usage.completion_tokens)
 
     # -- admit and attempt ------------------------------------------------------------------
 
@@ -285,7 +318,7 @@ class Forwarder:
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
             queued_at = time.monotonic()
-            lease = await self.pool.acquire(want, len(ex.body))
+            lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
             ex.queue_wait += time.monotonic() - queued_at
             self.metrics.queue_wait(time.monotonic() - queued_at)
         else:
@@ -317,7 +350,7 @@ class Forwarder:
             # of an absolute-form request names the proxy, not where the node should look).
             connections.base_path + request.rel_url.raw_path_qs,
             connections.host_header,
-            _with_node_headers(_with_request_id(request, ex), node),
+            _with_node_headers(_with_request_id(request, ex, self.dropped_request_headers), node),
             ex.body,
         )
         while True:
@@ -355,6 +388,7 @@ class Forwarder:
         )
         if head.content_length is not None:
             response.content_length = head.content_length
+        response.headers.update(ex.limit_headers)  # the key's budget left, as OpenAI sends it
         await response.prepare(request)  # the head goes out: the commit point, no retry after
         tail: deque[bytes] = deque(maxlen=TAIL_PIECES)
         try:
@@ -384,9 +418,11 @@ class Forwarder:
             raise _gateway_error(node, err) from None  # nothing was sent: a clean error
         head = upstream.head
         self._after_response(ex, node, head, (body,))
-        return web.Response(
+        response = web.Response(
             status=head.status, reason=head.reason, headers=response_headers(head), body=body
         )
+        response.headers.update(ex.limit_headers)
+        return response
 
     def _after_response(self, ex: Exchange, node: Node, head: Head, tail: Iterable[bytes]) -> None:
         """Once per request, after the last byte: health evidence and token telemetry."""
@@ -422,10 +458,11 @@ async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -
     response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
 
 
-def _with_request_id(request: web.Request, ex: Exchange) -> RawHeaders:
-    """The client's end-to-end headers, with the proxy's id for the request when it sent none,
-    so that the node's log and the proxy's name the same request."""
-    headers = end_to_end(request.raw_headers, RESET_REQUEST_HEADERS)
+def _with_request_id(request: web.Request, ex: Exchange, dropped: frozenset[bytes]) -> RawHeaders:
+    """The client's end-to-end headers but ``dropped`` (hop-by-hop, and the client's key),
+    with the proxy's id for the request when it sent none, so that the node's log and the
+    proxy's name the same request."""
+    headers = end_to_end(request.raw_headers, dropped)
     if REQUEST_ID_HEADER in request.headers:
         return headers
     return [*headers, (REQUEST_ID_HEADER.encode(), ex.request_id.encode())]

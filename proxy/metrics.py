@@ -198,6 +198,27 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # Per client key (tenants): label values are configured key names only, "" for a
+        # request without a known key (none configured, missing or unknown).
+        self.key_requests = Counter(
+            "ollama_proxy_key_requests",
+            "Requests answered, by client key and status code.",
+            ["key", "code"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "ollama_proxy_key_tokens",
+            "Tokens charged to each client key, from the final chunks: prompt and completion.",
+            ["key", "type"],
+            registry=r,
+        )
+        self.key_rejections = Counter(
+            "ollama_proxy_key_rejections",
+            "Requests refused for their key: unauthorized (401), forbidden (403), rate, tokens "
+            "or concurrency (429).",
+            ["key", "reason"],
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
         # The per-request series, each child looked up once: prometheus-client's labels()
         # takes a lock and checks its arguments (about 2 µs a call, 0.4 µs for the update).
@@ -207,6 +228,8 @@ class Metrics:
         self._tokens_for = functools.cache(self.tokens.labels)
         self._generation_seconds_for = functools.cache(self.generation_seconds.labels)
         self._model_load_for = functools.cache(self.model_load.labels)
+        self._key_requests_for = functools.cache(self.key_requests.labels)
+        self._key_tokens_for = functools.cache(self.key_tokens.labels)
         # Known label values start at 0, so the first event is an increase, not a new series.
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
@@ -232,6 +255,16 @@ class Metrics:
         self._duration_for(node).observe(time.monotonic() - ex.started)
         if ex.usage is not None and ex.model_key is not None:
             self._usage(node, ex.model_key, ex.usage)
+        self._key_done(ex, code)
+
+    def _key_done(self, ex: Exchange, code: str) -> None:
+        key = ex.key.name if ex.key is not None else ""
+        self._key_requests_for(key, code).inc()
+        if ex.rejection is not None:
+            self.key_rejections.labels(key, ex.rejection).inc()
+        if ex.usage is not None:
+            self._key_tokens_for(key, "prompt").inc(ex.usage.prompt_tokens)
+            self._key_tokens_for(key, "completion").inc(ex.usage.completion_tokens)
 
     def _usage(self, node: str, model: str, usage: Usage) -> None:
         self._tokens_for(node, model, "prompt").inc(usage.prompt_tokens)

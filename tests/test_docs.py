@@ -45,6 +45,8 @@ STAND_IN_NODES = [
     for i, name in enumerate(["gpu-a", "gpu-b", "gpu-c"])
 ]
 MINIMAL = {"nodes": [{"url": "http://127.0.0.1:11434"}]}
+ONE_KEY = {"name": "k", "key_sha256": "0" * 64}  # so the parser reads a key's fields too
+WITH_KEY = {**MINIMAL, "auth": {"keys": [ONE_KEY]}}
 DOCS_HOST = "http://ollama-proxy:11434"
 
 
@@ -100,7 +102,7 @@ def parser_keys() -> set[str]:
         original(reader, raw, path, known)
 
     with mock.patch.object(config_module._Reader, "no_unknown_keys", spy):
-        parse_config(MINIMAL)
+        parse_config(WITH_KEY)
     paths = {path for path, _ in declared}
     assert "" in paths and "nodes[0]" in paths, f"the spy saw only {paths}: has the parser changed?"
     keys = set()
@@ -115,7 +117,7 @@ def key_rows() -> dict[str, list[str]]:
     rows = {}
     for line in CONFIGURATION.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        key = re.fullmatch(r"`([a-z_\[\].]+)`", cells[0])
+        key = re.fullmatch(r"`([a-z0-9_\[\].]+)`", cells[0])
         if line.startswith("|") and key:
             rows[key[1]] = cells
     return rows
@@ -134,6 +136,8 @@ def with_key(key: str, value: object) -> dict[str, Any]:
     data: dict[str, Any] = {"nodes": [dict(MINIMAL["nodes"][0])]}
     if key.startswith("nodes[]."):
         data["nodes"][0][key.removeprefix("nodes[].")] = value
+    elif key.startswith("auth.keys[]."):
+        data["auth"] = {"keys": [{**ONE_KEY, key.removeprefix("auth.keys[]."): value}]}
     elif "." in key:
         section, name = key.split(".", 1)
         data[section] = {name: value}
@@ -150,7 +154,8 @@ def test_documented_defaults_are_the_parsers() -> None:
         if literal is None:
             continue  # required, computed ("the host:port of url") or a section
         value = yaml.safe_load(literal[1])
-        assert parse_config(with_key(key, value)) == parse_config(MINIMAL), f"{key} = {value!r}"
+        base = WITH_KEY if key.startswith("auth.keys[].") else MINIMAL
+        assert parse_config(with_key(key, value)) == parse_config(base), f"{key} = {value!r}"
         checked.append(key)
     assert len(checked) >= 20
 
