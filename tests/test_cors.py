@@ -1,6 +1,6 @@
 """Browser apps: the proxy answers CORS preflights itself, with Ollama's default origins and
 ``cors.origins``; refuses other origins and, listening on loopback, other Hosts (403, before any
-node); every answer carries the proxy's CORS headers only."""
+node); every answer carries the proxy's CORS headers only; fan-outs carry the client's Origin."""
 
 from __future__ import annotations
 
@@ -295,6 +295,34 @@ async def test_a_nodes_own_cors_headers_are_replaced_by_the_proxys(
             assert resp.headers.getall("Access-Control-Allow-Origin") == [EXTRA]
             assert "Access-Control-Allow-Credentials" not in resp.headers
             assert resp.headers.getall("Vary") == ["Origin, Accept-Encoding"]
+
+
+async def test_fleet_requests_carry_the_clients_origin_to_the_nodes(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(nodes)
+    origin = "http://localhost:3000"
+    headers = {"Origin": origin}
+    async with aiohttp.ClientSession() as session:
+        pull = {"model": "qwen2.5:0.5b", "stream": False}
+        async with session.post(proxy.url + "/api/pull", json=pull, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == origin
+        copy = {"source": "llama3.2", "destination": "mine"}
+        async with session.post(proxy.url + "/api/copy", json=copy, headers=headers) as resp:
+            assert resp.status == 200
+        deleted = {"model": "mine"}
+        async with session.delete(proxy.url + "/api/delete", json=deleted, headers=headers) as r:
+            assert r.status == 200
+        async with session.get(proxy.url + "/api/tags", headers=headers) as resp:
+            assert resp.status == 200
+    for node in nodes:
+        seen = {
+            (r.method, r.path) for r in node.stats.requests if r.headers.get("Origin") == origin
+        }
+        assert {("POST", "/api/pull"), ("POST", "/api/copy"), ("DELETE", "/api/delete")} <= seen
+        assert ("GET", "/api/tags") in seen
 
 
 async def test_a_proxy_on_loopback_refuses_a_host_that_is_not_local(
