@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import shutil
+import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from proxy import cors
 from proxy.config import ConfigError, parse_config
@@ -368,3 +371,70 @@ async def test_the_real_process_answers_preflights_and_guards_host(
         async with session.get(url + "/api/tags", headers={"Origin": REFUSED}) as resp:
             assert resp.status == 403
     assert browser_requests(node) == []
+
+
+# -- a real browser ----------------------------------------------------------------------------
+
+# Run in the page: a streamed chat read with fetch(), as a browser app reads it.
+FETCH_CHAT = """async ([url, chat]) => {
+    const response = await fetch(url, {
+        method: "POST",
+        headers: {"Content-Type": "application/json", "Authorization": "Bearer k"},
+        body: JSON.stringify(chat),
+    });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let text = "";
+    for (let part = await reader.read(); !part.done; part = await reader.read()) {
+        text += part.value;
+    }
+    const lines = text.split("\\n").filter(Boolean).map((line) => JSON.parse(line));
+    return lines.map((line) => line.message.content).join("");
+}"""
+STREAMED_CHAT = {**CHAT, "stream": True}
+
+
+async def test_chromium_streams_a_chat_from_an_allowed_page_and_not_from_another(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("chromium is not installed (Debian's package; .ci/run installs it)")
+    async_api = pytest.importorskip("playwright.async_api")
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    pages = web.Application()
+    pages.router.add_get("/", blank_page)
+    runner = web.AppRunner(pages)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    # evil.test is this machine too, for the browser only: a page on an origin not allowed.
+    args = ["--no-sandbox", "--host-resolver-rules=MAP evil.test 127.0.0.1"]
+    try:
+        async with async_api.async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=executable, args=args)
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{port}/")
+            text = await page.evaluate(FETCH_CHAT, [proxy.url + "/api/chat", STREAMED_CHAT])
+            assert text.strip()
+            await page.goto(f"http://evil.test:{port}/")
+            with pytest.raises(async_api.Error, match="Failed to fetch"):
+                await page.evaluate(FETCH_CHAT, [proxy.url + "/api/chat", STREAMED_CHAT])
+            await browser.close()
+    finally:
+        await runner.cleanup()
+    assert browser_requests(node) == [("POST", "/api/chat")]  # the refused page's never came
+    async with aiohttp.ClientSession() as session:
+        metrics = await (await session.get(proxy.url + "/metrics")).text()
+    assert 'code="403"' in metrics  # its preflight, refused by the proxy
+
+
+async def blank_page(request: web.Request) -> web.Response:
+    return web.Response(text="<!doctype html><title>app</title>", content_type="text/html")
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
