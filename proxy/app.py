@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,13 +12,13 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import admin
+from . import admin, cors
 from .accesslog import MALFORMED_REQUESTS
 from .api import FORWARDED_ROUTES
 from .auth import Auth, mode_of, startup_notice
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
-from .errors import error_response, family_of
+from .errors import ProxyError, error_response, family_of, shown
 from .fleet import Fleet
 from .forward import Forwarder, expect_continue, tag_response
 from .health import Health
@@ -30,9 +32,6 @@ log = logging.getLogger("ollama_proxy")
 
 OLLAMA_ROOT_TEXT = "Ollama is running"
 HTTP_VERSIONS = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
-# The proxy's own paths: a browser's CORS preflight (OPTIONS) for them is not the nodes' to
-# answer, as it is for Ollama's paths.
-PROXY_OWN_PATHS = ("/metrics", "/-/")
 
 
 class Runtime:
@@ -44,6 +43,10 @@ class Runtime:
         self.pool = Pool(config.nodes, config.queue)
         self.metrics = Metrics(self.pool)
         self.shutting_down = False
+        self.cors = cors.Policy.of(config.cors.origins)
+        # Listening on loopback guards Host against DNS rebinding; listen changes only at a
+        # restart, so this is decided once.
+        self.guards_host = cors.listens_on_loopback(config.listen_host)
         self._session = _upstream_session()
         self.tasks = Tasks()  # everything running in the background, ended by aclose
         self.discovery = Discovery(self.pool, self._session, config, self.tasks)
@@ -86,6 +89,7 @@ class Runtime:
         if self.auth.mode != mode_of(config):
             log.log(*startup_notice(config))
         self.config = config
+        self.cors = cors.Policy.of(config.cors.origins)
         added = self.pool.reconfigure(config.nodes, config.queue)
         self.health.configure(config.health_check)
         self.discovery.configure(config)
@@ -128,12 +132,13 @@ RUNTIME = web.AppKey("runtime", Runtime)
 def make_app(config: Config, config_path: Path | None = None) -> web.Application:
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
     # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
-    app = web.Application(client_max_size=2**62, middlewares=[_every_request_first])
+    app = web.Application(client_max_size=2**62, middlewares=[_every_request_first, _browser_rules])
     logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_close_after_upgrade_request)
     app.on_response_prepare.append(tag_response)
+    app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/", _root)  # also answers HEAD
     app.router.add_get("/metrics", _metrics)
     admin.add_routes(app.router, runtime)
@@ -158,15 +163,13 @@ def _route_ollama_paths(router: web.UrlDispatcher, runtime: Runtime) -> None:
 
 def _other_methods_not_allowed(router: web.UrlDispatcher, runtime: Runtime) -> None:
     """A path the proxy answers itself takes only its methods: any other gets 405 here,
-    instead of falling through to the catch-all and on to a node. OPTIONS on Ollama's own
-    paths still goes to a node, whose CORS settings (``OLLAMA_ORIGINS``) answer it."""
+    instead of falling through to the catch-all and on to a node. (A browser's preflight
+    never gets this far: ``_browser_rules`` answers it.)"""
     for resource in router.resources():
         methods = {route.method for route in resource}
         if isinstance(resource, web.Resource) and "*" not in methods:  # "*": admin's 404
-            own = resource.canonical.startswith(PROXY_OWN_PATHS)
             refuse = runtime.forwarder.observed(_not_allowed(methods))
-            answer = refuse if own else _preflight_to_node(refuse, runtime)
-            resource.add_route("*", answer, expect_handler=expect_continue)
+            resource.add_route("*", refuse, expect_handler=expect_continue)
 
 
 def _not_allowed(methods: set[str]) -> Handler:
@@ -178,15 +181,6 @@ def _not_allowed(methods: set[str]) -> Handler:
         return error_response(405, message, headers={"Allow": allow}, family=family)
 
     return refuse
-
-
-def _preflight_to_node(refuse: Handler, runtime: Runtime) -> Handler:
-    async def other_method(request: web.Request) -> web.StreamResponse:
-        if request.method == "OPTIONS":
-            return await runtime.forwarder.handle(request)
-        return await refuse(request)
-
-    return other_method
 
 
 @web.middleware
@@ -208,6 +202,90 @@ async def _every_request_first(request: web.Request, handler: Handler) -> web.St
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         family = family_of(request.path)
         return error_response(exc.status, exc.reason.lower(), headers=allow, family=family)
+
+
+@web.middleware
+async def _browser_rules(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests from web pages, judged as Ollama judges them (``cors.py``) before any node
+    sees them: refused (403) so that a page the user visits cannot pull, delete or generate,
+    or a preflight answered here (204). Counted and logged like every request."""
+    runtime = request.app[RUNTIME]
+    if (refusal := _browser_refusal(request, runtime)) is not None:
+        return await runtime.forwarder.observed(_raising(refusal))(request)
+    if request.method == "OPTIONS" and _allowed_origin(request) is not None:
+        return await runtime.forwarder.observed(_preflight)(request)
+    return await handler(request)
+
+
+def _browser_refusal(request: web.Request, runtime: Runtime) -> ProxyError | None:
+    """A ``Host`` a proxy on loopback does not answer (DNS rebinding), or an origin not
+    allowed; None for a request without ``Origin`` or from the page's own origin."""
+    host = request.headers.get("Host", "")
+    if runtime.guards_host and not _local_host(host):
+        return ProxyError(403, f"host {shown(host)!r} is not allowed: the proxy is on loopback")
+    origin = request.headers.get("Origin")
+    if cors.is_cross_origin(origin, host) and not runtime.cors.allows(origin or ""):
+        return ProxyError(403, f"origin {shown(origin or '')!r} is not allowed (cors.origins)")
+    return None
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    """The request's ``Origin`` when it is a CORS request (another origin's) and allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None or not cors.is_cross_origin(origin, request.headers.get("Host", "")):
+        return None
+    return origin if request.app[RUNTIME].cors.allows(origin) else None
+
+
+def _raising(exc: ProxyError) -> Handler:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise exc
+
+    return refuse
+
+
+async def _preflight(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204)  # its headers: _cors_headers, as every answer's
+
+
+# Cached: a client names the same Host on every request, and parsing it as an address costs
+# more than the rest of the request's checks (an address that becomes, or stops being, one of
+# the machine's own is seen after a restart).
+@functools.lru_cache(maxsize=1024)
+def _local_host(host: str) -> bool:
+    return cors.host_allowed(host, socket.gethostname(), _is_local_ip)
+
+
+def _is_local_ip(address: cors.IPAddress) -> bool:
+    """One of this machine's own addresses (Ollama lists its interfaces): only those bind."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, proxied or the proxy's own, carries the proxy's CORS headers only: a
+    node's (it saw the client's Origin) are dropped, so none carries two Allow-Origins.
+    A request without ``Origin`` is no browser's: nothing to do (Ollama sends none then)."""
+    if "Origin" not in request.headers:
+        return
+    for name in {n for n in response.headers if cors.is_cors_header(n)}:
+        response.headers.popall(name)
+    if (origin := _allowed_origin(request)) is None:
+        return
+    policy = request.app[RUNTIME].cors
+    if request.method == "OPTIONS":
+        headers = cors.preflight_headers(policy, origin)
+    else:
+        headers = cors.answer_headers(policy, origin)
+    if (vary := headers.pop("Vary", None)) is not None:
+        existing = ", ".join(response.headers.popall("Vary", []))
+        headers["Vary"] = cors.merged_vary(existing, vary)
+    response.headers.update(headers)
 
 
 async def _close_after_upgrade_request(request: web.Request, response: web.StreamResponse) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .cors import origin_problem
 from .http1 import HOP_BY_HOP, RESET_REQUEST_HEADERS
 from .models import normalize_model
 
@@ -168,6 +169,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class CorsConfig:
+    # Browser origins allowed besides Ollama's defaults, as OLLAMA_ORIGINS lists them
+    # (trimmed, lower case; one * each, "*" alone for any origin).
+    origins: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -183,6 +191,7 @@ class Config:
     routing: RoutingConfig
     discovery: DiscoveryConfig
     limits: LimitsConfig
+    cors: CorsConfig
     # Model → names of the nodes an /api/pull of it goes to; others go to every healthy node.
     placement: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # SO_REUSEPORT: another process may listen on the same port (a zero-downtime upgrade on
@@ -603,6 +612,21 @@ def _auto_or_count(r: _Reader, value: object, path: str) -> int | None:
     return value
 
 
+def _cors(r: _Reader, raw: dict[str, Any]) -> CorsConfig:
+    r.no_unknown_keys(raw, "cors", {"origins"})
+    value = raw.get("origins", [])
+    if not isinstance(value, list):
+        r.error("cors.origins", 'must be a list of origins, such as ["https://chat.example.com"]')
+        return CorsConfig(origins=())
+    origins = []
+    for i, item in enumerate(value):
+        origin = r.string(item, f"cors.origins[{i}]").strip().lower()
+        if isinstance(item, str) and (problem := origin_problem(origin)) is not None:
+            r.error(f"cors.origins[{i}]", problem)
+        origins.append(origin)
+    return CorsConfig(origins=tuple(origins))
+
+
 # Sections whose every key has a default: name → reader.
 _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "health_check": _health_check,
@@ -615,6 +639,7 @@ _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "routing": _routing,
     "discovery": _discovery,
     "limits": _limits,
+    "cors": _cors,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)

@@ -121,11 +121,12 @@ class Discovery:
             node.models.add(model)
         node.resident[model] = time.time() + DEFAULT_KEEP_ALIVE
 
-    async def get_json(self, node: Node, path: str) -> Any:
-        """A node's JSON answer to a GET, or None when it has none to give."""
+    async def get_json(self, node: Node, path: str, headers: dict[str, str] | None = None) -> Any:
+        """A node's JSON answer to a GET (with ``headers``, the node's own by default), or
+        None when it has none to give."""
         try:
             async with self.session.get(
-                node.url + path, timeout=self.timeout, headers=node.config.headers
+                node.url + path, timeout=self.timeout, headers=headers or node.config.headers
             ) as resp:
                 body = await _read_capped(resp, MAX_LISTING_BYTES) if resp.status == 200 else None
                 return json.loads(body) if body is not None else None

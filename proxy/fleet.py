@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,15 +41,30 @@ DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Listing = Callable[[], Awaitable[web.StreamResponse]]
 
+# The client's Origin, for every node request made to answer it: the nodes' own
+# OLLAMA_ORIGINS still judge a browser's pull or delete. Set for the length of one fleet
+# request; the tasks it starts copy it.
+_client_origin: ContextVar[str | None] = ContextVar("client_origin", default=None)
+
 
 def _answering_errors(handler: Handler) -> Handler:
     async def answer(request: web.Request) -> web.StreamResponse:
+        origin = _client_origin.set(request.headers.get("Origin"))
         try:
             return await handler(request)
         except ProxyError as exc:
             return exc.response(request.path)
+        finally:
+            _client_origin.reset(origin)
 
     return answer
+
+
+def _node_headers(node: Node, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """``headers``, the client's Origin, and the node's own headers over both."""
+    origin = _client_origin.get()
+    from_client = {"Origin": origin} if origin is not None else {}
+    return {**(headers or {}), **from_client, **node.config.headers}
 
 
 def _ignoring_request(listing: Listing) -> Handler:
@@ -135,7 +151,8 @@ class Fleet:
 
     async def _ask_all(self, path: str) -> list[tuple[Node, Any]]:
         nodes = self._healthy()
-        answers = await asyncio.gather(*(self.discovery.get_json(n, path) for n in nodes))
+        asks = (self.discovery.get_json(n, path, _node_headers(n)) for n in nodes)
+        answers = await asyncio.gather(*asks)
         return [(n, a) for n, a in zip(nodes, answers, strict=True) if a is not None]
 
     async def tags(self) -> web.StreamResponse:
@@ -288,7 +305,7 @@ class Fleet:
                 method,
                 node.url + path,
                 data=data or None,
-                headers={**(headers or {}), **node.config.headers},
+                headers=_node_headers(node, headers),
                 timeout=self.transfer_timeout,
             ) as resp:
                 return node, resp.status, await resp.read()
@@ -339,7 +356,7 @@ class Fleet:
             async with self.session.post(
                 node.url + path,
                 data=body,
-                headers=node.config.headers,
+                headers=_node_headers(node),
                 timeout=self.transfer_timeout,
             ) as resp:
                 if resp.status != 200:

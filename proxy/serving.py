@@ -407,7 +407,7 @@ async def _listening_sockets(host: str, port: int, *, reuse_port: bool) -> list[
 async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> Serving:
     """Start the application (its start-up checks), then listen on ``host:port``."""
     serving = Serving(app)
-    app.middlewares.append(serving.track)
+    app.middlewares.insert(0, serving.track)  # outermost: every answer ends a request
     runner = serving.runner = web.AppRunner(
         app,
         # Without this aiohttp notices a departed client only at its next write, so a

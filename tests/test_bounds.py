@@ -21,7 +21,7 @@ from .conftest import StartNodes, StartProxy, generations, metric, proxy_subproc
 from .fakes import FakeTransport
 
 GENERATE = b'{"model": "llama3.2", "prompt": "a very long story"}'
-REQUEST = b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nContent-Length: %d\r\n\r\n%b" % (
+REQUEST = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%b" % (
     len(GENERATE),
     GENERATE,
 )

@@ -152,7 +152,7 @@ async def test_clients_leaving_at_any_moment_log_no_server_errors(
     proxy = await start_proxy([node], caps=[50])
     host, port = proxy.url.removeprefix("http://").split(":")
     body = b'{"model": "llama3.2", "prompt": "short story"}'
-    request = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (
+    request = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%b" % (
         len(body),
         body,
     )
@@ -201,7 +201,7 @@ async def test_client_leaving_as_the_node_answers_logs_no_server_error(
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     for _ in range(20):
         _, client = await asyncio.open_connection(host, int(port))
-        client.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        client.write(b"POST /api/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
         to_proxy, answered = await node.asked.get()
         client.close()  # a FIN: the proxy closes its side before it hears of the loss
         to_proxy.write(answer)

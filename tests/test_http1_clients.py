@@ -49,7 +49,7 @@ async def read_response(reader: asyncio.StreamReader, *, to_head: bool = False) 
 def post(path: str, payload: object, *, extra: bytes = b"") -> bytes:
     body = json.dumps(payload).encode()
     return (
-        b"POST %b HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        b"POST %b HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n%b\r\n%b" % (path.encode(), len(body), extra, body)
     )
 
@@ -57,14 +57,17 @@ def post(path: str, payload: object, *, extra: bytes = b"") -> bytes:
 def chunked_post(path: str, payload: object) -> bytes:
     body = json.dumps(payload).encode()
     chunks = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in (body[:5], body[5:]))
-    return b"POST %b HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n%b0\r\n\r\n" % (
-        path.encode(),
-        chunks,
+    return (
+        b"POST %b HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n%b0\r\n\r\n"
+        % (
+            path.encode(),
+            chunks,
+        )
     )
 
 
 def get(path: str, method: bytes = b"GET") -> bytes:
-    return b"%b %b HTTP/1.1\r\nHost: proxy\r\n\r\n" % (method, path.encode())
+    return b"%b %b HTTP/1.1\r\nHost: localhost\r\n\r\n" % (method, path.encode())
 
 
 GENERATE = {"model": "llama3.2", "prompt": "hi"}

@@ -114,7 +114,7 @@ class Raw:
         self, method: str, path: str, body: Any = None
     ) -> tuple[int, dict[str, str], bytes]:
         data = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {len(data)}\r\n\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(data)}\r\n\r\n"
         self.writer.write(head.encode() + data)
         async with asyncio.timeout(5):
             return await read_answer(self.reader)
@@ -164,11 +164,11 @@ def pipelined(count: int) -> bytes:
     generate = json.dumps({**GENERATE, "options": {"num_predict": TOKENS}}).encode()
     unknown = json.dumps({**GENERATE, "model": "no-such-model"}).encode()
     kinds = [
-        b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s"
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
         % (len(generate), generate),
-        b"GET /api/tags HTTP/1.1\r\nHost: p\r\n\r\n",
-        b"GET /no/such/path HTTP/1.1\r\nHost: p\r\n\r\n",
-        b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /no/such/path HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
         % (len(unknown), unknown),
     ]
     return b"".join(kinds[i % len(kinds)] for i in range(count))
@@ -242,7 +242,7 @@ async def test_idle_connections_cannot_take_the_descriptors_nodes_need(
             for _ in range(3):  # more than health_check.fall
                 status, _, _ = await client.ask("POST", "/api/generate", GENERATE)
                 assert status == 200
-            late.writer.write(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            late.writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(read_answer(late.reader), 0.3)
             assert open_descriptors(process.pid) < DESCRIPTOR_LIMIT - 32
@@ -345,7 +345,7 @@ async def test_a_head_sent_a_byte_at_a_time_gets_408_and_the_connection_closes(
     port = await proxy_port(start_nodes, start_proxy)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     sending = asyncio.create_task(
-        trickle(writer, b"GET /api/tags HTTP/1.1\r\nHost: p\r\nX-Slow: " + b"x" * 200, 0.05)
+        trickle(writer, b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"x" * 200, 0.05)
     )
     data, took = await closed_after(reader)
     assert data.startswith(b"HTTP/1.1 408 ") and data.count(b"HTTP/1.1") == 1
@@ -395,7 +395,7 @@ async def test_a_head_pipelined_during_an_answer_and_left_unfinished_gets_408_af
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.serving.port)
     body = json.dumps(GENERATE).encode()
     writer.write(
-        b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(body)
+        b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
     writer.write(body)
     await nodes[0].wait_for(lambda stats: stats.active == 1)
@@ -412,7 +412,7 @@ async def test_a_body_that_stalls_gets_408_and_the_connection_closes(
 ) -> None:
     port = await proxy_port(start_nodes, start_proxy)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\n{")
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
     data, took = await closed_after(reader)
     assert data.startswith(b"HTTP/1.1 408 ") and b"body" in data
     assert 0.3 < took < 1.5
@@ -428,7 +428,9 @@ async def test_a_slow_body_that_keeps_coming_is_served(
     proxy = await start_proxy(nodes, limits=LIMITS)
     body = json.dumps(GENERATE).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.serving.port)
-    head = b"POST /api/generate HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(
+        body
+    )
     writer.write(head)
     started = time.monotonic()
     for piece in (body[:10], body[10:20], body[20:]):

@@ -102,10 +102,10 @@ async def test_a_long_admin_path_is_not_echoed_whole(
 
 # Each is a request aiohttp's parser refuses; each quotes a token-like secret.
 MALFORMED = [
-    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr3t\x01tok\r\n\r\n",
-    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization Bearer s3cr3t\r\n\r\n",
-    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Key: s3cr3t" + b"k" * 9000 + b"\r\n\r\n",
-    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nAuthorization: s3cr3t\x00\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer s3cr3t\x01tok\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAuthorization Bearer s3cr3t\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Key: s3cr3t" + b"k" * 9000 + b"\r\n\r\n",
+    b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nAuthorization: s3cr3t\x00\r\n\r\n",
 ]
 
 
@@ -154,7 +154,7 @@ async def test_a_malformed_request_is_one_line_without_its_bytes(
         for request in MALFORMED:
             assert (await raw_exchange(port, request)).startswith(b"HTTP/1.0 400 ")
         # A good request after them: once its line is in, theirs are too.
-        good = b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        good = b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         assert (await raw_exchange(port, good)).startswith(b"HTTP/1.1 200 ")
         await wait_until(lambda: any("ollama_proxy.access" in line for line in lines[start:]))
         logged = lines[start:]

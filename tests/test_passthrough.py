@@ -467,7 +467,7 @@ async def through_proxy(start_proxy: StartProxy, node: ScriptedNode) -> tuple[by
     proxy = await start_proxy([node])  # type: ignore[list-item]
     reader, writer = await asyncio.open_connection(*yarl.URL(proxy.url).raw_authority.split(":"))
     writer.write(
-        b"POST /api/experimental/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"POST /api/experimental/chunks HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
         b"Connection: close\r\n\r\n{}"
     )
     while data := await reader.read(65536):

@@ -25,13 +25,13 @@ from .socketnode import SocketNode
 BODY = b'{"model": "m", "prompt": "x"}'
 LENGTH = b"Content-Length: %d" % len(BODY)
 CHUNKED = b"%x\r\n%b\r\n0\r\n\r\n" % (len(BODY), BODY)
-SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: proxy\r\n\r\n"
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
 # Read by a Content-Length that ends after the size line, this chunked body carries a request
 # whose own body is the chunked body's rest ("\r\n0\r\n\r\n", 7 bytes).
-HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: proxy\r\nContent-Length: 7\r\n\r\n"
+HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\n"
 HIDING = b"%x\r\n%b\r\n0\r\n\r\n" % (len(HIDDEN), HIDDEN)
 BAIT = b"BAIT_PORT"  # replaced by the port of a listener the proxy must never connect to
-LAST = b"GET /api/version HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+LAST = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 ANSWER_TIMEOUT = 3.0
 # aiohttp's server answers a request it cannot parse in HTTP/1.0: a 400 all the same.
 REFUSED = re.compile(rb"HTTP/1\.[01] 400 ")
@@ -47,7 +47,7 @@ SPACE_BEFORE_COLON = "RFC 9112 §5.1: whitespace between a field name and its co
 def post(
     *headers: bytes, body: bytes = BODY, target: bytes = b"/api/generate", eol: bytes = b"\r\n"
 ) -> bytes:
-    lines = [b"POST %b HTTP/1.1" % target, b"Host: proxy", *headers]
+    lines = [b"POST %b HTTP/1.1" % target, b"Host: localhost", *headers]
     return b"".join(line + eol for line in lines) + eol + body
 
 

@@ -270,7 +270,7 @@ async def exchange(
 ) -> Response:
     """POST ``body``; the answer, with every byte read also in ``received``."""
     writer.write(
-        b"POST %b HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        b"POST %b HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (target.encode(), len(body), body)
     )
     while (response := parse_response(bytes(received))) is None:

@@ -23,11 +23,11 @@ from .test_split_reads import ANSWERS
 NODE_URL = "http://127.0.0.1:9"  # never connected to: the node's connection is a fake
 BODY = json.dumps({"model": "m", "prompt": "hi"}).encode()
 REQUEST = (
-    b"POST /api/generate?x=1 HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+    b"POST /api/generate?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
 )
 CHUNKED_REQUEST = (
-    b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     + chunked(BODY[:10], BODY[10:])
 )
 
