@@ -379,18 +379,42 @@ class _Outcome:
 
 
 @dataclass
+class _NodeProgress:
+    """What one node's progress lines have said so far."""
+
+    statuses: set[str] = field(default_factory=set)  # plain steps ("writing manifest")
+    layers: dict[str, int] = field(default_factory=dict)  # bytes completed per digest
+    in_layers: bool = False  # it has sent a layer's progress
+    past_layers: bool = False  # and a plain step after that: its layers are all there
+    done: bool = False  # it said success
+    failed: bool = False
+
+
+@dataclass
 class _ProgressMerger:
-    """Many nodes' NDJSON progress as one: bytes summed per digest across nodes."""
+    """Many nodes' NDJSON progress as one Ollama's, for the bars of the ollama CLI and Open
+    WebUI: one sequence of steps, each shown once every node still running has reached it; a
+    layer's lines only once every node is at the layers, its ``total`` the layer's size from
+    its first line on, its ``completed`` the least any running node has, sent only when it
+    grows. A node that fails leaves the merge (the others go on) and is named in the error
+    that ends the stream in place of success."""
 
     nodes: list[Node]
     errors: dict[str, str] = field(default_factory=dict)
     succeeded: list[Node] = field(default_factory=list)
-    _digests: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
-    _last_status: str = ""
+    _state: dict[str, _NodeProgress] = field(default_factory=dict)
+    _totals: dict[str, int] = field(default_factory=dict)  # per digest, from its first line
+    _labels: dict[str, str] = field(default_factory=dict)  # its status ("pulling 4c4b…")
+    _shown: dict[str, int] = field(default_factory=dict)  # completed last sent per digest
+    # Steps seen and not sent yet, in the order first seen; True for one that a node sent
+    # after its layers (the layers' last progress goes before it).
+    _pending: dict[str, bool] = field(default_factory=dict)
+    _sent: set[str] = field(default_factory=set)
 
     async def run(
         self, lines: asyncio.Queue[tuple[Node, dict[str, Any] | None]]
     ) -> AsyncIterator[dict[str, Any]]:
+        self._state = {node.name: _NodeProgress() for node in self.nodes}
         running = len(self.nodes)
         while running:
             node, line = await lines.get()
@@ -398,30 +422,68 @@ class _ProgressMerger:
                 running -= 1
                 if node not in self.succeeded:
                     self.errors.setdefault(node.name, "ended without success")
-                continue
-            merged = self._take(node, line)
-            if merged is not None:
+                    self._state[node.name].failed = True
+            else:
+                self._take(node, line)
+            for merged in self._advance():
                 yield merged
 
-    def _take(self, node: Node, line: dict[str, Any]) -> dict[str, Any] | None:
+    def _take(self, node: Node, line: dict[str, Any]) -> None:
+        state = self._state[node.name]
+        status = str(line.get("status", ""))
+        digest = line.get("digest")
         if "error" in line:
             self.errors[node.name] = str(line["error"])
-            return None
-        status = str(line.get("status", ""))
-        if status == "success":
+            state.failed = True
+        elif status == "success":
             self.succeeded.append(node)
-            return None
-        digest = line.get("digest")
-        if isinstance(digest, str) and "total" in line:
-            per_node = self._digests.setdefault(digest, {})
-            per_node[node.name] = (_int(line.get("total")), _int(line.get("completed")))
-            total = sum(t for t, _ in per_node.values())
-            completed = sum(c for _, c in per_node.values())
-            return {"status": status, "digest": digest, "total": total, "completed": completed}
-        if status and status != self._last_status:
-            self._last_status = status
-            return {"status": status}
-        return None
+            state.done = True
+        elif isinstance(digest, str) and digest:
+            state.in_layers = True
+            if (total := _int(line.get("total"))) > 0:
+                self._totals.setdefault(digest, total)
+                self._labels.setdefault(digest, status)
+            completed = _int(line.get("completed"))
+            state.layers[digest] = max(completed, state.layers.get(digest, 0))
+        elif status:
+            state.past_layers = state.in_layers
+            state.statuses.add(status)
+            if status not in self._sent:
+                self._pending.setdefault(status, state.in_layers)
+
+    def _advance(self) -> list[dict[str, Any]]:
+        """The merged lines the last change allows, steps and layers in order."""
+        running = [s for s in self._state.values() if not s.failed]
+        if not running:
+            return []
+        merged: list[dict[str, Any]] = []
+        for status, after_layers in list(self._pending.items()):
+            if status not in self._pending:  # dropped below, behind a later step
+                continue
+            if not all(s.done or status in s.statuses for s in running):
+                continue
+            if after_layers:
+                merged += self._layer_lines(running)
+            merged.append({"status": status})
+            self._sent.add(status)
+            for earlier in list(self._pending)[: list(self._pending).index(status) + 1]:
+                del self._pending[earlier]  # a step left behind is never shown out of order
+        return merged + self._layer_lines(running)
+
+    def _layer_lines(self, running: list[_NodeProgress]) -> list[dict[str, Any]]:
+        if not all(s.done or s.in_layers for s in running):
+            return []
+        lines = []
+        for digest, total in self._totals.items():
+            completed = min(_completed(s, digest, total) for s in running)
+            if digest in self._shown and completed <= self._shown[digest]:
+                continue
+            self._shown[digest] = completed
+            label = self._labels[digest]
+            lines.append(
+                {"status": label, "digest": digest, "total": total, "completed": completed}
+            )
+        return lines
 
     def final(self, what: str) -> dict[str, Any]:
         if not self.errors and len(self.succeeded) == len(self.nodes):
@@ -430,6 +492,13 @@ class _ProgressMerger:
         return {
             "error": f"{what} failed on {len(self.errors)} of {len(self.nodes)} nodes: {failed}"
         }
+
+
+def _completed(state: _NodeProgress, digest: str, total: int) -> int:
+    """How much of a layer a node has: all of it once it is past its layers."""
+    if state.done or state.past_layers:
+        return total
+    return min(state.layers.get(digest, 0), total)
 
 
 def _summarise(

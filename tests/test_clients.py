@@ -8,6 +8,8 @@ import ollama
 import openai
 import pytest
 
+from proxy.sim import answer_text
+
 from .conftest import Proxy, StartNodes, StartProxy
 
 
@@ -33,19 +35,19 @@ async def openai_client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
 
 async def test_ollama_generate_streaming_and_not(ollama_client: ollama.AsyncClient) -> None:
     parts = [p async for p in await ollama_client.generate("llama3.2", "hi there", stream=True)]
-    assert "".join(p.response for p in parts) == "tok0 tok1 tok2 tok3 tok4 "
+    assert "".join(p.response for p in parts) == answer_text("hi there", 5)
     assert parts[-1].done and parts[-1].eval_count == 5
     whole = await ollama_client.generate("llama3.2", "hi there")
-    assert whole.response == "tok0 tok1 tok2 tok3 tok4 " and whole.done
+    assert whole.response == answer_text("hi there", 5) and whole.done
 
 
 async def test_ollama_chat_streaming_and_not(ollama_client: ollama.AsyncClient) -> None:
     messages = [{"role": "user", "content": "hello"}]
     stream = await ollama_client.chat("llama3.2", messages=messages, stream=True)
     parts = [p async for p in stream]
-    assert "".join(p.message.content or "" for p in parts) == "tok0 tok1 tok2 tok3 tok4 "
+    assert "".join(p.message.content or "" for p in parts) == answer_text("hello", 5)
     whole = await ollama_client.chat("llama3.2", messages=messages)
-    assert whole.message.content == "tok0 tok1 tok2 tok3 tok4 "
+    assert whole.message.content == answer_text("hello", 5)
 
 
 async def test_ollama_embed_list_show(ollama_client: ollama.AsyncClient) -> None:
@@ -69,12 +71,12 @@ async def test_openai_chat_streaming_and_not(openai_client: openai.AsyncOpenAI) 
         {"role": "user", "content": "hello"}
     ]
     whole = await openai_client.chat.completions.create(model="llama3.2", messages=messages)
-    assert whole.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 "
+    assert whole.choices[0].message.content == answer_text("hello", 5)
     stream = await openai_client.chat.completions.create(
         model="llama3.2", messages=messages, stream=True
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-    assert text == "tok0 tok1 tok2 tok3 tok4 "
+    assert text == answer_text("hello", 5)
 
 
 async def test_openai_embeddings_and_models(openai_client: openai.AsyncOpenAI) -> None:

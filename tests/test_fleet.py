@@ -181,7 +181,7 @@ async def test_pull_fans_out_with_merged_progress(
     single = next(r for r in nodes[0].stats.requests if r.path == "/api/pull")
     assert single.json == {"model": "gemma3:1b", "stream": True}
     assert complete, lines
-    assert max(line["total"] for line in complete) == 2 * _layer_total(nodes[0], "gemma3:1b")
+    assert max(line["total"] for line in complete) == _layer_total(nodes[0], "gemma3:1b")
     assert all("gemma3:1b" in n.settings.models for n in nodes)
     assert all(r.path == "/api/pull" for n in nodes for r in generations(n))
     # The official client sees one ordinary pull, streaming or not.

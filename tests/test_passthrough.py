@@ -20,7 +20,11 @@ import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.sim import answer_tokens
+
 from .conftest import BareNode, Proxy, StartNodes, StartProxy, generations
+
+HI = [{"role": "user", "content": "hi"}]  # a chat with something to answer (no load request)
 
 GZIPPED = gzip.compress(b'{"models":[]}' * 100)
 
@@ -259,7 +263,7 @@ async def test_node_dying_mid_stream_cannot_look_complete(
         with pytest.raises(aiohttp.ClientPayloadError):
             async for line in resp.content:
                 lines.append(json.loads(line))
-    assert [chunk.get("response") for chunk in lines[:2]] == ["tok0 ", "tok1 "]
+    assert [chunk.get("response") for chunk in lines[:2]] == answer_tokens("x", 2)
     assert "error" in lines[-1] and "sim0" in lines[-1]["error"]
     client = ollama.AsyncClient(host=proxy.url)
     try:
@@ -278,7 +282,7 @@ async def test_node_stalling_mid_stream_times_out_as_an_error(
     lines = []
     async with (
         aiohttp.ClientSession() as session,
-        session.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []}) as resp,
+        session.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": HI}) as resp,
     ):
         with pytest.raises(aiohttp.ClientPayloadError):
             async for line in resp.content:
@@ -293,7 +297,7 @@ async def test_a_kept_alive_connection_times_out_its_next_answer_too(
     """The idle timer is armed once per node connection and kept across its requests."""
     (node,) = await start_nodes(1, tokens=3, token_interval=0.001, fault_after_tokens=1)
     proxy = await start_proxy([node], upstream={"idle_timeout": 0.3})
-    chat = {"model": "llama3.2", "messages": []}
+    chat = {"model": "llama3.2", "messages": HI}
     async with aiohttp.ClientSession() as session:
         async with session.post(proxy.url + "/api/chat", json=chat) as resp:
             assert b'"done":true' in await resp.read()

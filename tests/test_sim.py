@@ -16,7 +16,14 @@ import openai
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from proxy.sim import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimNode, SimSettings
+from proxy.sim import (
+    BUSY_MESSAGE,
+    RUNNER_DIED_MESSAGE,
+    SimNode,
+    SimSettings,
+    answer_text,
+    answer_tokens,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINAL_FIELDS = {
@@ -68,7 +75,7 @@ async def test_generate_streams_one_chunk_per_token_then_final_fields(
         chunks = await read_ndjson(response)
 
     *tokens, final = chunks
-    assert [chunk["response"] for chunk in tokens] == ["tok0 ", "tok1 ", "tok2 "]
+    assert [chunk["response"] for chunk in tokens] == answer_tokens("why is the sky blue", 3)
     assert all(chunk["done"] is False and chunk["model"] == "llama3.2" for chunk in tokens)
     assert tokens[0]["created_at"].endswith("Z")
     assert final["done"] is True
@@ -97,7 +104,7 @@ async def test_generate_stream_false_is_one_json_body(
 
     assert b": " not in raw and b", " not in raw  # compact JSON, like Go
     reply = json.loads(raw)
-    assert reply["response"] == "tok0 tok1 tok2 tok3 tok4 "
+    assert reply["response"] == answer_text("hi", 5)
     assert reply["done"] is True and reply["eval_count"] == 5
     assert reply["model"] == "llama3.2:latest"  # echoed as sent
 
@@ -111,7 +118,7 @@ async def test_chat_streams_assistant_messages(
         *tokens, final = await read_ndjson(response)
 
     assert [chunk["message"] for chunk in tokens] == [
-        {"role": "assistant", "content": f"tok{index} "} for index in range(3)
+        {"role": "assistant", "content": token} for token in answer_tokens(messages, 3)
     ]
     assert final["message"] == {"role": "assistant", "content": ""}
     assert final["done_reason"] == "stop" and "context" not in final
@@ -194,7 +201,7 @@ async def test_client_leaving_mid_stream_is_counted_promptly(
     node.settings.tokens = 1000
     body = {"model": "llama3.2", "prompt": "x"}
     async with session.post(f"{node.url}/api/generate", json=body) as response:
-        assert json.loads(await response.content.readline())["response"] == "tok0 "
+        assert json.loads(await response.content.readline())["response"] == answer_text("x", 1)
         response.close()  # drop the connection, as a proxy does when its client leaves
 
     await node.wait_for(lambda stats: stats.cancelled == 1 and stats.active == 0, timeout=0.2)
@@ -211,13 +218,15 @@ async def test_cancellation_before_the_first_byte_is_counted(
     model = "llama3.2"
     if stage == "waiting_for_slot":
         node.settings.num_parallel = 1
-        blocker = asyncio.create_task(post_json(session, url, {"model": model}))
+        blocker = asyncio.create_task(post_json(session, url, {"model": model, "prompt": "hi"}))
         await node.wait_for(lambda stats: stats.active == 1)
     if stage == "cold_load":
         node.settings.load_delay = 10.0
         model = "qwen2.5:0.5b"
 
-    request = asyncio.create_task(post_json(session, url, {"model": model, "stream": False}))
+    request = asyncio.create_task(
+        post_json(session, url, {"model": model, "prompt": "hi", "stream": False})
+    )
     reached = {
         "stream_false": lambda stats: stats.active == 1,
         "waiting_for_slot": lambda stats: stats.queued == 1,
@@ -271,7 +280,9 @@ async def test_a_cold_load_beyond_max_loaded_evicts_the_least_recently_used(
         url = f"{node.url}/api/generate"
 
         async def generate(model: str) -> int:
-            status, reply = await post_json(session, url, {"model": model, "stream": False})
+            status, reply = await post_json(
+                session, url, {"model": model, "prompt": "hi", "stream": False}
+            )
             assert status == 200
             return int(reply["load_duration"])
 
@@ -293,9 +304,11 @@ async def test_a_model_in_use_is_evicted_only_once_idle(session: aiohttp.ClientS
     await node.start()
     try:
         url = f"{node.url}/api/generate"
-        llama = asyncio.create_task(post_json(session, url, {"model": "llama3.2"}))
+        llama = asyncio.create_task(post_json(session, url, {"model": "llama3.2", "prompt": "hi"}))
         await node.wait_for(lambda stats: stats.active == 1)
-        qwen = asyncio.create_task(post_json(session, url, {"model": "qwen2.5:0.5b"}))
+        qwen = asyncio.create_task(
+            post_json(session, url, {"model": "qwen2.5:0.5b", "prompt": "hi"})
+        )
         await node.wait_for(lambda _stats: "qwen2.5:0.5b" in settings.resident)
         # Loaded while llama3.2 streams: both in memory, one more than max_loaded.
         assert await ps_names(session, node.url) == ["llama3.2:latest", "qwen2.5:0.5b"]
@@ -314,7 +327,7 @@ async def test_a_model_in_use_is_evicted_only_once_idle(session: aiohttp.ClientS
 async def test_no_limit_by_default(node: SimNode, session: aiohttp.ClientSession) -> None:
     url = f"{node.url}/api/generate"
     for model in ("qwen2.5:0.5b", "nomic-embed-text", "llama3.2"):
-        await post_json(session, url, {"model": model, "stream": False})
+        await post_json(session, url, {"model": model, "prompt": "hi", "stream": False})
     assert len(await ps_names(session, node.url)) == 3
     assert node.stats.evictions == 0
 
@@ -328,11 +341,12 @@ async def test_die_fault_cuts_the_stream_after_some_tokens(
     node.settings.fault = "die"
     received: list[str] = []
     with pytest.raises(aiohttp.ClientPayloadError):
-        async with session.post(f"{node.url}/api/generate", json={"model": "llama3.2"}) as resp:
+        body = {"model": "llama3.2", "prompt": "hi"}
+        async with session.post(f"{node.url}/api/generate", json=body) as resp:
             async for line in resp.content:
                 received.append(json.loads(line)["response"])
 
-    assert received == ["tok0 ", "tok1 "]
+    assert received == answer_tokens("hi", 2)
     await node.wait_for(lambda stats: stats.active == 0)
     assert (node.stats.completed, node.stats.cancelled) == (0, 0)
 
@@ -342,8 +356,10 @@ async def test_stall_fault_goes_silent_until_the_client_leaves(
 ) -> None:
     node.settings.fault = "stall"
     node.settings.fault_after_tokens = 1
-    async with session.post(f"{node.url}/api/chat", json={"model": "llama3.2"}) as response:
-        assert json.loads(await response.content.readline())["message"]["content"] == "tok0 "
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(f"{node.url}/api/chat", json=body) as response:
+        first = json.loads(await response.content.readline())
+        assert first["message"]["content"] == answer_text("hi", 1)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(response.content.readline(), timeout=0.05)
         response.close()
@@ -382,7 +398,8 @@ async def test_stop_drops_connections_and_start_rebinds_the_same_port(
     node.settings.tokens = 1000
     url = node.url
     with pytest.raises(aiohttp.ClientPayloadError):
-        async with session.post(f"{url}/api/generate", json={"model": "llama3.2"}) as response:
+        body = {"model": "llama3.2", "prompt": "hi"}
+        async with session.post(f"{url}/api/generate", json=body) as response:
             await response.content.readline()
             await node.stop()
             await response.read()
@@ -483,14 +500,14 @@ async def test_model_management_endpoints(node: SimNode, session: aiohttp.Client
 async def test_official_ollama_client_works_against_the_node(node: SimNode) -> None:
     async with ollama.AsyncClient(host=node.url) as client:
         generated = await client.generate(model="llama3.2", prompt="hi")
-        assert generated.response == "tok0 tok1 tok2 "
+        assert generated.response == answer_text("hi", 3)
         assert generated.eval_count == 3
 
         parts = [part async for part in await client.generate("llama3.2", "hi", stream=True)]
-        assert "".join(part.response or "" for part in parts) == "tok0 tok1 tok2 "
+        assert "".join(part.response or "" for part in parts) == answer_text("hi", 3)
 
         chat = await client.chat("llama3.2", messages=[{"role": "user", "content": "hi"}])
-        assert chat.message.content == "tok0 tok1 tok2 "
+        assert chat.message.content == answer_text("hi", 3)
 
         embedded = await client.embed("nomic-embed-text", input=["a", "b"])
         assert len(embedded.embeddings) == 2
@@ -514,7 +531,7 @@ async def test_official_openai_client_works_against_the_node(node: SimNode) -> N
     messages: Any = [{"role": "user", "content": "hello there"}]
     async with openai.AsyncOpenAI(base_url=f"{node.url}/v1", api_key="x") as client:
         completion = await client.chat.completions.create(model="llama3.2", messages=messages)
-        assert completion.choices[0].message.content == "tok0 tok1 tok2 "
+        assert completion.choices[0].message.content == answer_text("hello there", 3)
         assert completion.usage is not None and completion.usage.completion_tokens == 3
 
         stream = await client.chat.completions.create(
@@ -522,12 +539,12 @@ async def test_official_openai_client_works_against_the_node(node: SimNode) -> N
         )
         chunks = [chunk async for chunk in stream]
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == (
-            "tok0 tok1 tok2 "
+            answer_text("hello there", 3)
         )
         assert chunks[-1].choices[0].finish_reason == "stop"
 
         text = await client.completions.create(model="llama3.2", prompt="hi")
-        assert text.choices[0].text == "tok0 tok1 tok2 "
+        assert text.choices[0].text == answer_text("hi", 3)
 
         embedded = await client.embeddings.create(model="nomic-embed-text", input="a")
         assert len(embedded.data[0].embedding) == 8  # decoded from the client's base64 default
@@ -544,7 +561,7 @@ async def test_app_also_runs_under_aiohttp_test_server(aiohttp_client: AiohttpCl
     client = await aiohttp_client(node.app)
     body = {"model": "llama3.2", "prompt": "hi", "stream": False}
     async with client.post("/api/generate", json=body) as response:
-        assert (await response.json())["response"] == "tok0 tok1 "
+        assert (await response.json())["response"] == answer_text("hi", 2)
     assert node.stats.cold_loads == 1
 
 
@@ -571,9 +588,9 @@ async def test_command_line_serves_until_sigterm(session: aiohttp.ClientSession)
         assert line.startswith("sim node listening on http://127.0.0.1:")
         url = line.rsplit(" ", 1)[-1].strip()
         for model in ("llama3.2", "qwen2.5:0.5b"):
-            body = {"model": model, "stream": False}
+            body = {"model": model, "prompt": "hi", "stream": False}
             status, reply = await post_json(session, f"{url}/api/generate", body)
-            assert (status, reply["response"]) == (200, "tok0 tok1 ")
+            assert (status, reply["response"]) == (200, answer_text("hi", 2))
         async with session.get(f"{url}/-/sim/stats") as response:
             stats = await response.json()
         assert (stats["cold_loads"], stats["resident"]) == (2, ["qwen2.5:0.5b"])

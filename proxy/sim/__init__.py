@@ -1,7 +1,11 @@
 """A simulated Ollama server: the stand-in for real nodes in tests, demos and benchmarks.
 
 A SimNode speaks Ollama's wire format (the native NDJSON API and the OpenAI-compatible /v1 API)
-with deterministic output ("tok0 tok1 ..."), and reproduces what a load balancer has to cope
+writing readable made-up prose, deterministic per seed (``options.seed``, else the prompt's
+words; ``answer_text`` computes it for a test), streaming on every path Ollama streams
+(Responses and Anthropic Messages as their named SSE events), calling the first offered tool,
+thinking when asked, answering a ``format`` with JSON that fits it, and a request with nothing
+to generate with ``done_reason: "load"``. It reproduces what a load balancer has to cope
 with: a limited number of parallel generations behind a bounded queue (503 when it is full),
 slow cold loads of models that are not in memory (and, with ``max_loaded``, the eviction of the
 least recently used one to make room), prompt cancellation when the client goes away, and
@@ -17,7 +21,8 @@ The package plays Ollama; of the proxy it shares only ``proxy.models``, Ollama's
 model names and unload requests (one definition of them). Its modules, in import order:
 settings (what a node is told and reports), wire (JSON, errors, request bodies as Ollama's Go
 decoder reads them), catalog (the models' made-up data and listings), plans (what a request
-asks for), formats (how each endpoint frames a generation), slots (parallel slots and the
+asks for), replies (what the model says), formats (how each endpoint frames a generation),
+events (the Responses and Messages event streams), slots (parallel slots and the
 queue), faults, memory (models on disk and in memory), generation (the work and its
 endpoints), server (SimNode) and __main__.
 """
@@ -25,6 +30,7 @@ endpoints), server (SimNode) and __main__.
 from __future__ import annotations
 
 from ..models import normalize_model
+from .replies import answer_text, answer_tokens
 from .server import SimNode
 from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, SimRequest, SimSettings, SimStats
 
@@ -35,5 +41,7 @@ __all__ = [
     "SimRequest",
     "SimSettings",
     "SimStats",
+    "answer_text",
+    "answer_tokens",
     "normalize_model",
 ]

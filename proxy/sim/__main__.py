@@ -28,6 +28,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-interval", type=float, default=defaults.token_interval)
     parser.add_argument("--first-token-delay", type=float, default=defaults.first_token_delay)
     parser.add_argument("--load-delay", type=float, default=defaults.load_delay)
+    parser.add_argument("--pull-interval", type=float, default=defaults.pull_interval)
     parser.add_argument("--num-parallel", type=int, default=defaults.num_parallel)
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue)
     parser.add_argument(
@@ -55,6 +56,7 @@ def _settings_from_args(args: argparse.Namespace) -> SimSettings:
         token_interval=args.token_interval,
         first_token_delay=args.first_token_delay,
         load_delay=args.load_delay,
+        pull_interval=args.pull_interval,
         max_loaded=args.max_loaded,
         record_requests=False,  # a long benchmark would otherwise keep every body in memory
     )

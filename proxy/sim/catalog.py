@@ -110,21 +110,27 @@ def show_body(name: str, modified_at: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- progress
 
 
-def pull_steps(name: str) -> list[dict[str, Any]]:
-    sha = f"sha256:{digest(name)}"
-    total = model_size(name)
-    layers = [
-        {
-            "status": f"pulling {sha[7:19]}",
-            "digest": sha,
-            "total": total,
-            "completed": done,
-        }
-        for done in (0, total // 2, total)
+def layers(name: str) -> list[tuple[str, int]]:
+    """A model's layers as (digest, size): the weights, then its small template and params."""
+    return [
+        (f"sha256:{digest(name)}", model_size(name)),
+        (f"sha256:{digest(name + '/template')}", 1_400 + len(name)),
+        (f"sha256:{digest(name + '/params')}", 96 + len(name)),
+    ]
+
+
+def pull_steps(name: str, parts: int = 4) -> list[dict[str, Any]]:
+    """Ollama's pull progress: each layer's bytes in ``parts`` steps, the layers interleaved
+    as Ollama downloads them side by side, every line with the layer's total."""
+    progress = [
+        {"status": f"pulling {sha[7:19]}", "digest": sha, "total": size, "completed": done}
+        for step in range(parts + 1)
+        for sha, size in layers(name)
+        for done in (size * step // parts,)
     ]
     return [
         {"status": "pulling manifest"},
-        *layers,
+        *progress,
         {"status": "verifying sha256 digest"},
         {"status": "writing manifest"},
         {"status": "success"},

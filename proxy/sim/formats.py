@@ -1,6 +1,6 @@
-"""How each endpoint frames a generation: Ollama's NDJSON (generate, chat), OpenAI's chat and
-completion (SSE when streaming), and the whole bodies of Responses and Anthropic Messages;
-with the usage they report, and the made-up text and vectors the model produces."""
+"""How each endpoint frames a generation: Ollama's NDJSON (generate, chat) and OpenAI's chat and
+completion (SSE when streaming), with the usage they report, and the made-up vectors of
+embeddings. The event streams of Responses and Anthropic Messages are in events.py."""
 
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .plans import Plan
-from .wire import NDJSON, SSE, iso_now, ndjson, sse
+from .replies import Reply, ToolCall
+from .wire import NDJSON, SSE, dumps, iso_now, ndjson, sse
 
-_response_ids = itertools.count(1)
-
-
-def token_text(index: int) -> str:
-    """Distinct, ordered tokens, so a test can check that none was lost or reordered."""
-    return f"tok{index} "
+response_ids = itertools.count(1)
 
 
 def embedding(text: str, dim: int) -> list[float]:
@@ -66,7 +62,8 @@ class Usage:
 
 
 class Format:
-    """How one endpoint frames a generation: per-token frames, the ending, or one body."""
+    """How one endpoint frames a generation: the frames of each thinking token, answer token
+    and tool call, in that order, then the ending; or one body."""
 
     content_type = NDJSON
 
@@ -74,51 +71,77 @@ class Format:
         self.plan = plan
         self.created = int(time.time())
 
+    def thinking_frame(self, text: str) -> bytes:
+        return b""  # a family with no place for thinking does not show it
+
     def token_frame(self, text: str) -> bytes:
         raise NotImplementedError
 
-    def final_frames(self, usage: Usage) -> bytes:
+    def tool_frames(self, calls: list[ToolCall]) -> bytes:
         raise NotImplementedError
 
-    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
+    def final_frames(self, reply: Reply, usage: Usage) -> bytes:
         raise NotImplementedError
+
+    def whole_body(self, reply: Reply, usage: Usage) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def native_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Ollama's ``message.tool_calls``: arguments as an object, not a JSON string."""
+    return [
+        {
+            "id": call.id,
+            "function": {"index": index, "name": call.name, "arguments": call.arguments},
+        }
+        for index, call in enumerate(calls)
+    ]
 
 
 class _NativeFormat(Format):
     """Ollama's own NDJSON framing; the final chunk is the whole body with empty text."""
 
-    def _chunk(self, text: str, done: bool) -> dict[str, Any]:
+    def _chunk(self, reply: Reply, done: bool) -> dict[str, Any]:
         raise NotImplementedError
 
     def _ending(self) -> dict[str, Any]:
         return {"done_reason": "stop"}
 
+    def thinking_frame(self, text: str) -> bytes:
+        return ndjson(self._chunk(Reply(thinking=[text]), done=False))
+
     def token_frame(self, text: str) -> bytes:
-        return ndjson(self._chunk(text, done=False))
+        return ndjson(self._chunk(Reply(content=[text]), done=False))
 
-    def final_frames(self, usage: Usage) -> bytes:
-        return ndjson(self.whole_body("", usage))
+    def tool_frames(self, calls: list[ToolCall]) -> bytes:
+        return ndjson(self._chunk(Reply(tool_calls=calls), done=False))
 
-    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
-        return {**self._chunk(text, done=True), **self._ending(), **usage.ollama_fields()}
+    def final_frames(self, reply: Reply, usage: Usage) -> bytes:
+        return ndjson(self.whole_body(Reply(), usage))
+
+    def whole_body(self, reply: Reply, usage: Usage) -> dict[str, Any]:
+        return {**self._chunk(reply, done=True), **self._ending(), **usage.ollama_fields()}
 
 
 class GenerateFormat(_NativeFormat):
-    def _chunk(self, text: str, done: bool) -> dict[str, Any]:
-        return {"model": self.plan.model, "created_at": iso_now(), "response": text, "done": done}
+    def _chunk(self, reply: Reply, done: bool) -> dict[str, Any]:
+        chunk = {"model": self.plan.model, "created_at": iso_now(), "response": reply.text}
+        if reply.thinking:
+            chunk["thinking"] = reply.thought
+        return {**chunk, "done": done}
 
     def _ending(self) -> dict[str, Any]:
         return {**super()._ending(), "context": [1, 2, 3]}
 
 
 class ChatFormat(_NativeFormat):
-    def _chunk(self, text: str, done: bool) -> dict[str, Any]:
-        return {
-            "model": self.plan.model,
-            "created_at": iso_now(),
-            "message": {"role": "assistant", "content": text},
-            "done": done,
-        }
+    def _chunk(self, reply: Reply, done: bool) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.thinking:
+            message["thinking"] = reply.thought
+        if reply.tool_calls:
+            message["tool_calls"] = native_tool_calls(reply.tool_calls)
+        return {"model": self.plan.model, "created_at": iso_now(), "message": message, "done": done}
 
 
 class _OpenAIFormat(Format):
@@ -131,7 +154,7 @@ class _OpenAIFormat(Format):
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
-        self.id = f"{self.id_prefix}-{next(_response_ids)}"
+        self.id = f"{self.id_prefix}-{next(response_ids)}"
 
     def _envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -143,26 +166,46 @@ class _OpenAIFormat(Format):
             "choices": [choice],
         }
 
-    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def _chunk_choice(self, reply: Reply, finish_reason: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _whole_choice(self, text: str) -> dict[str, Any]:
+    def _whole_choice(self, reply: Reply) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _frame(self, reply: Reply, finish_reason: str | None = None) -> bytes:
+        return sse(self._envelope(self.chunk_object, self._chunk_choice(reply, finish_reason)))
 
     def token_frame(self, text: str) -> bytes:
-        return sse(self._envelope(self.chunk_object, self._chunk_choice(text, None)))
+        return self._frame(Reply(content=[text]))
 
-    def final_frames(self, usage: Usage) -> bytes:
-        frames = [sse(self._envelope(self.chunk_object, self._chunk_choice("", "stop")))]
+    def final_frames(self, reply: Reply, usage: Usage) -> bytes:
+        frames = [self._frame(Reply(), finish_of(reply))]
         if self.plan.include_usage:
             usage_chunk = {**self._envelope(self.chunk_object, {}), "choices": []}
             frames.append(sse({**usage_chunk, "usage": usage.openai_usage()}))
         frames.append(b"data: [DONE]\n\n")
         return b"".join(frames)
 
-    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
-        whole = self._envelope(self.whole_object, self._whole_choice(text))
+    def whole_body(self, reply: Reply, usage: Usage) -> dict[str, Any]:
+        whole = self._envelope(self.whole_object, self._whole_choice(reply))
         return {**whole, "usage": usage.openai_usage()}
+
+
+def finish_of(reply: Reply) -> str:
+    return "tool_calls" if reply.tool_calls else "stop"
+
+
+def openai_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """OpenAI's ``tool_calls``: arguments as a JSON string; Ollama sends each call whole."""
+    return [
+        {
+            "id": call.id,
+            "index": index,
+            "type": "function",
+            "function": {"name": call.name, "arguments": dumps(call.arguments).decode()},
+        }
+        for index, call in enumerate(calls)
+    ]
 
 
 class OpenAIChatFormat(_OpenAIFormat):
@@ -170,13 +213,26 @@ class OpenAIChatFormat(_OpenAIFormat):
     chunk_object = "chat.completion.chunk"
     whole_object = "chat.completion"
 
-    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": text}
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def thinking_frame(self, text: str) -> bytes:
+        return self._frame(Reply(thinking=[text]))
 
-    def _whole_choice(self, text: str) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "finish_reason": "stop"}
+    def tool_frames(self, calls: list[ToolCall]) -> bytes:
+        return self._frame(Reply(tool_calls=calls))
+
+    def _message(self, reply: Reply) -> dict[str, Any]:
+        """Ollama's OpenAI layer names the thinking ``reasoning``."""
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.thinking:
+            message["reasoning"] = reply.thought
+        if reply.tool_calls:
+            message["tool_calls"] = openai_tool_calls(reply.tool_calls)
+        return message
+
+    def _chunk_choice(self, reply: Reply, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": self._message(reply), "finish_reason": finish_reason}
+
+    def _whole_choice(self, reply: Reply) -> dict[str, Any]:
+        return {"index": 0, "message": self._message(reply), "finish_reason": finish_of(reply)}
 
 
 class OpenAICompletionFormat(_OpenAIFormat):
@@ -184,52 +240,11 @@ class OpenAICompletionFormat(_OpenAIFormat):
     chunk_object = "text_completion"
     whole_object = "text_completion"
 
-    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "finish_reason": finish_reason}
+    def tool_frames(self, calls: list[ToolCall]) -> bytes:
+        return b""  # completions offer no tools: plans never call one here
 
-    def _whole_choice(self, text: str) -> dict[str, Any]:
-        return self._chunk_choice(text, "stop")
+    def _chunk_choice(self, reply: Reply, finish_reason: str | None) -> dict[str, Any]:
+        return {"text": reply.text, "index": 0, "finish_reason": finish_reason}
 
-
-class ResponsesFormat(Format):
-    """A minimal OpenAI Responses API body."""
-
-    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
-        number = next(_response_ids)
-        content = {"type": "output_text", "text": text, "annotations": []}
-        message = {
-            "type": "message",
-            "id": f"msg_{number}",
-            "status": "completed",
-            "role": "assistant",
-            "content": [content],
-        }
-        return {
-            "id": f"resp_{number}",
-            "object": "response",
-            "created_at": self.created,
-            "status": "completed",
-            "model": self.plan.model,
-            "output": [message],
-            "usage": {
-                "input_tokens": usage.prompt_tokens,
-                "output_tokens": usage.eval_count,
-                "total_tokens": usage.prompt_tokens + usage.eval_count,
-            },
-        }
-
-
-class MessagesFormat(Format):
-    """A minimal Anthropic Messages API body."""
-
-    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
-        return {
-            "id": f"msg_{next(_response_ids)}",
-            "type": "message",
-            "role": "assistant",
-            "model": self.plan.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.eval_count},
-        }
+    def _whole_choice(self, reply: Reply) -> dict[str, Any]:
+        return self._chunk_choice(reply, "stop")

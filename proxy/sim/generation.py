@@ -5,36 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 
 from ..models import is_unload_request
+from .events import MessagesFormat, ResponsesFormat
 from .faults import MID_REQUEST, fault_point, strike
 from .formats import (
     ChatFormat,
     Format,
     GenerateFormat,
-    MessagesFormat,
     OpenAIChatFormat,
     OpenAICompletionFormat,
-    ResponsesFormat,
     Usage,
     base64_floats,
     embedding,
-    token_text,
 )
 from .memory import ModelMemory
 from .plans import (
     Plan,
     embedding_inputs,
+    plan_events,
     plan_native,
     plan_openai,
-    plan_whole_only,
     word_count,
 )
+from .replies import Reply, Script, compose
 from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, LiveNode
 from .slots import QueueFullError, SlotGate, Ticket
 from .wire import (
@@ -46,6 +47,26 @@ from .wire import (
     model_field,
     seconds_to_ns,
 )
+
+
+def token_frames(fmt: Format, script: Script) -> Iterator[Callable[[], bytes]]:
+    """Each token's frame maker, in the order the reply streams, made as they are due."""
+    for text in script.thinking_tokens():
+        yield functools.partial(fmt.thinking_frame, text)
+    for text in script.content_tokens():
+        yield functools.partial(fmt.token_frame, text)
+    if script.tool_calls:
+        for _ in range(Reply(tool_calls=script.tool_calls).tokens - 1):
+            yield _silent  # the arguments are being generated: nothing to show yet
+        yield functools.partial(fmt.tool_frames, script.tool_calls)
+
+
+def _silent() -> bytes:
+    return b""
+
+
+async def _discard(_frame: bytes) -> None:
+    """Where a non-streaming answer's frames go: it is answered whole at the end."""
 
 
 class Generation:
@@ -109,30 +130,34 @@ class Generation:
     async def _run_tokens(
         self,
         request: web.Request,
-        plan: Plan,
+        frames: Iterator[Callable[[], bytes]],
+        count: int,
         ticket: Ticket,
         fault: str,
-        emit: Callable[[str], Awaitable[None]],
+        emit: Callable[[bytes], Awaitable[None]],
     ) -> None:
-        fault_at = fault_point(fault, self._node.settings.fault_after_tokens, plan.tokens)
-        for index in range(plan.tokens):
+        """One token every token_interval; ``frames`` makes each token's frame when it is due
+        (empty for a token that shows nothing yet, as the arguments of a tool call)."""
+        fault_at = fault_point(fault, self._node.settings.fault_after_tokens, count)
+        for index, frame in enumerate(frames):
             if index:
                 await asyncio.sleep(self._node.settings.token_interval)
             if index == fault_at:
                 await strike(fault, request, ticket)
-            await emit(token_text(index))
-        if fault_at == plan.tokens:  # a fault beyond the last token still spoils the ending
+            if data := frame():
+                await emit(data)
+        if fault_at == count:  # a fault beyond the last token still spoils the ending
             await strike(fault, request, ticket)
 
-    def _usage(self, plan: Plan, started_ns: int, load_ns: int) -> Usage:
+    def _usage(self, plan: Plan, tokens: int, started_ns: int, load_ns: int) -> Usage:
         settings = self._node.settings
         return Usage(
             prompt_tokens=plan.prompt_tokens,
-            eval_count=plan.tokens,
+            eval_count=tokens,
             total_duration=max(1, time.monotonic_ns() - started_ns),
             load_duration=load_ns,
             prompt_eval_duration=max(1, seconds_to_ns(settings.first_token_delay)),
-            eval_duration=max(1, seconds_to_ns(plan.tokens * settings.token_interval)),
+            eval_duration=max(1, seconds_to_ns(tokens * settings.token_interval)),
         )
 
     async def _serve_generation(
@@ -142,29 +167,32 @@ class Generation:
         self._admit(plan.model)
         fault = self._node.settings.fault
         started_ns = time.monotonic_ns()
+        script = compose(plan)
         async with self._slot(plan.model) as ticket:
             load_ns = await self._memory.ensure_loaded(plan.model)
             await asyncio.sleep(self._node.settings.first_token_delay)
             if plan.stream:
                 stream = LazyStream(request, fmt.content_type)
-
-                async def send(text: str) -> None:
-                    await stream.send(fmt.token_frame(text))
-
-                await self._run_tokens(request, plan, ticket, fault, send)
-                usage = self._usage(plan, started_ns, load_ns)
-                response: web.StreamResponse = await stream.finish(fmt.final_frames(usage))
+                frames = token_frames(fmt, script)
+                await self._run_tokens(request, frames, script.tokens, ticket, fault, stream.send)
+                usage = self._usage(plan, script.tokens, started_ns, load_ns)
+                last = fmt.final_frames(Reply(tool_calls=script.tool_calls), usage)
+                response: web.StreamResponse = await stream.finish(last)
             else:
-                pieces: list[str] = []
-
-                async def collect(text: str) -> None:
-                    pieces.append(text)
-
-                await self._run_tokens(request, plan, ticket, fault, collect)
-                usage = self._usage(plan, started_ns, load_ns)
-                response = json_response(fmt.whole_body("".join(pieces), usage))
+                quiet = itertools.repeat(_silent, script.tokens)  # the time, not the frames
+                await self._run_tokens(request, quiet, script.tokens, ticket, fault, _discard)
+                usage = self._usage(plan, script.tokens, started_ns, load_ns)
+                response = json_response(fmt.whole_body(script.whole(), usage))
             self._count_completed(usage)
         return response
+
+    async def _load(self, model: str, empty: dict[str, Any]) -> web.Response:
+        """A request with nothing to generate loads the model and says so, as Ollama does."""
+        self._admit(model)
+        async with self._slot(model):
+            await self._memory.ensure_loaded(model)
+        done = {"done": True, "done_reason": "load"}
+        return json_response({"model": model, "created_at": iso_now(), **empty, **done})
 
     async def _serve_embedding(
         self, request: web.Request, model: str, texts: list[str]
@@ -180,7 +208,7 @@ class Generation:
                 await strike(fault, request, ticket)
             vectors = [embedding(text, self._node.settings.embedding_dim) for text in texts]
             plan = Plan(model=model, stream=False, tokens=0, prompt_tokens=word_count(texts))
-            usage = self._usage(plan, started_ns, load_ns)
+            usage = self._usage(plan, 0, started_ns, load_ns)
             self._count_completed(usage)
         return vectors, usage
 
@@ -199,14 +227,19 @@ class Generation:
         body = await json_object(request)
         if is_unload_request(request.path, body):
             return self._unload(body, {"response": ""})
+        if not body.get("prompt") and not body.get("images"):
+            return await self._load(model_field(body, "model"), {"response": ""})
         prompt = [body.get("system"), body.get("prompt")]
         plan = plan_native(body, self._node.settings.tokens, prompt)
         return await self._serve_generation(request, plan, GenerateFormat(plan))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await json_object(request)
+        empty = {"message": {"role": "assistant", "content": ""}}
         if is_unload_request(request.path, body):
-            return self._unload(body, {"message": {"role": "assistant", "content": ""}})
+            return self._unload(body, empty)
+        if not body.get("messages"):
+            return await self._load(model_field(body, "model"), empty)
         plan = plan_native(body, self._node.settings.tokens, body.get("messages"))
         return await self._serve_generation(request, plan, ChatFormat(plan))
 
@@ -247,14 +280,14 @@ class Generation:
         return await self._serve_generation(request, plan, OpenAICompletionFormat(plan))
 
     async def openai_responses(self, request: web.Request) -> web.StreamResponse:
-        plan = plan_whole_only(
+        plan = plan_events(
             await json_object(request), self._node.settings.tokens, "max_output_tokens"
         )
         return await self._serve_generation(request, plan, ResponsesFormat(plan))
 
     async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
         body = await json_object(request)
-        plan = plan_whole_only(body, self._node.settings.tokens, "max_tokens")
+        plan = plan_events(body, self._node.settings.tokens, "max_tokens")
         return await self._serve_generation(request, plan, MessagesFormat(plan))
 
     async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:

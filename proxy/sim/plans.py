@@ -1,9 +1,11 @@
 """What a request asks for, read from its body: the generation's plan (model, streaming,
-tokens), the words of its prompt, its embedding inputs, or an unload."""
+tokens, thinking, a format, an offered tool, the seed of its text), the words of its prompt,
+its embedding inputs. Each API family spells these its own way; a plan reads them all."""
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,10 @@ class Plan:
     tokens: int
     prompt_tokens: int
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    seed: int = 0  # of the made-up text (replies.py)
+    think: bool = False
+    format: Any = None  # "json", or a JSON schema (a dict)
+    tool: dict[str, Any] | None = None  # the tool the model calls: name and parameters
 
 
 def flag(value: Any, default: bool) -> bool:
@@ -44,6 +50,10 @@ def plan_native(body: dict[str, Any], default_tokens: int, prompt: Any) -> Plan:
         stream=flag(body.get("stream"), True),
         tokens=_token_budget(_options(body).get("num_predict"), default_tokens),
         prompt_tokens=word_count(prompt),
+        seed=seed_for(prompt, _options(body).get("seed")),
+        think=_thinks(body),
+        format=_native_format(body.get("format")),
+        tool=_tool_to_call(body.get("tools"), body.get("messages")),
     )
 
 
@@ -58,17 +68,95 @@ def plan_openai(body: dict[str, Any], default_tokens: int, prompt: Any) -> Plan:
         prompt_tokens=word_count(prompt),
         include_usage=isinstance(stream_options, dict)
         and stream_options.get("include_usage") is True,
+        seed=seed_for(prompt, body.get("seed")),
+        think=_thinks(body),
+        format=_openai_format(body.get("response_format")),
+        tool=_tool_to_call(body.get("tools"), body.get("messages"), body.get("tool_choice")),
     )
 
 
-def plan_whole_only(body: dict[str, Any], default_tokens: int, budget_key: str) -> Plan:
-    """/v1/responses and /v1/messages: always answered as one JSON body."""
+def plan_events(body: dict[str, Any], default_tokens: int, budget_key: str) -> Plan:
+    """/v1/responses and /v1/messages: one JSON body, or event streams when asked."""
     prompt = [body.get("instructions"), body.get("system"), body.get("input"), body.get("messages")]
+    text = body.get("text")
+    conversation = body.get("messages", body.get("input"))
     return Plan(
         model=model_field(body, "model"),
-        stream=False,
+        stream=flag(body.get("stream"), False),
         tokens=_token_budget(body.get(budget_key), default_tokens),
         prompt_tokens=word_count(prompt),
+        seed=seed_for(prompt, None),
+        think=_thinks(body),
+        format=_openai_format(text.get("format") if isinstance(text, dict) else None),
+        tool=_tool_to_call(body.get("tools"), conversation, body.get("tool_choice")),
+    )
+
+
+def seed_for(prompt: Any, explicit: Any = None) -> int:
+    """The request's seed when it gives one, else one read from its prompt's words: the same
+    question gets the same answer, another question another."""
+    if isinstance(explicit, int) and not isinstance(explicit, bool):
+        return explicit
+    return zlib.crc32(" ".join(_text_of(prompt).split()).encode())
+
+
+def _thinks(body: dict[str, Any]) -> bool:
+    """Ollama's ``think`` (true or a level); OpenAI's ``reasoning_effort`` or ``reasoning``
+    effort; Anthropic's ``thinking`` enabled."""
+    think = body.get("think")
+    if think is True or think in ("low", "medium", "high"):
+        return True
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    effort = body.get("reasoning_effort", effort)
+    if isinstance(effort, str) and effort != "none":
+        return True
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _native_format(value: Any) -> Any:
+    return value if value == "json" or isinstance(value, dict) else None
+
+
+def _openai_format(value: Any) -> Any:
+    """``response_format`` (chat) or ``text.format`` (Responses) as Ollama's ``format``."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("type") == "json_object":
+        return "json"
+    if value.get("type") != "json_schema":
+        return None
+    nested = value.get("json_schema")
+    schema = nested.get("schema") if isinstance(nested, dict) else value.get("schema")
+    return schema if isinstance(schema, dict) else "json"
+
+
+def _tool_to_call(tools: Any, conversation: Any, choice: Any = None) -> dict[str, Any] | None:
+    """The first offered tool, as {"name", "parameters"}, unless the conversation's last turn
+    is a tool's result (the model answers it in words) or the client said "none"."""
+    if not isinstance(tools, list) or choice == "none" or _answers_a_tool(conversation):
+        return None
+    for tool in tools:
+        spec = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            parameters = spec.get("parameters", spec.get("input_schema"))
+            return {"name": spec["name"], "parameters": parameters or {}}
+    return None
+
+
+def _answers_a_tool(conversation: Any) -> bool:
+    if not isinstance(conversation, list) or not conversation:
+        return False
+    last = conversation[-1]
+    if not isinstance(last, dict):
+        return False
+    content = last.get("content")
+    parts = content if isinstance(content, list) else []
+    return (
+        last.get("role") == "tool"
+        or last.get("type") == "function_call_output"
+        or any(isinstance(p, dict) and p.get("type") == "tool_result" for p in parts)
     )
 
 

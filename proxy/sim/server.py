@@ -276,10 +276,12 @@ class SimNode:
     ) -> web.StreamResponse:
         """NDJSON progress steps (pull, push, create), or only the outcome when not streaming."""
         if not flag(body.get("stream"), True):
+            await asyncio.sleep(self.settings.pull_interval * (len(steps) - 1))
             return json_response(steps[-1])
         stream = LazyStream(request, NDJSON)
         for step in steps[:-1]:
             await stream.send(ndjson(step))
+            await asyncio.sleep(self.settings.pull_interval)
         return await stream.finish(ndjson(steps[-1]))
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:

@@ -23,6 +23,7 @@ class SimSettings:
     token_interval: float = 0.005  # seconds between streamed tokens
     first_token_delay: float = 0.0  # prompt evaluation time
     load_delay: float = 0.0  # cold load of a model that is not resident
+    pull_interval: float = 0.0  # seconds between the progress lines of a pull, push or create
     # Models held in memory at most (like OLLAMA_MAX_LOADED_MODELS), 0 for no limit. A cold
     # load beyond it evicts the least recently used model with no generation in progress; when
     # every other one is busy, the node holds one more until one of them goes idle.
