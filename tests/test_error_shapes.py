@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from proxy.api import FORWARDED_ROUTES
+from proxy.sim import answer_tokens
 
 from .conftest import BareNode, Proxy, StartNodes, StartProxy, free_port, generations
 
@@ -190,7 +191,7 @@ async def test_openai_sdk_raises_on_a_stream_the_node_broke_off(
             )
             async for chunk in stream:
                 texts.append(chunk.choices[0].delta.content)
-    assert "tok0 " in texts
+    assert texts[0] == answer_tokens(USER, 1)[0]
     assert caught.value.message.startswith("node sim0 failed mid-response")
     assert caught.value.body["type"] == "api_error"  # type: ignore[index]
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from proxy.sim import SimNode
+from proxy.sim import SimNode, answer_text, answer_tokens
 
 from .conftest import (
     StartNodes,
@@ -145,7 +145,7 @@ async def openai_answers(url: str) -> None:
             model="llama3.2",
             messages=CHAT,
         )
-        assert raw.parse().choices[0].message.content == "tok0 tok1 tok2 tok3 "
+        assert raw.parse().choices[0].message.content == answer_text(CHAT, 4)
         assert raw.headers["X-RateLimit-Limit-Requests"] == "100"
         assert raw.headers["X-RateLimit-Remaining-Requests"] == "99"
         with pytest.raises(openai.PermissionDeniedError) as denied:
@@ -162,7 +162,7 @@ async def ollama_answers(url: str) -> None:
     alice = ollama.AsyncClient(host=url, headers=bearer("alice"))
     try:
         answer = await alice.generate("llama3.2", "one two three")
-        assert answer.response == "tok0 tok1 tok2 tok3 " and answer.eval_count == 4
+        assert answer.response == answer_text("one two three", 4) and answer.eval_count == 4
         with pytest.raises(ollama.ResponseError) as denied:
             await alice.pull("llama3.2")
         assert denied.value.status_code == 403 and "may not manage" in denied.value.error
@@ -290,7 +290,8 @@ async def test_a_revoked_keys_stream_finishes_and_its_next_request_is_401(
             ) as other:
                 assert other.status == 200
             rest = [json.loads(line) async for line in stream.content]
-        assert json.loads(first)["response"] == "tok0 " and rest[-1]["done"]
+        assert json.loads(first)["response"] == answer_tokens("one two three", 1)[0]
+        assert rest[-1]["done"]
         assert len(rest) == 40  # every token after the first, and the final chunk
     assert node.stats.cancelled == 0
 
