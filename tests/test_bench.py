@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bench import cores
+from proxy.bench import cores, fairness
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
 from proxy.bench.report import percentile, render
@@ -167,3 +167,9 @@ def test_clients_start_spread_over_one_stream() -> None:
     front, scale = Front("direct", ["http://127.0.0.1:1"]), Scale()
     assert _stream_load(front, scale, 10).stagger == pytest.approx(0.5)  # 100 tokens at 5 ms
     assert _latency_load(front, scale, 10).stagger == pytest.approx(0.05)  # 10 tokens
+
+
+async def test_fairness_run_on_real_timers_puts_b_ahead_of_the_backlog() -> None:
+    fair = await fairness.run(fair=True, service=0.003, backlog=40, sends=4)
+    fifo = await fairness.run(fair=False, service=0.003, backlog=40, sends=4)
+    assert max(fair) < min(fifo)
