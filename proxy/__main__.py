@@ -104,7 +104,8 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
         stack.push_async_callback(serving.close)
         _tune_garbage_collector()
         log.info(
-            "listening on http://%s:%d, %d nodes: %s",
+            "listening on %s://%s:%d, %d nodes: %s",
+            "https" if config.tls.context else "http",
             config.listen_host,
             config.listen_port,
             len(config.nodes),
