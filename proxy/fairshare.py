@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -105,16 +105,14 @@ class FairQueue(Generic[W]):
                 break
         self._forget_if_idle(share)
 
-    def in_turn(self, skip: Callable[[W], bool]) -> W | None:
-        """The next waiter to serve: of tenants below their cap, by start tag (then by
-        arrival), the first of that tenant's waiters that ``skip`` does not pass over."""
+    def in_turn(self) -> Iterator[W]:
+        """Waiters in the order they are to be served: of tenants below their cap, by start
+        tag (then by arrival), each tenant's first come first. Taken as it is now: serving
+        one changes the order, so start again after each."""
         shares = [s for s in self._shares.values() if s.waiting and not s.at_cap]
         shares.sort(key=lambda s: (s.start, s.waiting[0][0]))
         for share in shares:
-            for _, waiter in share.waiting:
-                if not skip(waiter):
-                    return waiter
-        return None
+            yield from [waiter for _, waiter in share.waiting]
 
     def holding(self, tenant: Tenant) -> None:
         """A slot taken without waiting: counted, not charged (nobody was waiting)."""

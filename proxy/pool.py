@@ -345,20 +345,26 @@ class Pool:
         self._dispatch_others()
 
     def _dispatch_slots(self) -> None:
-        passed: set[_Waiter] = set()  # can use no free slot now: keep their places
-        while self._has_room(slot=True):
-            waiter = self._waiters.in_turn(skip=lambda w: w in passed or w.future.done())
-            if waiter is None:
-                return
+        while self._has_room(slot=True) and self._grant_next():
+            pass
+
+    def _grant_next(self) -> bool:
+        """A free slot to the first waiter in fair order that can use one. The others keep
+        their places (their Want cannot use the free node, or no node can serve them: they
+        fail). False when none could take one."""
+        for waiter in self._waiters.in_turn():
+            if waiter.future.done():
+                continue  # cancelled, leaving
             lease = self.try_acquire(waiter.want)
             if lease is None:
-                passed.add(waiter)
                 self._fail_if_unservable(waiter)
                 continue
             lease.tenant = waiter.tenant
             self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
             self._leave(waiter)
             waiter.future.set_result(lease)
+            return True
+        return False
 
     def _dispatch_others(self) -> None:
         for waiter in list(self._other_waiters):
