@@ -107,12 +107,13 @@ class FairQueue(Generic[W]):
 
     def in_turn(self) -> Iterator[W]:
         """Waiters in the order they are to be served: of tenants below their cap, by start
-        tag (then by arrival), each tenant's first come first. Taken as it is now: serving
-        one changes the order, so start again after each."""
+        tag (then by arrival), each tenant's first come first. Lazy, over the live queues:
+        push, remove or serve none while it runs (serving one changes the order anyway)."""
         shares = [s for s in self._shares.values() if s.waiting and not s.at_cap]
         shares.sort(key=lambda s: (s.start, s.waiting[0][0]))
         for share in shares:
-            yield from [waiter for _, waiter in share.waiting]
+            for _, waiter in share.waiting:
+                yield waiter
 
     def holding(self, tenant: Tenant) -> None:
         """A slot taken without waiting: counted, not charged (nobody was waiting)."""

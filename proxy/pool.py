@@ -350,21 +350,29 @@ class Pool:
 
     def _grant_next(self) -> bool:
         """A free slot to the first waiter in fair order that can use one. The others keep
-        their places (their Want cannot use the free node, or no node can serve them: they
-        fail). False when none could take one."""
+        their places (their Want cannot use the free node), or fail when no node can serve
+        them at all. False when none could take one."""
+        unservable: list[_Waiter] = []
+        granted = None
         for waiter in self._waiters.in_turn():
             if waiter.future.done():
                 continue  # cancelled, leaving
             lease = self.try_acquire(waiter.want)
-            if lease is None:
-                self._fail_if_unservable(waiter)
-                continue
-            lease.tenant = waiter.tenant
-            self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
-            self._leave(waiter)
-            waiter.future.set_result(lease)
-            return True
-        return False
+            if lease is not None:
+                granted = waiter, lease
+                break
+            if not self.candidates(waiter.want):
+                unservable.append(waiter)
+        for waiter in unservable:  # once the walk is over: it leaves the queues alone
+            self._fail_if_unservable(waiter)
+        if granted is None:
+            return False
+        waiter, lease = granted
+        lease.tenant = waiter.tenant
+        self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
+        self._leave(waiter)
+        waiter.future.set_result(lease)
+        return True
 
     def _dispatch_others(self) -> None:
         for waiter in list(self._other_waiters):
