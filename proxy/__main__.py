@@ -149,7 +149,8 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
         _tune_garbage_collector()
         where = shown_address(config.listen_host, serving.port)
         log.info(
-            "listening on http://%s, %d nodes: %s",
+            "listening on %s://%s, %d nodes: %s",
+            "https" if config.tls.context else "http",
             where,
             len(config.nodes),
             ", ".join(f"{n.name}={n.url}" for n in config.nodes),

@@ -1,6 +1,7 @@
 """config.yaml → frozen dataclasses.
 
-Pure: no I/O beyond reading the file, no side effects. Every problem is reported as one line
+Pure: no I/O beyond reading the file (and the TLS certificate and key it names, which must
+load), no side effects. Every problem is reported as one line
 that names its dotted path (``nodes[1].url: must start with http:// or https://``), and all of
 them are collected before failing, so an operator fixes a file in one pass. A file with any error
 yields no Config at all: nothing half-configured can start.
@@ -9,6 +10,7 @@ yields no Config at all: nothing half-configured can start.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +178,17 @@ class CorsConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the listener: both files, or neither (plain HTTP)."""
+
+    cert_file: str = ""  # PEM: the certificate, then any intermediates
+    key_file: str = ""  # PEM, not encrypted
+    # Loaded from the two files when the config was read: each reload loads them afresh, so a
+    # renewed certificate serves new connections, and one that does not load rejects the reload.
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -198,6 +211,7 @@ class Config:
     # one host); without it a second proxy on the port fails with "address in use".
     listen_reuse_port: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = TlsConfig()
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -603,6 +617,38 @@ def _limits(r: _Reader, raw: dict[str, Any]) -> LimitsConfig:
     )
 
 
+def _tls(r: _Reader, raw: dict[str, Any]) -> TlsConfig:
+    r.no_unknown_keys(raw, "tls", {"cert_file", "key_file"})
+    cert = r.string(raw.get("cert_file", ""), "tls.cert_file")
+    key = r.string(raw.get("key_file", ""), "tls.key_file")
+    if not cert and not key:
+        return TlsConfig()
+    if not (cert and key):
+        missing = "tls.key_file" if cert else "tls.cert_file"
+        r.error(missing, "is required with the other (both, or neither for plain HTTP)")
+        return TlsConfig()
+    return TlsConfig(cert, key, _server_context(r, cert, key))
+
+
+def _server_context(r: _Reader, cert: str, key: str) -> ssl.SSLContext | None:
+    for path, name in ((cert, "tls.cert_file"), (key, "tls.key_file")):
+        if not Path(path).is_file():
+            r.error(name, f"no such file: {path}")
+            return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])  # the only protocol served
+    try:  # the password callback: an encrypted key fails here instead of prompting on a TTY
+        context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        r.error("tls.cert_file", f"cannot load with tls.key_file: {exc}")
+        return None
+    return context
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted; give it unencrypted (readable by the proxy only)")
+
+
 def _auto_or_count(r: _Reader, value: object, path: str) -> int | None:
     if value == "auto":
         return None
@@ -640,6 +686,7 @@ _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "discovery": _discovery,
     "limits": _limits,
     "cors": _cors,
+    "tls": _tls,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)

@@ -2,8 +2,11 @@
 
 Nothing here awaits except a waiter in ``acquire``: choosing a node and counting the request on
 it happen in one synchronous step, so two requests can never both see the last free slot. A
-slot is given back exactly once, by ``Lease.release``, and handed straight to the first waiter
-that can use it (first come, first served; a waiter that cannot use that node keeps its place).
+slot is given back exactly once, by ``Lease.release``, and handed straight to the next waiter
+that can use it: waiters are served by tenant in weighted fair order (``fairshare.py``), first
+come first served within one tenant; a waiter that cannot use that node keeps its place, and so
+does one whose tenant holds all the slots it may (``Tenant.max_concurrency``). Requests that
+take no slot wait in a queue of their own, first come first served.
 
 What a request may use is a ``Want``, built by the routing policy (``routing.py``); the pool
 only applies it.
@@ -19,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import NodeConfig, QueueConfig
-from .errors import Unavailable
-from .fairshare import OPEN, Tenant
+from .errors import RateLimited, Unavailable
+from .fairshare import OPEN, FairQueue, Tenant
 from .telemetry import Usage
 
 SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving average of tokens/s
@@ -143,19 +146,27 @@ class Lease:
     """A place on a node, held by one request: a slot, or for a request that takes none one
     of the node's places for those (``slot`` False); ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "model", "node", "released", "slot")
+    __slots__ = ("_pool", "model", "node", "released", "slot", "tenant")
 
-    def __init__(self, pool: Pool, node: Node, model: str | None = None, slot: bool = True) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        node: Node,
+        model: str | None = None,
+        slot: bool = True,
+        tenant: Tenant | None = None,  # counted against its max_concurrency while held
+    ) -> None:
         self._pool = pool
         self.node = node
         self.model = model
         self.slot = slot
+        self.tenant = tenant
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._pool._give_back(self.node, self.model, self.slot)
+            self._pool._give_back(self)
 
 
 @dataclass(eq=False)
@@ -163,6 +174,8 @@ class _Waiter:
     want: Want
     body_bytes: int  # the request's body, held while it waits
     slot: bool  # waits for a slot, or for a place for a request that takes none
+    tenant: Tenant = OPEN
+    queued: bool = False  # in its queue (its future may be cancelled before it leaves)
     future: asyncio.Future[Lease] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -174,7 +187,7 @@ class Pool:
         # Removed by a reload but still finishing requests: no new ones, still in metrics.
         self.retiring: list[Node] = []
         self.queue_config = queue
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: FairQueue[_Waiter] = FairQueue()  # for slots, by tenant
         self._other_waiters: deque[_Waiter] = deque()  # for requests that take no slot
         self.queued_body_bytes = 0  # bodies held by the waiters, against max_body_bytes
         self._turn = itertools.count()  # rotates among equally loaded nodes
@@ -236,24 +249,37 @@ class Pool:
 
     def waiting_for(self, node: Node) -> int:
         """Queued requests this node could take (for /-/nodes; not on the request path)."""
-        waiters = (*self._waiters, *self._other_waiters)
+        waiters = (*self._waiters.waiters(), *self._other_waiters)
         return sum(1 for w in waiters if node not in w.want.exclude and w.want.eligible(node))
+
+    def tenants(self) -> dict[str, tuple[int, int]]:
+        """Tenant name → (slots it holds, its requests waiting for one), while either is not
+        zero."""
+        return self._waiters.counts()
 
     async def acquire(
         self, want: Want = ANY, body_bytes: int = 0, *, slot: bool = True, tenant: Tenant = OPEN
     ) -> Lease:
-        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise.
+        """A slot now, or after waiting in the queue; raises Unavailable (503) otherwise, or
+        RateLimited (429) when ``tenant`` already has ``max_queued`` requests waiting.
 
         ``body_bytes``, the request's body, counts against ``queue.max_body_bytes`` while
         it waits: a request that would take the queued bodies past it is not queued. With
-        ``slot`` False, a place for a request that takes no slot, from a queue of its own.
+        ``slot`` False, a place for a request that takes no slot, from a queue of its own
+        (and not counted for the tenant).
         """
-        if not self._queue(slot):  # nobody ahead: no need to queue
-            lease = self.try_acquire(want, slot)
+        if not self._queue(slot) and (not slot or self._waiters.may_hold(tenant)):
+            lease = self.try_acquire(want, slot)  # nobody ahead: no need to queue
             if lease is not None:
-                return lease
+                return self._holding(lease, tenant)
         if not self.candidates(want):
             raise Unavailable("no healthy node can serve this request", reason="no_node")
+        if slot and not self._waiters.may_queue(tenant):
+            raise RateLimited(
+                "too many of this key's requests are waiting, please try again",
+                reason="concurrency",
+                retry_after=1,
+            )
         if self.queue_depth >= self.queue_config.max_size:
             raise Unavailable("the proxy's queue is full, please try again", reason="full")
         if self.queued_body_bytes + body_bytes > self.queue_config.max_body_bytes:
@@ -261,13 +287,23 @@ class Pool:
                 "the proxy's queue holds too many request bytes, please try again",
                 reason="body_bytes",
             )
-        return await self._wait(_Waiter(want, body_bytes, slot))
+        return await self._wait(_Waiter(want, body_bytes, slot, tenant))
 
-    def _queue(self, slot: bool) -> deque[_Waiter]:
+    def _queue(self, slot: bool) -> FairQueue[_Waiter] | deque[_Waiter]:
         return self._waiters if slot else self._other_waiters
 
+    def _holding(self, lease: Lease, tenant: Tenant) -> Lease:
+        if lease.slot:
+            lease.tenant = tenant
+            self._waiters.holding(tenant)
+        return lease
+
     async def _wait(self, waiter: _Waiter) -> Lease:
-        self._queue(waiter.slot).append(waiter)
+        if waiter.slot:
+            self._waiters.push(waiter.tenant, waiter)
+        else:
+            self._other_waiters.append(waiter)
+        waiter.queued = True
         self.queued_body_bytes += waiter.body_bytes
         self._dispatch()
         recheck = None
@@ -291,53 +327,104 @@ class Pool:
                 recheck.cancel()
 
     def _abandon(self, waiter: _Waiter) -> None:
-        """Leave the queue at once; a slot granted in the same instant goes to the next."""
-        if waiter in self._queue(waiter.slot):
+        """Leave the queue at once; a slot granted in the same instant goes to the next, and
+        its tenant is not charged for it."""
+        if waiter.queued:
             self._leave(waiter)
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if waiter.slot:
+                self._waiters.refund(waiter.tenant)
             fut.result().release()
         else:
             fut.cancel()
 
     def _dispatch(self) -> None:
-        """Hand free places to waiters in arrival order; fail waiters no node can ever serve."""
-        self._dispatch_from(self._waiters, slot=True)
-        self._dispatch_from(self._other_waiters, slot=False)
+        """Hand free places to waiters: slots in fair order, other places in arrival order."""
+        self._dispatch_slots()
+        self._dispatch_others()
 
-    def _dispatch_from(self, waiters: deque[_Waiter], slot: bool) -> None:
-        for waiter in list(waiters):
+    def _dispatch_slots(self) -> None:
+        while self._has_room(slot=True) and self._grant_next():
+            pass
+
+    def _grant_next(self) -> bool:
+        """A free slot to the first waiter in fair order that can use one. The others keep
+        their places (their Want cannot use the free node), or fail when no node can serve
+        them at all. False when none could take one."""
+        unservable: list[_Waiter] = []
+        granted = None
+        for waiter in self._waiters.in_turn():
+            if waiter.future.done():
+                continue  # cancelled, leaving
+            lease = self.try_acquire(waiter.want)
+            if lease is not None:
+                granted = waiter, lease
+                break
+            if not self.candidates(waiter.want):
+                unservable.append(waiter)
+        for waiter in unservable:  # once the walk is over: it leaves the queues alone
+            self._fail_if_unservable(waiter)
+        if granted is None:
+            return False
+        waiter, lease = granted
+        lease.tenant = waiter.tenant
+        self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
+        self._leave(waiter)
+        waiter.future.set_result(lease)
+        return True
+
+    def _dispatch_others(self) -> None:
+        for waiter in list(self._other_waiters):
             if waiter.future.done():
                 continue
-            lease = self.try_acquire(waiter.want, slot)
+            lease = self.try_acquire(waiter.want, slot=False)
             if lease is not None:
                 self._leave(waiter)
                 waiter.future.set_result(lease)
-            elif not self.candidates(waiter.want):
-                self._leave(waiter)
-                waiter.future.set_exception(
-                    Unavailable("no healthy node can serve this request", reason="no_node")
-                )
-            if not self._has_room(slot):
+            else:
+                self._fail_if_unservable(waiter)
+            if not self._has_room(slot=False):
                 break
 
+    def _fail_unservable(self) -> None:
+        """Fail every waiter that no node taking requests could serve now."""
+        for waiter in [*self._waiters.waiters(), *self._other_waiters]:
+            if not waiter.future.done():
+                self._fail_if_unservable(waiter)
+
+    def _fail_if_unservable(self, waiter: _Waiter) -> None:
+        if not self.candidates(waiter.want):
+            self._leave(waiter)
+            waiter.future.set_exception(
+                Unavailable("no healthy node can serve this request", reason="no_node")
+            )
+
     def _leave(self, waiter: _Waiter) -> None:
-        self._queue(waiter.slot).remove(waiter)
+        if waiter.slot:
+            self._waiters.remove(waiter.tenant, waiter)
+        else:
+            self._other_waiters.remove(waiter)
+        waiter.queued = False
         self.queued_body_bytes -= waiter.body_bytes
 
-    def _give_back(self, node: Node, model: str | None, slot: bool) -> None:
-        if not slot:
+    def _give_back(self, lease: Lease) -> None:
+        node = lease.node
+        if not lease.slot:
             node.other_in_flight -= 1
         else:
             node.in_flight -= 1
-            if model is not None:
-                node.model_in_flight[model] -= 1
+            if lease.model is not None:
+                node.model_in_flight[lease.model] -= 1
+            if lease.tenant is not None:
+                self._waiters.released(lease.tenant)
         if node.removed and not node.busy and node in self.retiring:
             self.retiring.remove(node)
         self._dispatch()
 
     def changed(self) -> None:
         """Call after health, drain or config changes: waiters may now be served or failed."""
+        self._fail_unservable()
         self._dispatch()
 
     def reconfigure(self, configs: Iterable[NodeConfig], queue: QueueConfig) -> list[Node]:
@@ -364,5 +451,5 @@ class Pool:
                 if node.busy:
                     self.retiring.append(node)
         self.nodes = kept
-        self._dispatch()
+        self.changed()
         return added

@@ -7,6 +7,11 @@ with aiohttp's ``web.Server`` as the protocol factory), so that it can stop acce
 in HAProxy's ``maxconn``, and every descriptor the proxy may need for its nodes stays free.
 Each connection is a ``ClientConnection``, which hands every event to aiohttp's handler and
 watches the time its requests' heads take (``limits.header_timeout``).
+
+With ``tls`` in the config, asyncio's SSL transport runs the handshake before the connection is
+handed on, with the current config's context (a reload's new certificate serves the next
+connections). The handshake's time counts against the first head's: it is bounded by
+``header_timeout``, and the head's time starts at accept, not at the handshake's end.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class ClientConnection(asyncio.Protocol):
     bounds that one instead.
     """
 
-    def __init__(self, serving: Serving, handler: web.RequestHandler) -> None:
+    def __init__(
+        self, serving: Serving, handler: web.RequestHandler, accepted_at: float | None = None
+    ) -> None:
         self.serving = serving
         self.handler = handler
         self.loop = asyncio.get_running_loop()
@@ -78,13 +85,14 @@ class ClientConnection(asyncio.Protocol):
         self.partial_head = False  # bytes of a head came, no handler started yet
         self.head_since: float | None = None  # when the awaited head's time started
         self._timer: asyncio.TimerHandle | None = None
+        self._accepted_at = accepted_at  # the first head's time starts there (TLS handshakes)
 
     # -- asyncio.Protocol, handed on to aiohttp -----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP transport
         self.serving.opened(self)
-        self._head_due()
+        self._head_due(since=self._accepted_at)
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -133,8 +141,8 @@ class ClientConnection(asyncio.Protocol):
     # one per request would cost more than the rest of this bookkeeping): when it fires it
     # looks at whether a head is still awaited, and since when.
 
-    def _head_due(self) -> None:
-        self.head_since = self.loop.time()
+    def _head_due(self, since: float | None = None) -> None:
+        self.head_since = self.loop.time() if since is None else since
         if self._timer is None:
             self._arm(self.head_since + self.serving.limits.header_timeout)
 
@@ -253,11 +261,16 @@ class Serving:
     async def _serve_accepted(self, client: socket.socket) -> None:
         assert self.runner is not None and self.runner.server is not None
         server = self.runner.server
+        accepted_at = self.loop.time()
+        tls = self.app[RUNTIME].config.tls.context
         try:  # returns once the connection is counted (ClientConnection.connection_made)
             await self.loop.connect_accepted_socket(
-                lambda: ClientConnection(self, server()), client
+                lambda: ClientConnection(self, server(), accepted_at),
+                client,
+                ssl=tls,
+                ssl_handshake_timeout=self.limits.header_timeout if tls is not None else None,
             )
-        except OSError:
+        except OSError:  # a failed or late TLS handshake too (ssl.SSLError, TimeoutError)
             client.close()  # gone before it could be served
         except BaseException:
             client.close()  # the proxy stops
@@ -339,6 +352,8 @@ class Serving:
         for sock in self.sockets:
             self._unlisten(sock)
             sock.close()
+        for task in self._starting:  # TLS handshakes under way: no request has come on them
+            task.cancel()
         await asyncio.gather(*self._starting, return_exceptions=True)
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bench import cores
+from proxy.bench import cores, fairness
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
 from proxy.bench.report import percentile, relay_table, render
@@ -179,3 +179,9 @@ def test_a_cpu_time_of_a_few_clock_ticks_is_no_figure() -> None:
     assert rows["CPU per streamed chunk (us)"].split()[-3:] == ["n/a"] * 3, table
     assert rows["embed req/s per core (req / CPU s)"].split()[-3:] == ["n/a"] * 3, table
     assert " 0.00 " not in table + " "
+
+
+async def test_fairness_run_on_real_timers_puts_b_ahead_of_the_backlog() -> None:
+    fair = await fairness.run(fair=True, service=0.003, backlog=40, sends=4)
+    fifo = await fairness.run(fair=False, service=0.003, backlog=40, sends=4)
+    assert max(fair) < min(fifo)
