@@ -193,7 +193,7 @@ async def test_a_reload_serves_a_new_certificate_to_new_connections(
         status, body = await reload(proxy.url, trust)
         assert status == 200, body
         assert await peer_certificate(proxy.port, trust) == new
-        writer.write(b"GET / HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200")  # opened before: still served
         await close(writer)
 
