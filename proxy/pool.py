@@ -134,9 +134,19 @@ class Want:
     exclude: frozenset[Node] = frozenset()  # nodes that already failed this request
     # When ``eligible`` may start to accept more nodes without any slot being freed.
     recheck_at: float | None = None  # loop time
+    # The node that served this conversation's last turn (scheduling: conversation affinity),
+    # by name; None when the request is not a known conversation's.
+    preferred: str | None = None
 
     def without(self, nodes: Iterable[Node]) -> Want:
-        return Want(self.model, self.eligible, self.rank, frozenset(nodes), self.recheck_at)
+        return Want(
+            self.model,
+            self.eligible,
+            self.rank,
+            frozenset(nodes),
+            self.recheck_at,
+            self.preferred,
+        )
 
 
 ANY = Want()

@@ -28,12 +28,17 @@ Availability = Literal["up", "down", "unknown", "nowhere"]
 
 
 def want_for(
-    pool: Pool, model: str | None, spill_after: float, exclude: Iterable[Node] = ()
+    pool: Pool,
+    model: str | None,
+    spill_after: float,
+    exclude: Iterable[Node] = (),
+    preferred: str | None = None,
 ) -> Want:
-    """What a request for ``model`` (normalised; None: any node) may use."""
+    """What a request for ``model`` (normalised; None: any node) may use; ``preferred`` names
+    the node its conversation was last served by (not used yet)."""
     excluded = frozenset(exclude)
     if model is None:
-        return Want(exclude=excluded)
+        return Want(exclude=excluded, preferred=preferred)
     loop = asyncio.get_running_loop()
     spill_at = loop.time() + spill_after
 
@@ -51,7 +56,7 @@ def want_for(
             n.is_resident(model) for n in pool.nodes.values() if n.takes_new and n not in excluded
         )
 
-    return Want(model, eligible, rank, excluded, recheck_at=spill_at)
+    return Want(model, eligible, rank, excluded, recheck_at=spill_at, preferred=preferred)
 
 
 def availability(pool: Pool, model: str) -> Availability:
