@@ -192,7 +192,7 @@ class Fleet:
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         body, model = await _model_body(request, self.max_body_size)
-        holders = [n for n in self._healthy() if n.has_model(model)]
+        holders = await self._holders(model)
         if not holders:
             return error_response(404, f"model '{shown(model)}' not found")
         outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
@@ -209,7 +209,7 @@ class Fleet:
         destination = payload.get("destination")
         if not isinstance(source, str) or not isinstance(destination, str):
             raise ProxyError(400, "source and destination are required")
-        holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
+        holders = await self._holders(normalize_model(source))
         if not holders:
             return error_response(404, f"model '{shown(source)}' not found")
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
@@ -217,6 +217,15 @@ class Fleet:
             if status == 200 and node.models is not None:
                 node.models.add(normalize_model(destination))
         return _summarise(outcomes, "copy", ok=(200,), gone=404, model=source)
+
+    async def _holders(self, model: str) -> list[Node]:
+        """The healthy nodes that have ``model``; before there are none, their lists read
+        again (a model pulled on a node straight since discovery last looked)."""
+        holders = [n for n in self._healthy() if n.has_model(model)]
+        if not holders:
+            await self.discovery.refresh_for_missing(model)
+            holders = [n for n in self._healthy() if n.has_model(model)]
+        return holders
 
     async def unload(self, path: str, body: bytes, model: str) -> web.StreamResponse:
         """``ollama stop``: unload the model on every node that has it; one node's answer."""

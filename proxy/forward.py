@@ -174,6 +174,7 @@ class Forwarder:
             raise BadRequest("invalid request target: a fragment is never sent to a server")
         await self._read(request, ex)
         if ex.unload and ex.model_key is not None:
+            await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
             return await self.fleet.unload(request.path, ex.body, ex.model_key)
         return await self._forward(request, ex)
@@ -266,6 +267,7 @@ class Forwarder:
         """A slot for inference; for other requests a place of their own on a node (they are
         capped apart, so they neither wait behind generations nor reach a node unbounded)."""
         if ex.model_key is not None:
+            await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
@@ -279,6 +281,13 @@ class Forwarder:
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
         return lease
+
+    async def _recheck_if_missing(self, model_key: str) -> None:
+        """Before a 404, read the nodes' lists again: the model may have been pulled on a node
+        straight since discovery last looked (the ``ollama`` CLI answers a 404 by pulling it,
+        through the proxy, onto every node)."""
+        if availability(self.pool, model_key) == "nowhere":
+            await self.discovery.refresh_for_missing(model_key)
 
     def _check_model_available(self, model_key: str, named: str) -> None:
         """404 when no node has the model, 503 when only nodes that are down may have it."""
