@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from .accesslog import AccessLog
 from .answer import Answer
@@ -39,7 +39,7 @@ from .api import (
     OPENAI_MODEL_PREFIX,
     TELEMETRY_PATHS,
 )
-from .bodies import json_object, model_of, read_bounded
+from .bodies import model_of, read_bounded, request_fields
 from .config import Config
 from .discovery import Discovery
 from .errors import BadRequest, FailureKind, ProxyError, Unavailable, UpstreamError, shown
@@ -184,7 +184,13 @@ class Forwarder:
     async def _read(self, request: web.Request, ex: Exchange) -> None:
         """Buffer the body (bounded) and find its model."""
         ex.body = await read_bounded(request, self.max_body_size)
-        payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
+        payload = request_fields(
+            request.path,
+            ex.body,
+            request.headers.get(hdrs.CONTENT_TYPE, ""),
+            request.query,
+            strict=request.path in MODEL_REQUIRED_PATHS,
+        )
         ex.model = model_of(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)

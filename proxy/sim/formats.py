@@ -233,3 +233,10 @@ class MessagesFormat(Format):
             "stop_sequence": None,
             "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.eval_count},
         }
+
+
+class TranscriptionFormat(Format):
+    """/v1/audio/transcriptions' JSON body: the words heard, nothing else."""
+
+    def whole_body(self, text: str, usage: Usage) -> dict[str, Any]:
+        return {"text": text}
