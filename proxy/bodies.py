@@ -5,11 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 from aiohttp import web
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import (
+    MultipartParser,
+    MultipartState,
+    QuerystringParser,
+    parse_options_header,
+)
 
+from .api import FORM_PATHS, KNOWN_PATHS
 from .errors import BadRequest, BodyTooLarge, ProxyError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+# The form parser logs each malformed form it meets as a warning: a client's mistake, answered
+# with a 400 already, is nothing for the proxy's log.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 # The longest wait for the next piece of a body (limits.body_timeout), set on each request by
 # the server (serving.py); this default is for requests that come another way.
@@ -167,3 +185,144 @@ def whole_object(body: bytes) -> dict[str, Any]:
         raise BadRequest("invalid JSON in request body: exceeded max depth") from None
     assert isinstance(value, dict)  # json_object read it as an object
     return value
+
+
+# -- forms (/v1/audio/transcriptions): the model is a field of the form -------------------------
+
+FORM_TYPES = frozenset({b"multipart/form-data", b"application/x-www-form-urlencoded"})
+
+
+def request_fields(
+    path: str, body: bytes, content_type: str, query: Mapping[str, str], *, strict: bool
+) -> dict[str, Any] | None:
+    """The fields the proxy acts on: of the JSON body, or of the form on a path whose body is
+    one (and on a path the proxy does not know, sent a form: a newer Ollama's upload)."""
+    is_form = parse_options_header(content_type)[0] in FORM_TYPES
+    if path in FORM_PATHS or (is_form and path not in KNOWN_PATHS):
+        return {"model": form_model(body, content_type, query, strict=strict)}
+    return json_object(body, strict=strict)
+
+
+def form_model(body: bytes, content_type: str, query: Mapping[str, str], *, strict: bool) -> str:
+    """The ``model`` field of a form body as Go's ``Request.FormValue`` reads it ("" for none).
+
+    Go puts the URL's query values before a multipart form's (so ``?model=`` wins there), and
+    an urlencoded body's before the query's. A form that cannot be read is a 400 when
+    ``strict``, in Ollama's words; else it names no model.
+    """
+    mime, options = parse_options_header(content_type)
+    try:
+        if mime == b"multipart/form-data":
+            if "model" in query:
+                return query["model"]
+            return _multipart_field(body, options.get(b"boundary"), b"model") or ""
+        if mime == b"application/x-www-form-urlencoded":
+            found = _urlencoded_field(body, b"model")
+            return found if found is not None else query.get("model", "")
+    except FormParserError as exc:
+        if strict:
+            raise BadRequest(f"failed to parse multipart form: {exc}") from None
+        return ""
+    if strict:
+        raise BadRequest(f"failed to parse multipart form: {NOT_MULTIPART}")
+    return query.get("model", "")
+
+
+NOT_MULTIPART = "request Content-Type isn't multipart/form-data"  # Go's http.ErrNotMultipart
+
+
+def _multipart_field(body: bytes, boundary: bytes | None, name: bytes) -> str | None:
+    """The first part named ``name`` that is no file (Go's ``FormValue``), read in place: the
+    parser hands over offsets into ``body``, and only the field's own bytes are copied."""
+    if not boundary:
+        raise FormParserError("no multipart boundary param in Content-Type")
+    field = _FieldOfForm(name)
+    parser = MultipartParser(boundary, field.callbacks())
+    parser.write(body)
+    if parser.state not in (MultipartState.END, MultipartState.END_BOUNDARY):
+        raise FormParserError("NextPart: EOF")  # Go's words for a form cut short
+    return field.value.decode("utf-8", "replace") if field.value is not None else None
+
+
+class _FieldOfForm:
+    """Multipart parser callbacks that keep one field's value and nothing else."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.value: bytes | None = None
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition: bytes | None = None  # the part's first Content-Disposition
+        self._data: bytearray | None = None  # the wanted part's bytes, while it is read
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_began,
+            "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
+            "on_header_end": self._header_ended,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._take_data,
+            "on_part_end": self._part_ended,
+        }
+
+    def _part_began(self) -> None:
+        self._disposition = None
+
+    def _header_ended(self) -> None:
+        if self._disposition is None and self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        if self.value is None and self._disposition is not None:
+            kind, params = parse_options_header(self._disposition)
+            # Go's FormName and FileName: a form-data part with our name and no file name.
+            if kind == b"form-data" and params.get(b"name") == self.name:
+                self._data = None if params.get(b"filename") else bytearray()
+
+    def _take_data(self, data: bytes, start: int, end: int) -> None:
+        if self._data is not None:
+            self._data += data[start:end]
+
+    def _part_ended(self) -> None:
+        if self._data is not None:
+            self.value, self._data = bytes(self._data), None
+
+
+def _urlencoded_field(body: bytes, name: bytes) -> str | None:
+    """The first ``name=value`` of an urlencoded body, decoded as Go's ParseQuery does; only
+    that value is copied."""
+    key = bytearray()
+    value: bytearray | None = None  # the wanted field's bytes, once its name has been read
+    found: bytes | None = None
+
+    def take_data(data: bytes, start: int, end: int) -> None:
+        nonlocal value
+        if (
+            value is None
+            and found is None
+            and unquote_to_bytes(bytes(key).replace(b"+", b" ")) == name
+        ):
+            value = bytearray()
+        if value is not None:
+            value += data[start:end]
+
+    def field_ended() -> None:
+        nonlocal value, found
+        if found is None and unquote_to_bytes(bytes(key).replace(b"+", b" ")) == name:
+            found = bytes(value or b"")
+        key.clear()
+        value = None
+
+    parser = QuerystringParser(
+        {
+            "on_field_name": lambda data, start, end: key.extend(data[start:end]),
+            "on_field_data": take_data,
+            "on_field_end": field_ended,
+        }
+    )
+    parser.write(body)
+    parser.finalize()
+    return unquote_plus(found.decode("latin-1"), "utf-8", "replace") if found is not None else None

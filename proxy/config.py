@@ -130,6 +130,9 @@ class RoutingConfig:
 class DiscoveryConfig:
     interval: float  # seconds between refreshes of each node's /api/tags and /api/ps
     timeout: float
+    # Seconds a request for a model no node lists waits for the nodes' /api/tags to be read
+    # again before its 404 (a model pulled on a node straight); 0: answer at once.
+    recheck_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -598,10 +601,13 @@ def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
 
 
 def _discovery(r: _Reader, raw: dict[str, Any]) -> DiscoveryConfig:
-    r.no_unknown_keys(raw, "discovery", {"interval", "timeout"})
+    r.no_unknown_keys(raw, "discovery", {"interval", "timeout", "recheck_timeout"})
     return DiscoveryConfig(
         interval=r.number(raw.get("interval", 15), "discovery.interval", minimum=0.05),
         timeout=r.number(raw.get("timeout", 5), "discovery.timeout", minimum=0.01),
+        recheck_timeout=r.number(
+            raw.get("recheck_timeout", 2), "discovery.recheck_timeout", minimum=0
+        ),
     )
 
 

@@ -14,6 +14,7 @@ leaves what the proxy knew of the node as it was. Each such shape is logged once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -32,6 +33,9 @@ from .supervision import Once, Tasks, every, for_each
 log = logging.getLogger("ollama_proxy.discovery")
 
 DEFAULT_KEEP_ALIVE = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default: 5 minutes
+# At most one recheck round (every node's /api/tags, for a model no node lists) starts per
+# this many seconds, however many made-up names clients ask for.
+RECHECK_INTERVAL = 1.0
 MAX_LISTING_BYTES = 16 * 1024 * 1024  # /api/tags of thousands of models is well under 1 MiB
 
 
@@ -44,11 +48,14 @@ class Discovery:
         self.tasks = tasks
         self._refreshing: set[Node] = set()
         self._reported = Once()  # failures and malformed shapes, each logged once per node
+        self._recheck: asyncio.Event | None = None  # set when the latest recheck round ended
+        self._recheck_after = 0.0  # monotonic time before which no new round starts
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         self.interval = config.discovery.interval
         self.timeout = aiohttp.ClientTimeout(total=config.discovery.timeout)
+        self.recheck_timeout = config.discovery.recheck_timeout
 
     async def run(self) -> None:
         """Refresh every node's inventory each interval, until cancelled at shutdown."""
@@ -102,6 +109,45 @@ class Discovery:
     def _malformed(self, node: Node, path: str, shape: str) -> None:
         if self._reported.first(node.name, path, shape):
             log.warning("node %s: its %s %s; that part is ignored", node.name, path, shape)
+
+    async def refresh_for_missing(self, model_key: str) -> None:
+        """Read every up node's ``/api/tags`` again, for a request whose model no node lists:
+        one pulled on a node straight since the last round is then found, not a 404.
+
+        Requests that miss meanwhile share the round under way; a new round starts at most
+        once per ``RECHECK_INTERVAL``, and none waits longer than ``recheck_timeout`` (the
+        round goes on without it, and the lists it reads are taken all the same).
+        """
+        done = self._recheck_round()
+        if done is None:
+            return
+        log.debug("no node lists %s: reading their models again", model_key)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.recheck_timeout):
+                await done.wait()
+
+    def _recheck_round(self) -> asyncio.Event | None:
+        """The round under way, or a new one; None when rechecks are off or the last round
+        began too recently."""
+        if self._recheck is not None and not self._recheck.is_set():
+            return self._recheck
+        now = time.monotonic()
+        if self.recheck_timeout <= 0 or now < self._recheck_after:
+            return None
+        self._recheck_after = now + RECHECK_INTERVAL
+        done = self._recheck = asyncio.Event()
+        self.tasks.spawn(self._recheck_all(done), name="recheck models")
+        return done
+
+    async def _recheck_all(self, done: asyncio.Event) -> None:
+        try:
+            up = [n for n in self.pool.nodes.values() if n.up]
+            await for_each(up, self._refresh_models, "discovery", self._reported)
+        finally:
+            done.set()
+
+    async def _refresh_models(self, node: Node) -> None:
+        self.learn_models(node, await self.get_json(node, "/api/tags"))
 
     def refresh_soon(self, node: Node) -> None:
         """Refresh one node in the background (at most one refresh per node at a time)."""

@@ -211,7 +211,7 @@ class Fleet:
         body, model = await _model_body(request, self.max_body_size)
         named = model_of(required_json_object(body)) or model  # as the client spelt it
         missing = f"model '{shown(named)}' not found"  # Ollama's words for a delete
-        holders = [n for n in self._healthy() if n.has_model(model)]
+        holders = await self._holders(model)
         if not holders:
             return error_response(404, missing)
         outcomes = await self._send_all(holders, "DELETE", "/api/delete", body)
@@ -229,7 +229,7 @@ class Fleet:
         if not isinstance(source, str) or not isinstance(destination, str):
             raise ProxyError(400, "source and destination are required")
         missing = f"model {go_quoted(shown(source))} not found"  # Ollama's words for a copy
-        holders = [n for n in self._healthy() if n.has_model(normalize_model(source))]
+        holders = await self._holders(normalize_model(source))
         if not holders:
             return error_response(404, missing)
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
@@ -237,6 +237,15 @@ class Fleet:
             if status == 200 and node.models is not None:
                 node.models.add(normalize_model(destination))
         return _summarise(outcomes, "copy", ok=(200,), gone=404, missing=missing)
+
+    async def _holders(self, model: str) -> list[Node]:
+        """The healthy nodes that have ``model``; before there are none, their lists read
+        again (a model pulled on a node straight since discovery last looked)."""
+        holders = [n for n in self._healthy() if n.has_model(model)]
+        if not holders:
+            await self.discovery.refresh_for_missing(model)
+            holders = [n for n in self._healthy() if n.has_model(model)]
+        return holders
 
     async def unload(self, path: str, body: bytes, model: str) -> web.StreamResponse:
         """``ollama stop``: unload the model on every node that has it; one node's answer."""

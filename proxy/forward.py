@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from .accesslog import AccessLog
 from .answer import Answer
@@ -39,7 +39,7 @@ from .api import (
     TELEMETRY_PATHS,
 )
 from .auth import Auth, is_management, rejection_reason, tenant_of
-from .bodies import json_object, model_of, read_bounded
+from .bodies import model_of, read_bounded, request_fields
 from .config import Config
 from .discovery import Discovery
 from .errors import (
@@ -203,6 +203,7 @@ class Forwarder:
         await self._read(request, ex)
         self._check_key(ex)
         if ex.unload and ex.model_key is not None:
+            await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
             return await self.fleet.unload(request.path, ex.body, ex.model_key)
         return await self._forward(request, ex)
@@ -212,7 +213,13 @@ class Forwarder:
     async def _read(self, request: web.Request, ex: Exchange) -> None:
         """Buffer the body (bounded) and find its model."""
         ex.body = await read_bounded(request, self.max_body_size)
-        payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
+        payload = request_fields(
+            request.path,
+            ex.body,
+            request.headers.get(hdrs.CONTENT_TYPE, ""),
+            request.query,
+            strict=request.path in MODEL_REQUIRED_PATHS,
+        )
         ex.model = model_of(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
@@ -314,6 +321,7 @@ class Forwarder:
         """A slot for inference; for other requests a place of their own on a node (they are
         capped apart, so they neither wait behind generations nor reach a node unbounded)."""
         if ex.model_key is not None:
+            await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
         want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
         if ex.takes_slot:
@@ -328,6 +336,13 @@ class Forwarder:
             self.metrics.cold_load(lease.node, ex.model_key)
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
+
+    async def _recheck_if_missing(self, model_key: str) -> None:
+        """Before a 404, read the nodes' lists again: the model may have been pulled on a node
+        straight since discovery last looked (the ``ollama`` CLI answers a 404 by pulling it,
+        through the proxy, onto every node)."""
+        if availability(self.pool, model_key) == "nowhere":
+            await self.discovery.refresh_for_missing(model_key)
 
     def _check_model_available(self, model_key: str, named: str) -> None:
         """404 when no node has the model, in Ollama's words for a model it cannot load; 503

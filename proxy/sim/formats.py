@@ -248,3 +248,10 @@ class OpenAICompletionFormat(_OpenAIFormat):
 
     def _whole_choice(self, reply: Reply) -> dict[str, Any]:
         return self._chunk_choice(reply, "stop")
+
+
+class TranscriptionFormat(Format):
+    """/v1/audio/transcriptions' JSON body: the words heard, nothing else."""
+
+    def whole_body(self, reply: Reply, usage: Usage) -> dict[str, Any]:
+        return {"text": reply.text}

@@ -22,6 +22,7 @@ from .formats import (
     GenerateFormat,
     OpenAIChatFormat,
     OpenAICompletionFormat,
+    TranscriptionFormat,
     Usage,
     base64_floats,
     embedding,
@@ -45,6 +46,7 @@ from .wire import (
     json_object,
     json_response,
     model_field,
+    multipart_form,
     seconds_to_ns,
 )
 
@@ -308,3 +310,15 @@ class Generation:
         ]
         tokens = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
         return json_response({"object": "list", "data": data, "model": model, "usage": tokens})
+
+    async def transcription(self, request: web.Request) -> web.StreamResponse:
+        """/v1/audio/transcriptions: a form with the model and the audio; a generation (a
+        slot, the model's load) whose words are the transcript."""
+        form = multipart_form(await request.read(), request.headers.get("Content-Type", ""))
+        model = request.query.get("model") or form.values.get("model")  # Go: the query first
+        if not model:
+            raise ApiError(400, "model is required")
+        if not form.files.get("file"):
+            raise ApiError(400, "file is required")
+        plan = Plan(model=model, stream=False, tokens=self._node.settings.tokens, prompt_tokens=1)
+        return await self._serve_generation(request, plan, TranscriptionFormat(plan))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
-from ..models import normalize_model
+from ..models import display_name, normalize_model
 from .settings import LiveNode
 
 
@@ -37,7 +37,7 @@ class ModelMemory:
 
     def add(self, name: str) -> None:
         if not self.has(name):
-            self._node.settings.models.append(normalize_model(name))
+            self._node.settings.models.append(display_name(name))
 
     def remove(self, name: str) -> None:
         settings = self._node.settings
@@ -71,7 +71,7 @@ class ModelMemory:
         key = normalize_model(name)
         load = self._loads.get(key)
         if load is None:
-            load = asyncio.create_task(self._load(key))
+            load = asyncio.create_task(self._load(name))
             self._loads[key] = load
             self._node.stats.cold_loads += 1
             self._node.changed()
@@ -84,11 +84,12 @@ class ModelMemory:
             task.cancel()
         self._loads.clear()
 
-    async def _load(self, key: str) -> None:
+    async def _load(self, name: str) -> None:
+        key = normalize_model(name)
         try:
             await asyncio.sleep(self._node.settings.load_delay)
             if not self.is_resident(key):
-                self._node.settings.resident.append(key)
+                self._node.settings.resident.append(display_name(name))
             self._touch(key)  # the newest in memory, even if every waiter has gone
             self._evict_over_limit()
             self._node.changed()

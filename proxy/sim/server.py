@@ -4,6 +4,7 @@ listings and model management (generations live in generation.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..models import normalize_model
+from ..models import display_name
 from .catalog import (
     create_steps,
     model_entry,
@@ -37,6 +38,7 @@ from .wire import (
     json_object,
     json_response,
     model_field,
+    multipart_form,
     ndjson,
     parse_json,
 )
@@ -185,6 +187,7 @@ class SimNode:
             web.post("/v1/embeddings", generation.openai_embeddings),
             web.post("/v1/responses", generation.openai_responses),
             web.post("/v1/messages", generation.anthropic_messages),
+            web.post("/v1/audio/transcriptions", generation.transcription),
             web.get("/v1/models", self._openai_models),
             web.get("/v1/models/{model:.+}", self._openai_model),
             web.get(STATS_PATH, self._sim_stats),
@@ -218,6 +221,10 @@ class SimNode:
         if read is not None:
             named = read.get("model", read.get("name"))
             model = named if isinstance(named, str) else None
+        elif request.content_type == "multipart/form-data":  # a transcription's form
+            with contextlib.suppress(ApiError):
+                form = multipart_form(body, request.headers.get("Content-Type", ""))
+                model = form.values.get("model")
         headers = dict(request.headers)
         entry = SimRequest(request.method, request.path, headers, body, payload, model)
         self.stats.requests.append(entry)
@@ -254,7 +261,7 @@ class SimNode:
     async def _openai_models(self, _request: web.Request) -> web.StreamResponse:
         created = int(self._started_at.timestamp())
         models = self.settings.models
-        data = [openai_model_entry(normalize_model(m), created) for m in models]
+        data = [openai_model_entry(display_name(m), created) for m in models]
         return json_response({"object": "list", "data": data})
 
     async def _openai_model(self, request: web.Request) -> web.StreamResponse:
@@ -266,7 +273,7 @@ class SimNode:
 
     async def _sim_stats(self, _request: web.Request) -> web.StreamResponse:
         counters = {key: value for key, value in vars(self.stats).items() if key != "requests"}
-        resident = [normalize_model(name) for name in self.settings.resident]
+        resident = [display_name(name) for name in self.settings.resident]
         return json_response({**counters, "resident": resident})
 
     # ---- model management

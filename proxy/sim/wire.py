@@ -4,7 +4,10 @@ and the lazily started stream."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 
 from aiohttp import web
@@ -150,6 +153,34 @@ def model_field(body: dict[str, Any], *keys: str) -> str:
         if isinstance(value, str) and value:
             return value
     raise ApiError(400, "model is required")
+
+
+@dataclass
+class Form:
+    """A multipart/form-data body as Go's ``ParseMultipartForm`` sorts it."""
+
+    values: dict[str, str]  # the first value of each field that is no file
+    files: dict[str, bytes]  # the first file of each name
+
+
+def multipart_form(body: bytes, content_type: str) -> Form:
+    """The form, read with the standard library's MIME parser (not the proxy's reader, so
+    tests compare two readings), or a 400 in Ollama's words."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    if message.get_content_type() != "multipart/form-data" or not message.is_multipart():
+        raise ApiError(400, "failed to parse multipart form: not a multipart/form-data body")
+    form = Form({}, {})
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        content = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(content, bytes):
+            continue
+        if part.get_filename():
+            form.files.setdefault(name, content)
+        else:
+            form.values.setdefault(name, content.decode("utf-8", "replace"))
+    return form
 
 
 def iso(moment: datetime) -> str:
