@@ -12,11 +12,12 @@ TELEMETRY_PATHS = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
     }
 )
-# Inference: these take a slot on the node (a generation or an embedding on its GPU). The
-# Responses and Anthropic paths are counted as requests only.
-INFERENCE_PATHS = TELEMETRY_PATHS | {"/v1/responses", "/v1/messages"}
+# Inference: these take a slot on the node (a generation or an embedding on its GPU).
+INFERENCE_PATHS = TELEMETRY_PATHS
 # Answered by one node that has the model, taking no slot.
 MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
 MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS

@@ -48,3 +48,44 @@ def test_a_final_chunk_nested_too_deep_has_no_counts() -> None:
     and no RecursionError (raised after the answer, it would log a traceback)."""
     deep = b'{"done":true,"eval_count":3,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
     assert usage_from_tail([deep], "application/x-ndjson") is None
+
+
+def event(name: str, data: object) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + compact(data) + b"\n\n"
+
+
+def test_anthropic_streams_count_from_message_delta() -> None:
+    """Ollama's Anthropic layer sends input and output tokens in message_delta's usage."""
+    tail = [
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"input_tokens": 5, "output_tokens": 7},
+            },
+        ),
+        event("message_stop", {"type": "message_stop"}),
+    ]
+    usage = usage_from_tail(tail, "text/event-stream")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (5, 7)
+
+
+def test_responses_streams_count_from_response_completed() -> None:
+    completed = {
+        "type": "response.completed",
+        "response": {"status": "completed", "usage": {"input_tokens": 2, "output_tokens": 9}},
+    }
+    tail = [
+        event("response.output_text.done", {"text": "x"}),
+        event("response.completed", completed),
+    ]
+    usage = usage_from_tail(tail, "text/event-stream")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (2, 9)
+
+
+def test_whole_messages_and_responses_bodies_have_input_and_output_tokens() -> None:
+    body = compact({"type": "message", "usage": {"input_tokens": 4, "output_tokens": 6}})
+    usage = usage_from_tail([body], "application/json")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 6)

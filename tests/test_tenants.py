@@ -34,7 +34,8 @@ from .conftest import (
     wait_until,
 )
 
-SECRETS = {name: f"op-test-{name}-s3cr3t" for name in ("alice", "ops", "root", "slow", "tok")}
+NAMES = ("alice", "ops", "root", "slow", "tok", "claude", "codex")
+SECRETS = {name: f"op-test-{name}-s3cr3t" for name in NAMES}
 CHAT = [{"role": "user", "content": "one two three"}]  # three prompt tokens at the sim node
 
 
@@ -129,9 +130,9 @@ async def test_keys_through_every_client(start_nodes: StartNodes, tmp_path: Path
     assert metric(text, "ollama_proxy_key_requests_total", key="", code="401") == 3
     assert metric(text, "ollama_proxy_key_rejections_total", key="", reason="unauthorized") == 3
     assert metric(text, "ollama_proxy_key_rejections_total", key="alice", reason="forbidden") == 2
-    # Ollama's final chunk and OpenAI's usage (the Anthropic path is counted as a request only).
-    assert metric(text, "ollama_proxy_key_tokens_total", key="alice", type="completion") == 8
-    assert metric(text, "ollama_proxy_key_tokens_total", key="alice", type="prompt") == 6
+    # Ollama's final chunk, OpenAI's usage and Anthropic's: 3 + 4, 3 + 4 and 3 + 16 tokens.
+    assert metric(text, "ollama_proxy_key_tokens_total", key="alice", type="completion") == 24
+    assert metric(text, "ollama_proxy_key_tokens_total", key="alice", type="prompt") == 9
     assert_no_secret_leaked(proxy, [node])
     pulls = [r for r in generations(node) if r.path == "/api/pull"]
     assert len(pulls) == 1  # ops's; alice's was refused before any node
@@ -212,7 +213,7 @@ async def admin_paths(url: str) -> None:
             usage = {k["name"]: k for k in (await resp.json())["keys"]}
     assert usage["alice"]["requests"] == {"200": 3, "403": 2}
     assert usage["alice"]["rejections"] == {"forbidden": 2}
-    assert usage["alice"]["tokens"] == {"prompt": 6, "completion": 8}
+    assert usage["alice"]["tokens"] == {"prompt": 9, "completion": 24}
     assert usage["alice"]["windows"]["requests_per_minute"]["limit"] == 100
     assert usage["ops"]["requests"] == {"200": 1}
 
@@ -263,6 +264,58 @@ async def test_requests_and_tokens_per_window(start_nodes: StartNodes, tmp_path:
     assert metric(text, "ollama_proxy_key_tokens_total", key="tok", type="prompt") == 3
     assert metric(text, "ollama_proxy_key_tokens_total", key="tok", type="completion") == 8
     assert len(generations(node)) == 5  # the three 429s reached no node
+
+
+async def test_tokens_of_the_messages_and_responses_apis_are_charged(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    """Anthropic's and the Responses API's usage, streamed and whole, spend a key's tokens:
+    two answers of 3 + 4 tokens spend a budget of 10, and the third request is a 429."""
+    (node,) = await start_nodes(1, tokens=4)
+    keys = [key_entry(name, tokens_per_minute=10) for name in ("claude", "codex")]
+    async with proxy_process(write_config(tmp_path / "config.yaml", [node], keys)) as proxy:
+        await anthropic_spends_its_tokens(proxy.url)
+        await responses_spend_their_tokens(proxy.url)
+        await proxy.wait_for_line("path=/v1/responses model=llama3.2 node=- status=429")
+        text = await proxy.metrics()
+    for key in ("claude", "codex"):
+        assert metric(text, "ollama_proxy_key_tokens_total", key=key, type="prompt") == 6
+        assert metric(text, "ollama_proxy_key_tokens_total", key=key, type="completion") == 8
+        assert metric(text, "ollama_proxy_key_rejections_total", key=key, reason="tokens") == 1
+    for path in ("/v1/messages", "/v1/responses"):
+        labels = {"node": node.name, "model": "llama3.2:latest", "type": "completion"}
+        assert metric(text, "ollama_proxy_tokens_total", **labels) == 16
+        logged = [line for line in proxy.lines if f"path={path} " in line and "status=200" in line]
+        assert len(logged) == 2 and all("tokens_in=3 tokens_out=4" in line for line in logged)
+
+
+async def anthropic_spends_its_tokens(url: str) -> None:
+    question = {"max_tokens": 4, "messages": [{"role": "user", "content": "one two three"}]}
+    async with anthropic.AsyncAnthropic(
+        base_url=url, api_key=SECRETS["claude"], max_retries=0
+    ) as client:
+        async with client.messages.stream(model="llama3.2", **question) as stream:
+            streamed = await stream.get_final_message()
+        assert streamed.usage.output_tokens == 4
+        whole = await client.messages.create(model="llama3.2", **question)
+        assert whole.usage.input_tokens == 3
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await client.messages.create(model="llama3.2", **question)
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+
+
+async def responses_spend_their_tokens(url: str) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key=SECRETS["codex"], max_retries=0
+    ) as client:
+        stream = await client.responses.create(model="llama3.2", input="one two three", stream=True)
+        events = [event async for event in stream]
+        assert events[-1].type == "response.completed"
+        whole = await client.responses.create(model="llama3.2", input="one two three")
+        assert whole.usage is not None and whole.usage.output_tokens == 4
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.responses.create(model="llama3.2", input="one two three")
+    assert limited.value.response.headers["X-RateLimit-Remaining-Tokens"] == "0"
 
 
 async def test_a_revoked_keys_stream_finishes_and_its_next_request_is_401(
