@@ -318,6 +318,44 @@ async def responses_spend_their_tokens(url: str) -> None:
     assert limited.value.response.headers["X-RateLimit-Remaining-Tokens"] == "0"
 
 
+async def test_listings_show_a_key_only_the_models_it_may_use(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    both = ["llama3.2:latest", "qwen2:latest"]
+    (node,) = await start_nodes(1, models=both, resident=both)
+    keys = [key_entry("alice", models=["llama3.2*"]), key_entry("ops", models=["*"])]
+    async with proxy_process(write_config(tmp_path / "config.yaml", [node], keys)) as proxy:
+        for who, expected in (("alice", ["llama3.2:latest"]), ("ops", both)):
+            client = ollama.AsyncClient(host=proxy.url, headers=bearer(who))
+            try:
+                assert sorted(m.model or "" for m in (await client.list()).models) == expected
+                assert sorted(m.model or "" for m in (await client.ps()).models) == expected
+            finally:
+                await client.close()
+            async with openai.AsyncOpenAI(
+                base_url=proxy.url + "/v1", api_key=SECRETS[who], max_retries=0
+            ) as openai_client:
+                listed = sorted([m.id async for m in openai_client.models.list()])
+                assert listed == expected, who
+                assert (await openai_client.models.retrieve("llama3.2")).id == "llama3.2"
+                if who == "alice":  # as absent as a model no node has
+                    with pytest.raises(openai.NotFoundError) as hidden:
+                        await openai_client.models.retrieve("qwen2")
+                    with pytest.raises(openai.NotFoundError) as absent:
+                        await openai_client.models.retrieve("llama3.2-absent")
+                else:
+                    assert (await openai_client.models.retrieve("qwen2")).id == "qwen2"
+        text = await proxy.metrics()
+    # The same answer as for a model no node has, but for the name.
+    assert hidden.value.body == json.loads(
+        json.dumps(absent.value.body).replace("llama3.2-absent", "qwen2")
+    )
+    assert hidden.value.message.endswith('model "qwen2" not found, try pulling it first')
+    assert metric(text, "ollama_proxy_key_rejections_total", key="alice", reason="forbidden") == 1
+    asked = [r.path for r in generations(node) if r.path.startswith("/v1/models/")]
+    assert asked.count("/v1/models/qwen2") == 1  # ops's: alice's reached no node
+
+
 async def test_a_revoked_keys_stream_finishes_and_its_next_request_is_401(
     start_nodes: StartNodes, tmp_path: Path
 ) -> None:
