@@ -9,7 +9,9 @@ import contextlib
 import hashlib
 import json
 import signal
+import statistics
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from .conftest import (
     wait_until,
 )
 
-NAMES = ("alice", "ops", "root", "slow", "tok", "claude", "codex")
+NAMES = ("alice", "ops", "root", "slow", "tok", "claude", "codex", "bulk", "solo")
 SECRETS = {name: f"op-test-{name}-s3cr3t" for name in NAMES}
 CHAT = [{"role": "user", "content": "one two three"}]  # three prompt tokens at the sim node
 
@@ -447,3 +449,117 @@ async def test_a_change_to_the_keys_file_alone_reloads_the_keys(
         )
         async with session.get(proxy.url + "/api/tags", headers=bearer("alice")) as resp:
             assert resp.status == 200  # the old keys keep serving
+
+
+# The fairness run: one node with 2 slots, every answer holding its slot for one service time.
+SERVICE_TOKENS, TOKEN_INTERVAL = 8, 0.004  # 32 ms of tokens an answer, and the proxy's share
+BACKLOG, SENDS = 100, 10
+
+
+@dataclass
+class FairnessRun:
+    service: float  # the time one request holds a slot, from this run's throughput
+    waits: list[float]  # each of B's requests, from its arrival to its slot (the proxy's log)
+    backlog_served: int  # of A's requests, answered 200
+
+    @property
+    def median_wait(self) -> float:
+        """In service times."""
+        return statistics.median(self.waits) / self.service
+
+
+class Answers:
+    """Requests answered so far, for pacing B by the slots that free, not by a timer, and for
+    the service time: with both slots busy throughout, 2 slots / answers per second."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.changed = asyncio.Event()
+
+    @property
+    def count(self) -> int:
+        return len(self.ends)
+
+    def ended(self, _task: object) -> None:
+        self.ends.append(time.monotonic())
+        self.changed.set()
+
+    def service(self) -> float:
+        return 2 * (self.ends[-1] - self.ends[0]) / (self.count - 1)
+
+    async def reach(self, count: int) -> None:
+        while self.count < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def fairness_run(node: SimNode, path: Path, *, b_key: str) -> FairnessRun:
+    """A ("bulk") queues BACKLOG chats at once; B (``b_key``) then sends SENDS, one each time
+    two answers have ended (one service time of the 2 slots, however fast this machine is),
+    each without waiting for its own answer before, as the pool's benchmark sends them
+    (``proxy.bench.fairness``). ``b_key="bulk"`` puts B's requests in A's queue: first come
+    first served, the order without fair share."""
+    write_fairness_config(path, node)
+    chat = {"model": "llama3.2", "messages": CHAT}
+    answers = Answers()
+    async with (
+        proxy_process(path) as proxy,
+        openai_client(proxy.url, "bulk") as a,
+        openai_client(proxy.url, b_key) as b,
+    ):
+        backlog = [
+            asyncio.create_task(a.chat.completions.with_raw_response.create(**chat))
+            for _ in range(BACKLOG)
+        ]
+        for task in backlog:
+            task.add_done_callback(answers.ended)
+        await wait_for_queue(proxy, BACKLOG - 2)  # A's backlog waits: 2 served, the rest queued
+        sent = []
+        for number in range(SENDS):
+            await answers.reach(answers.count + 2)
+            ask = b.chat.completions.create(**chat, extra_headers={"X-Request-Id": f"b-{number}"})
+            sent.append(asyncio.create_task(ask))
+            sent[-1].add_done_callback(answers.ended)
+        answered = [raw.status_code for raw in await asyncio.gather(*backlog)]
+        await asyncio.gather(*sent)
+        await proxy.wait_for_line(f'"id":"b-{SENDS - 1}"')
+    logged = [json.loads(line[line.index("{") :]) for line in proxy.lines if '"queue_s"' in line]
+    waits = [entry["queue_s"] for entry in logged if entry["id"].startswith("b-")]
+    return FairnessRun(answers.service(), waits, answered.count(200))
+
+
+def openai_client(url: str, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=SECRETS[key], max_retries=0)
+
+
+def write_fairness_config(path: Path, node: SimNode) -> None:
+    data = proxy_config_data(
+        [node],
+        caps=[2],
+        auth={"keys": [key_entry("bulk"), key_entry("solo")]},
+        queue={"max_size": BACKLOG + SENDS, "timeout": 60},
+        access_log={"format": "json"},
+        reload={"watch": False},
+    )
+    path.write_text(yaml.safe_dump(data))
+
+
+async def wait_for_queue(proxy: Running, depth: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(await proxy.metrics(), "ollama_proxy_queue_depth") < depth:
+        assert time.monotonic() < deadline, f"the queue never reached {depth}"
+        await asyncio.sleep(0.01)
+
+
+async def test_another_keys_request_waits_about_one_service_time_behind_a_backlog(
+    start_nodes: StartNodes, tmp_path: Path
+) -> None:
+    """Fair share through the real process: B's median wait is about one service time (in
+    one queue, about BACKLOG / 2 of them: docs/performance.md), and A's are all answered."""
+    (node,) = await start_nodes(
+        1, num_parallel=2, tokens=SERVICE_TOKENS, token_interval=TOKEN_INTERVAL
+    )
+    run = await fairness_run(node, tmp_path / "config.yaml", b_key="solo")
+    assert run.backlog_served == BACKLOG and len(run.waits) == SENDS
+    assert run.median_wait <= 3, (run.service, run.waits)
+    assert node.stats.max_active <= 2
