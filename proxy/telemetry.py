@@ -28,6 +28,8 @@ _COUNT_KEYS = (
     b',"usage":',
 )
 SUFFIX_WINDOW = 4096
+_USAGE_KEY = b'"usage":'
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,24 @@ def usage_from_tail(chunks: Iterable[bytes], content_type: str) -> Usage | None:
         usage = obj and (_from_ollama(obj) or _from_openai(obj))
         if usage:
             return usage
+    if content_type == "text/event-stream":
+        return _last_usage_field(tail)
     return None
+
+
+def _last_usage_field(tail: bytes) -> Usage | None:
+    """The last ``"usage":`` object in the tail, for a final event whose beginning is not in
+    it: the Responses API's ``response.completed`` repeats the whole answer before its usage,
+    and a long one spans more pieces than the tail keeps. (Inside a JSON string the quotes
+    would be escaped, so the match is a key.)"""
+    at = tail.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(tail[at + len(_USAGE_KEY) :].decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return _from_openai({"usage": value}) if isinstance(value, dict) else None
 
 
 def _last_object(data: bytes) -> dict[str, Any] | None:

@@ -89,3 +89,20 @@ def test_whole_messages_and_responses_bodies_have_input_and_output_tokens() -> N
     body = compact({"type": "message", "usage": {"input_tokens": 4, "output_tokens": 6}})
     usage = usage_from_tail([body], "application/json")
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 6)
+
+
+def test_a_long_response_completed_event_cut_at_its_start_still_counts() -> None:
+    """``response.completed`` repeats the whole answer: a long one outlasts the pieces the
+    relay keeps, and its usage, at its end, is read all the same."""
+    text = "word " * 20_000
+    completed = {
+        "type": "response.completed",
+        "response": {
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}],
+            "usage": {"input_tokens": 3, "output_tokens": 20_000, "total_tokens": 20_003},
+        },
+    }
+    frames = event("response.completed", completed)
+    pieces = [frames[at : at + 1024] for at in range(0, len(frames), 1024)]
+    usage = usage_from_tail(pieces[-16:], "text/event-stream")
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (3, 20_000)
