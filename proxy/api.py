@@ -12,13 +12,15 @@ TELEMETRY_PATHS = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
     }
 )
 # Inference whose body is a form (multipart/form-data), its model one of the fields.
 FORM_PATHS = frozenset({"/v1/audio/transcriptions"})
 # Inference: these take a slot on the node (a generation or an embedding on its GPU). The
-# Responses, Anthropic and transcription paths are counted as requests only.
-INFERENCE_PATHS = TELEMETRY_PATHS | FORM_PATHS | {"/v1/responses", "/v1/messages"}
+# transcription path is counted as requests only.
+INFERENCE_PATHS = TELEMETRY_PATHS | FORM_PATHS
 # Answered by one node that has the model, taking no slot.
 MODEL_INFO_PATHS = frozenset({"/api/show", "/api/push"})
 MODEL_REQUIRED_PATHS = INFERENCE_PATHS | MODEL_INFO_PATHS

@@ -30,8 +30,9 @@ from typing import Literal
 
 from .api import BLOBS_PREFIX, FANOUT_PATHS
 from .config import Config, KeyConfig
-from .errors import ProxyError, RateLimited, RejectionReason, shown
+from .errors import ProxyError, RateLimited, RejectionReason, go_quoted, shown
 from .fairshare import OPEN, Tenant
+from .models import normalize_model
 
 Mode = Literal["open", "protected", "keys"]
 
@@ -56,7 +57,8 @@ class Key:
 
 
 class KeyRefused(ProxyError):
-    """401 (no key, or an unknown one) or 403 (not allowed), counted with its reason."""
+    """401 (no key, or an unknown one) or 403 (not allowed; 404 where a listing hides the
+    model), counted with its reason."""
 
     def __init__(self, status: int, message: str, reason: RejectionReason) -> None:
         unauthorized = status == 401
@@ -114,6 +116,12 @@ class Auth:
                 403, f"key {key.name!r} may not use model '{shown(model)}'", "forbidden"
             )
 
+    def check_listed(self, key: Key | None, model: str) -> None:
+        """``GET /v1/models/{model}`` of a model the key may not use: 404, as for a model no
+        node has, since the listings leave it out."""
+        if not may_see(key, model):
+            raise KeyRefused(404, model_not_found(shown(model)), "forbidden")
+
     def check_admin(self, headers: Mapping[str, str], remote: str | None) -> None:
         """The admin paths: admin.token, a key with ``admin``, or loopback in protected mode."""
         secret = presented_secret(headers)
@@ -144,6 +152,11 @@ PROTECTED_ADMIN = (
 )
 
 
+def model_not_found(shown_name: str) -> str:
+    """Ollama's words for a model it cannot load (the client's name, ``shown`` already)."""
+    return f"model {go_quoted(shown_name)} not found, try pulling it first"
+
+
 def _forbidden_to_manage(key: Key | None) -> str:
     if key is None:
         return (
@@ -170,6 +183,11 @@ def presented_secret(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "bearer" and secret.strip():
         return secret.strip()
     return headers.get("x-api-key", "").strip() or None
+
+
+def may_see(key: Key | None, model: str) -> bool:
+    """Whether a listing shows the model (any spelling) to the key: every model without keys."""
+    return key is None or model_allowed(key.config, normalize_model(model))
 
 
 def model_allowed(key: KeyConfig, model: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from .auth import Key
 from .errors import RejectionReason
 from .pool import Node
@@ -48,3 +50,8 @@ class Exchange:
         if self.cut is not None:
             return CUT_BY_PROXY
         return CLIENT_CLOSED if self.client_gone else self.status
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# The request's exchange, for the handlers it passes through (fleet.py reads its id and key).
+EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +21,12 @@ import aiohttp
 from aiohttp import web
 
 from .api import BLOBS_PREFIX
+from .auth import Key, may_see
 from .bodies import field_named, model_of, read_bounded, required_json_object, whole_object
 from .config import Config
 from .discovery import Discovery, entries
 from .errors import ProxyError, error_body, error_response, failure_text, go_quoted, shown
+from .exchange import EXCHANGE, REQUEST_ID_HEADER
 from .models import normalize_model
 from .pool import Node, Pool
 
@@ -41,30 +43,66 @@ DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Listing = Callable[[], Awaitable[web.StreamResponse]]
 
-# The client's Origin, for every node request made to answer it: the nodes' own
-# OLLAMA_ORIGINS still judge a browser's pull or delete. Set for the length of one fleet
-# request; the tasks it starts copy it.
-_client_origin: ContextVar[str | None] = ContextVar("client_origin", default=None)
+
+@dataclass(frozen=True)
+class _Caller:
+    """Who a fleet request answers: the client's Origin, so that the nodes' own
+    OLLAMA_ORIGINS still judge a browser's pull or delete; the request's id, so that every
+    node's log names the request the proxy's does; and its key, whose globs limit what the
+    listings show."""
+
+    origin: str | None = None
+    request_id: str | None = None
+    key: Key | None = None
+
+    @classmethod
+    def of(cls, request: web.Request) -> _Caller:
+        ex = request.get(EXCHANGE)
+        request_id = ex.request_id if ex else request.headers.get(REQUEST_ID_HEADER)
+        return cls(request.headers.get("Origin"), request_id, ex.key if ex else None)
+
+    def headers(self) -> dict[str, str]:
+        named = {"Origin": self.origin, REQUEST_ID_HEADER: self.request_id}
+        return {name: value for name, value in named.items() if value is not None}
+
+
+# Set for the length of one fleet request; the tasks it starts copy it.
+_caller: ContextVar[_Caller | None] = ContextVar("caller", default=None)
+
+
+def _current_caller() -> _Caller:
+    return _caller.get() or _Caller()  # outside a client's request: the proxy's own
+
+
+@contextlib.contextmanager
+def _acting_for(request: web.Request) -> Iterator[None]:
+    token = _caller.set(_Caller.of(request))
+    try:
+        yield
+    finally:
+        _caller.reset(token)
 
 
 def _answering_errors(handler: Handler) -> Handler:
     async def answer(request: web.Request) -> web.StreamResponse:
-        origin = _client_origin.set(request.headers.get("Origin"))
-        try:
-            return await handler(request)
-        except ProxyError as exc:
-            return exc.response(request.path)
-        finally:
-            _client_origin.reset(origin)
+        with _acting_for(request):
+            try:
+                return await handler(request)
+            except ProxyError as exc:
+                return exc.response(request.path)
 
     return answer
 
 
 def _node_headers(node: Node, headers: dict[str, str] | None = None) -> dict[str, str]:
-    """``headers``, the client's Origin, and the node's own headers over both."""
-    origin = _client_origin.get()
-    from_client = {"Origin": origin} if origin is not None else {}
-    return {**(headers or {}), **from_client, **node.config.headers}
+    """``headers``, the client's Origin and request id, and the node's own headers over all."""
+    return {**(headers or {}), **_current_caller().headers(), **node.config.headers}
+
+
+def _for_caller(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of a merged listing that the caller's key may use."""
+    key = _current_caller().key
+    return [entry for entry in models if may_see(key, _name(entry) or "")]
 
 
 def _ignoring_request(listing: Listing) -> Handler:
@@ -160,17 +198,17 @@ class Fleet:
         for node, answer in answers:
             self.discovery.learn_models(node, answer)
         models = _union((entries(a, "models") for _, a in answers), "model", "name")
-        return json_response({"models": models})
+        return json_response({"models": _for_caller(models)})
 
     async def ps(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/ps")
         models = _union((entries(a, "models") for _, a in answers), "model", "name")
-        return json_response({"models": models})
+        return json_response({"models": _for_caller(models)})
 
     async def openai_models(self) -> web.StreamResponse:
         answers = await self._ask_all("/v1/models")
         data = _union((entries(a, "data") for _, a in answers), "id")
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": _for_caller(data)})
 
     async def version(self) -> web.StreamResponse:
         answers = await self._ask_all("/api/version")
@@ -247,10 +285,11 @@ class Fleet:
             holders = [n for n in self._healthy() if n.has_model(model)]
         return holders
 
-    async def unload(self, path: str, body: bytes, model: str) -> web.StreamResponse:
+    async def unload(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         """``ollama stop``: unload the model on every node that has it; one node's answer."""
         holders = [n for n in self._healthy() if n.has_model(model)]
-        outcomes = await self._send_all(holders, "POST", path, body)
+        with _acting_for(request):
+            outcomes = await self._send_all(holders, "POST", request.path, body)
         for node, status, _ in outcomes:
             if status == 200:
                 node.resident.pop(model, None)
@@ -587,11 +626,16 @@ def _union(lists: Any, *keys: str) -> list[dict[str, Any]]:
     merged = []
     for node_entries in lists:
         for entry in node_entries:
-            key = next((str(entry[k]) for k in keys if k in entry), None)
+            key = _name(entry, keys)
             if key is not None and normalize_model(key) not in seen:
                 seen.add(normalize_model(key))
                 merged.append(entry)
     return merged
+
+
+def _name(entry: dict[str, Any], keys: tuple[str, ...] = ("model", "name", "id")) -> str | None:
+    """A listing entry's model name, by the first of ``keys`` it has."""
+    return next((str(entry[k]) for k in keys if k in entry), None)
 
 
 def _version_key(version: str) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ from .api import (
     OPENAI_MODEL_PREFIX,
     TELEMETRY_PATHS,
 )
-from .auth import Auth, is_management, rejection_reason, tenant_of
+from .auth import Auth, is_management, model_not_found, rejection_reason, tenant_of
 from .bodies import model_of, read_bounded, request_fields
 from .config import Config
 from .discovery import Discovery
@@ -49,11 +49,10 @@ from .errors import (
     Unavailable,
     UpstreamError,
     family_of,
-    go_quoted,
     shown,
     stream_error,
 )
-from .exchange import Exchange
+from .exchange import EXCHANGE, REQUEST_ID_HEADER, Exchange
 from .fleet import Fleet
 from .health import Health
 from .http1 import (
@@ -161,6 +160,7 @@ class Forwarder:
             client=request.remote or "",
         )
         request[REQUEST_ID] = ex.request_id  # for the answer's head (tag_response)
+        request[EXCHANGE] = ex  # for the fleet's handlers: the request's id and key
         self.active += 1
         self.idle.clear()
         try:
@@ -205,7 +205,7 @@ class Forwarder:
         if ex.unload and ex.model_key is not None:
             await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-            return await self.fleet.unload(request.path, ex.body, ex.model_key)
+            return await self.fleet.unload(request, ex.body, ex.model_key)
         return await self._forward(request, ex)
 
     # -- read -------------------------------------------------------------------------------
@@ -251,7 +251,9 @@ class Forwarder:
         """The key may use the model it names, and has budget left for inference (429)."""
         if ex.key is None:
             return
-        if ex.model is not None and not is_management(ex.path):
+        if ex.model is not None and ex.path.startswith(OPENAI_MODEL_PREFIX):
+            self.auth.check_listed(ex.key, ex.model)
+        elif ex.model is not None and not is_management(ex.path):
             self.auth.check_model(ex.key, normalize_model(ex.model))
         if ex.takes_slot:
             ex.limit_headers = self.quotas.admit(ex.key.name)
@@ -354,7 +356,7 @@ class Forwarder:
         if where == "unknown":
             raise Unavailable(f"no node that may have model '{named}' is reachable", retry_after=5)
         if where == "nowhere":
-            raise ProxyError(404, f"model {go_quoted(named)} not found, try pulling it first")
+            raise ProxyError(404, model_not_found(named))
 
     async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
@@ -455,7 +457,6 @@ class Forwarder:
                 self.discovery.refresh_soon(node)
 
 
-REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
 _request_numbers = itertools.count(1)

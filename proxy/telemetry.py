@@ -1,9 +1,13 @@
 """Token counts and speeds, read from the end of a response after it has passed through.
 
 Ollama's final chunk (``"done": true``) carries ``prompt_eval_count``, ``eval_count``,
-``eval_duration`` and ``load_duration``; a non-streaming answer carries them in its body, and an
-OpenAI-style answer has ``usage``. The relay keeps references to the last few chunks it wrote
-(no copy, no parsing per chunk); this module parses once, when the response has ended.
+``eval_duration`` and ``load_duration``; a non-streaming answer carries them in its body. The
+compatible APIs have ``usage``: OpenAI's chat and completions ``prompt_tokens`` and
+``completion_tokens``; the Responses API and Anthropic's Messages ``input_tokens`` and
+``output_tokens``, streamed in the last event that has them (``response.completed``'s
+``response.usage``; ``message_delta``'s ``usage``, where Ollama's Anthropic layer puts the input
+tokens too). The relay keeps references to the last few chunks it wrote (no copy, no parsing per
+chunk); this module parses once, when the response has ended.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ _COUNT_KEYS = (
     b',"usage":',
 )
 SUFFIX_WINDOW = 4096
+_USAGE_KEY = b'"usage":'
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,24 @@ def usage_from_tail(chunks: Iterable[bytes], content_type: str) -> Usage | None:
         usage = obj and (_from_ollama(obj) or _from_openai(obj))
         if usage:
             return usage
+    if content_type == "text/event-stream":
+        return _last_usage_field(tail)
     return None
+
+
+def _last_usage_field(tail: bytes) -> Usage | None:
+    """The last ``"usage":`` object in the tail, for a final event whose beginning is not in
+    it: the Responses API's ``response.completed`` repeats the whole answer before its usage,
+    and a long one spans more pieces than the tail keeps. (Inside a JSON string the quotes
+    would be escaped, so the match is a key.)"""
+    at = tail.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(tail[at + len(_USAGE_KEY) :].decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return _from_openai({"usage": value}) if isinstance(value, dict) else None
 
 
 def _last_object(data: bytes) -> dict[str, Any] | None:
@@ -72,8 +95,16 @@ def _last_object(data: bytes) -> dict[str, Any] | None:
 
 
 def _sse_objects_last_first(tail: bytes) -> list[dict[str, Any] | None]:
-    events = (event.strip().removeprefix(b"data:").strip() for event in tail.split(b"\n\n"))
+    events = (_sse_data(event) for event in tail.split(b"\n\n"))
     return [_object(data) for data in reversed(list(events)) if data.startswith(b"{")]
+
+
+def _sse_data(event: bytes) -> bytes:
+    """An event's data, its ``event:`` (and any other field's) lines left out."""
+    lines = event.strip().split(b"\n")
+    return b"\n".join(
+        line.removeprefix(b"data:").strip() for line in lines if line.startswith(b"data:")
+    )
 
 
 def _from_ollama(obj: dict[str, Any]) -> Usage | None:
@@ -89,12 +120,16 @@ def _from_ollama(obj: dict[str, Any]) -> Usage | None:
 
 
 def _from_openai(obj: dict[str, Any]) -> Usage | None:
+    """``usage`` as OpenAI's chat, its Responses API and Anthropic's Messages write it."""
     usage = obj.get("usage")
+    response = obj.get("response")  # the Responses API's response.completed event
+    if not isinstance(usage, dict) and isinstance(response, dict):
+        usage = response.get("usage")
     if not isinstance(usage, dict):
         return None
     return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        completion_tokens=_int(usage.get("completion_tokens")),
+        prompt_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+        completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
         eval_seconds=0.0,
         load_seconds=None,
     )

@@ -293,3 +293,38 @@ async def test_ollama_stop_unloads_on_every_node(
     assert all(n.settings.resident == [QWEN] for n in nodes)
     assert [m.model for m in ps.models] == [QWEN]
     assert all(n.stats.active == 0 and n.stats.max_active == 0 for n in nodes)  # no slot used
+
+
+async def test_every_fan_out_carries_the_requests_id_and_origin_to_each_node(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """Pull, create, copy, delete, blobs and ``ollama stop``: each node's request names the
+    client's request (its X-Request-Id) and its Origin, as a proxied request does."""
+    nodes = await start_nodes(2, models=[LLAMA, QWEN], resident=[LLAMA])
+    proxy = await start_proxy(nodes)
+    blob = "/api/blobs/sha256:" + "ab" * 32
+    calls: list[tuple[str, str, Any]] = [
+        ("POST", "/api/pull", {"model": QWEN, "stream": False}),
+        ("POST", "/api/create", {"model": "custom", "from": "llama3.2", "stream": False}),
+        ("POST", "/api/copy", {"source": "llama3.2", "destination": "mine"}),
+        ("DELETE", "/api/delete", {"model": "mine"}),
+        ("HEAD", blob, None),
+        ("POST", blob, b"weights"),
+        ("POST", "/api/generate", {"model": "llama3.2", "keep_alive": 0}),  # ollama stop
+    ]
+    origin = "http://localhost:3000"
+    async with aiohttp.ClientSession() as session:
+        for number, (method, path, body) in enumerate(calls):
+            headers = {"Origin": origin, "X-Request-Id": f"client-{number}"}
+            sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+            async with session.request(method, proxy.url + path, headers=headers, **sent) as r:
+                assert r.status in (200, 201, 404), (path, await r.text())
+                assert r.headers["X-Request-Id"] == f"client-{number}"
+    for node in nodes:
+        heads = [(r, {k.lower(): v for k, v in r.headers.items()}) for r in generations(node)]
+        seen = [(r.method, r.path, h.get("x-request-id"), h.get("origin")) for r, h in heads]
+        expected = [
+            (method, path, f"client-{number}", origin)
+            for number, (method, path, _) in enumerate(calls)
+        ]
+        assert seen == expected, node.name

@@ -22,16 +22,18 @@ P1 well formed: every request the node receives is HTTP/1.1 as RFC 9112 has a se
    no Transfer-Encoding, no hop-by-hop header (nor one the client's Connection named), one
    Host, the node's ``host:port``, and field lines of tokens and visible characters.
 P2 accounted for: what the node acts on is what the proxy counted. A request with one of our
-   ids came through the forwarder, and was logged: the endpoint the node routes it to (its
+   ids answers a client's request, and was logged: the endpoint the node routes it to (its
    target's path percent-decoded, as Go's net/http gives it to Ollama's router, sorted as
    Ollama's path, a path under a prefix, or other) is the one the proxy's logged path names,
-   and the model Ollama reads from its body (Go's encoding/json: keys matched in any case,
-   the last one wins, a null changes nothing; ``model``, else the legacy ``name``) is the
-   model the proxy logged: the one it routed, and took the slot, for. A request without one
-   of our ids is the proxy's own: a check or discovery, or a fleet request for what a client
-   of the example asked (its method, a GET for a HEAD of a listing, and its path), and on
-   ``/api/generate`` or ``/api/chat`` an unload as Ollama reads it (``keep_alive`` of 0
-   whole seconds, nothing to generate). Anything else is work the proxy never counted.
+   and, for a request that came through the forwarder (not a fleet request: a listing, a
+   fan-out, a blob or an unload), the model Ollama reads from its body (Go's encoding/json:
+   keys matched in any case, the last one wins, a null changes nothing; ``model``, else the
+   legacy ``name``) is the model the proxy logged: the one it routed, and took the slot, for.
+   A request without one of our ids is the proxy's own: a check or discovery, or a fleet
+   request for what a client of the example asked (its method, a GET for a HEAD of a
+   listing, and its path), and on ``/api/generate`` or ``/api/chat`` an unload as Ollama
+   reads it (``keep_alive`` of 0 whole seconds, nothing to generate). Anything else is work
+   the proxy never counted.
 P3 answered: each client request gets a complete, parseable HTTP answer before the deadline;
    a connection may end early only right after an error answer or one that closes it (or
    whose request asked to), never mid-answer and never by hanging.
@@ -76,9 +78,11 @@ from proxy.api import (
     FANOUT_PATHS,
     FORM_PATHS,
     KNOWN_PATHS,
+    LISTING_PATHS,
     MODEL_REQUIRED_PATHS,
     OPENAI_MODEL_PREFIX,
 )
+from proxy.fleet import DIGEST as BLOB_DIGEST
 
 from .conftest import Proxy, StartProxy, pool_is_idle, wait_until
 from .socketnode import SocketNode
@@ -170,7 +174,7 @@ class NodeConnection:
             method, self._url, self.parser.get_http_version(), self._headers, bytes(self._body)
         )
         self.node.received.append(request)
-        self.forwarded |= request.request_id is not None
+        self.forwarded |= request.request_id is not None and not from_the_fleet(request)
         keep_alive = self.parser.should_keep_alive()
         if request.values(SLOW_HEADER.lower()):  # a generation that takes a while
             asyncio.get_running_loop().call_later(SLOW_ANSWER, self.answer, request, keep_alive)
@@ -183,6 +187,18 @@ class NodeConnection:
         self.writer.write(answer_to(request))
         if not keep_alive:
             self.writer.close()
+
+
+def from_the_fleet(got: NodeRequest) -> bool:
+    """Sent by fleet.py's client session, not upstream.py's connections: a merged listing, a
+    fan-out, a blob (its path built from a checked digest) or an unload. It carries the
+    client's request id too, so that the node's log names the request."""
+    path = unquote_to_bytes(got.path).decode("utf-8", "surrogateescape")
+    if path in LISTING_PATHS | FANOUT_PATHS:
+        return True
+    if path.startswith(BLOBS_PREFIX) and BLOB_DIGEST.fullmatch(path.removeprefix(BLOBS_PREFIX)):
+        return True
+    return path in ("/api/generate", "/api/chat") and bool(ollama_unloads(got.path, got.body))
 
 
 def answer_to(request: NodeRequest) -> bytes:
@@ -827,6 +843,8 @@ def check_accounted(
         routed = unquote_to_bytes(got.path).decode("utf-8", "surrogateescape")
         assert endpoint(routed) == endpoint(line["path"]), f"the proxy routed {line!r}; {where}"
         model = ollama_model(got.body)
+        if from_the_fleet(got):  # a fan-out is logged without its model
+            continue
         if model is not None and not got.path.startswith(OPENAI_MODEL_PREFIX.encode()):
             assert model == line["model"], f"the proxy counted {line['model']!r}; {where}"
 
