@@ -19,6 +19,7 @@ from proxy.affinity import (
     result_of,
 )
 from proxy.bodies import json_object
+from proxy.config import ConfigError, parse_config
 
 MODEL = "llama3.2:latest"
 SYSTEM = "You are a careful assistant. " * 200  # a long shared system prompt
@@ -278,3 +279,25 @@ def test_a_smaller_bound_applies_at_once_and_zero_turns_it_off() -> None:
     table.configure(entries=0, ttl=60)
     table.record(key(9), "a")
     assert len(table) == 0
+
+
+# -- its settings ------------------------------------------------------------------------------
+
+
+def test_the_settings_and_their_errors() -> None:
+    nodes = [{"url": "http://10.0.0.5:11434"}]
+    routing = parse_config({"nodes": nodes}).routing
+    assert (routing.affinity_entries, routing.affinity_ttl) == (100_000, 600)
+    assert routing.session_header == "X-Session-Id"
+    assert (
+        parse_config({"nodes": nodes, "routing": {"session_header": ""}}).routing.session_header
+        == ""
+    )
+    bad = {"affinity_entries": -1, "affinity_ttl": "long", "session_header": "X Session"}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"nodes": nodes, "routing": bad})
+    assert caught.value.errors == [
+        "routing.session_header: must be a header name (or empty: none)",
+        "routing.affinity_entries: must be at least 0",
+        "routing.affinity_ttl: must be a number",
+    ]
