@@ -178,3 +178,34 @@ def conv_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The ``conv`` field of each access log line so far."""
     lines = [r.message for r in caplog.records if r.name == "ollama_proxy.access"]
     return [json.loads(line)["conv"] for line in lines]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_previous_response_id_finds_its_node(
+    start_nodes: StartNodes,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: bool,
+) -> None:
+    """The Responses API's chain by id: the id is read from the answer's last bytes."""
+    nodes = await start_nodes(3)
+    proxy = await start_proxy(nodes)
+    preferences = Preferences(monkeypatch)
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as oai:
+        first_id = await responses_id(oai, stream, input="hi", extra_headers=REQUEST_ID_1)
+        await responses_id(oai, stream, input="more", previous_response_id=first_id)
+    assert first_id.startswith("resp_")
+    assert preferences.seen == [None, served_by(nodes, "r1")]
+
+
+REQUEST_ID_1 = {"X-Request-Id": "r1"}
+
+
+async def responses_id(oai: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> str:
+    if not stream:
+        return (await oai.responses.create(model="llama3.2", **kwargs)).id
+    response_id = ""
+    async for event in await oai.responses.create(model="llama3.2", stream=True, **kwargs):
+        if event.type == "response.completed":
+            response_id = event.response.id
+    return response_id
