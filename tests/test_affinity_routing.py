@@ -209,3 +209,15 @@ async def responses_id(oai: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> 
         if event.type == "response.completed":
             response_id = event.response.id
     return response_id
+
+
+async def test_no_entries_no_affinity(
+    start_nodes: StartNodes, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(nodes, routing={"affinity_entries": 0})
+    preferences = Preferences(monkeypatch)
+    await Chat(proxy, nodes, "otters").turns(3)
+    assert preferences.seen == [None, None, None]
+    assert await affinity_counts(proxy) == {"hit": 0, "moved": 0, "new": 0}
+    assert len(proxy.runtime.forwarder.affinity) == 0
