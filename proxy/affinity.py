@@ -14,7 +14,7 @@ Keys (pure functions of the request):
   tool results) and less the assistant's answer before it. Turn N sends ``[..., user_N]`` and
   records ``hash([..., user_N])``; turn N+1 sends ``[..., user_N, assistant_N, user_N+1]``
   and looks up the same hash, without the proxy ever reading an answer. A tool loop chains
-  the same way. A first turn (nothing before its input but a system prompt) looks up
+  the same way; an answer the client began (a prefill) is left out of the record. A first turn (nothing before its input but a system prompt) looks up
   nothing, so chats that share a long system prompt never share a key;
 - on ``/v1/responses``, ``previous_response_id`` names the turn before: looked up by that id,
   recorded under the id of the response the node sent.
@@ -126,17 +126,27 @@ def history_keys(model: str, messages: list[Message]) -> Conversation | None:
     (before and after the cut) rather than one per message: each costs a few microseconds to
     set up.
     """
-    if not messages:
+    end = _input_end(messages)
+    if not end:
         return None
-    cut = _previous_turn_end(messages)
+    cut = _previous_turn_end(messages[:end])
     before = _json([m for _, m in messages[:cut]])[:-1]  # "[m1,...,mc"
-    after = _json([m for _, m in messages[cut:]])[1:-1]  # "mc+1,...,mn"
+    after = _json([m for _, m in messages[cut:end]])[1:-1]  # "mc+1,...,mn"
     hasher = hashlib.sha256(_json(["history", model]) + before)
     first_turn = all(role in _INSTRUCTING for role, _ in messages[:cut])
     lookup = None if first_turn else hasher.digest()[:KEY_BYTES]
     if after:
         hasher.update(b"," + after if cut else after)
     return Conversation(lookup, hasher.digest()[:KEY_BYTES])
+
+
+def _input_end(messages: list[Message]) -> int:
+    """Where this turn's input ends: before an assistant message the client begins the answer
+    with (a prefill), which the next turn resends as the whole answer."""
+    end = len(messages)
+    while end and messages[end - 1][0] in _ASSISTANT:
+        end -= 1
+    return end
 
 
 def _previous_turn_end(messages: list[Message]) -> int:
@@ -237,7 +247,7 @@ def _members(value: Any) -> Iterable[tuple[str, Any]] | None:
 
 
 def _plain(value: Any) -> Any:
-    """Nested lists of pairs as dicts, and long strings as their digests, for canonical JSON."""
+    """Nested lists of pairs as dicts, and long strings as their hashes, for canonical JSON."""
     if isinstance(value, str):
         return _text(value)
     if isinstance(value, list):

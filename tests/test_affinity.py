@@ -160,6 +160,20 @@ def final_turn() -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "ok"}]
 
 
+def test_an_answer_begun_by_the_client_is_not_part_of_the_key() -> None:
+    """Anthropic's prefill: the request ends with the start of the assistant's answer, and
+    the next turn resends the whole answer in its place."""
+    asked = {"role": "user", "content": "JSON please"}
+    prefilled = keys("/v1/messages", {"model": "m", "messages": [asked, ASSISTANT_BEGUN]})
+    later = [asked, {"role": "assistant", "content": '{"a": 1}'}, {"role": "user", "content": "b"}]
+    assert keys("/v1/messages", {"model": "m", "messages": later}).lookup == prefilled.record
+    only_prefill = conversation_of("/v1/messages", {"messages": [ASSISTANT_BEGUN]}, MODEL)
+    assert only_prefill is None
+
+
+ASSISTANT_BEGUN = {"role": "assistant", "content": "{"}
+
+
 def test_anthropic_tool_results_come_as_user_turns() -> None:
     asked = {"role": "user", "content": "weather in Paris?"}
     use = {"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Paris"}}
