@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -126,25 +127,47 @@ async def test_a_session_header_names_the_conversation(
 async def test_the_sdks_chats_are_keyed_too(
     start_nodes: StartNodes, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """OpenAI's chat completions and Anthropic's messages, each history resent by its SDK."""
-    nodes = await start_nodes(2)
+    """Each SDK resends its history as it serialises it: the ollama library (streamed),
+    OpenAI's chat completions and Anthropic's messages. The second turn of each prefers the
+    first's node."""
+    nodes = await start_nodes(3)
     proxy = await start_proxy(nodes)
     preferences = Preferences(monkeypatch)
+    first = {"X-Request-Id": "first"}
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    async with ollama.AsyncClient(host=proxy.url, headers=first) as oll:
+        stream = await oll.chat(model="llama3.2", messages=messages, stream=True)
+        said = "".join([p.message.content or "" async for p in stream])
+    messages += [{"role": "assistant", "content": said}, {"role": "user", "content": "more"}]
+    async with ollama.AsyncClient(host=proxy.url) as oll:
+        await oll.chat(model="llama3.2", messages=messages)
+    assert preferences.seen[-2:] == [None, served_by(nodes, "first")]
+    clear_ids(nodes)
     oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     ant = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
     async with oai, ant:
-        messages: list[Any] = [{"role": "user", "content": "hi"}]
-        first = await oai.chat.completions.create(model="llama3.2", messages=messages)
-        messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "more"}]
+        messages = [{"role": "user", "content": "hi"}]
+        asked = await oai.chat.completions.create(
+            model="llama3.2", messages=messages, extra_headers=first
+        )
+        messages += [asked.choices[0].message.model_dump(), {"role": "user", "content": "more"}]
         await oai.chat.completions.create(model="llama3.2", messages=messages)
+        assert preferences.seen[-2:] == [None, served_by(nodes, "first")]
+        clear_ids(nodes)
         history: list[Any] = [{"role": "user", "content": "hi"}]
-        answer = await ant.messages.create(model="llama3.2", max_tokens=20, messages=history)
+        answer = await ant.messages.create(
+            model="llama3.2", max_tokens=20, messages=history, extra_headers=first
+        )
         history += [{"role": "assistant", "content": answer.content}]
         history += [{"role": "user", "content": "more"}]
         await ant.messages.create(model="llama3.2", max_tokens=20, messages=history)
-    assert preferences.seen[0] is None and preferences.seen[2] is None
-    assert preferences.seen[1] is not None and preferences.seen[3] is not None
-    assert (await affinity_counts(proxy))["new"] == 2
+        assert preferences.seen[-2:] == [None, served_by(nodes, "first")]
+    assert (await affinity_counts(proxy))["new"] == 3
+
+
+def clear_ids(nodes: list[SimNode]) -> None:
+    for node in nodes:
+        node.stats.requests.clear()
 
 
 async def test_a_node_that_is_down_or_gone_is_not_preferred(
