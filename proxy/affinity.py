@@ -14,8 +14,9 @@ Keys (pure functions of the request):
   tool results) and less the assistant's answer before it. Turn N sends ``[..., user_N]`` and
   records ``hash([..., user_N])``; turn N+1 sends ``[..., user_N, assistant_N, user_N+1]``
   and looks up the same hash, without the proxy ever reading an answer. A tool loop chains
-  the same way; an answer the client began (a prefill) is left out of the record. A first turn (nothing before its input but a system prompt) looks up
-  nothing, so chats that share a long system prompt never share a key;
+  the same way; an answer the client began (a prefill) is left out of the record. A first
+  turn (nothing before its input but a system prompt) looks up nothing, so chats that share
+  a long system prompt never share a key;
 - on ``/v1/responses``, ``previous_response_id`` names the turn before: looked up by that id,
   recorded under the id of the response the node sent.
 
