@@ -98,6 +98,7 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "tokens_out": ex.usage.completion_tokens if ex.usage else None,
         "retries": max(0, ex.attempts - 1),
         "cut": ex.cut,
+        "conv": ex.affinity,  # hit, moved or new: a chat's way back to its last turn's node
     }
 
 

@@ -67,8 +67,8 @@ async def _next_piece(request: web.Request, stall: float) -> bytes:
         raise BodyStalled(stall) from None
 
 
-# The top-level fields the proxy acts on (routing, caps, unloads, fan-out), named as Ollama's
-# request structs name them.
+# The top-level fields the proxy acts on (routing, caps, unloads, fan-out, and the history a
+# conversation is known by: affinity.py), named as Ollama's request structs name them.
 FIELDS = frozenset(
     {
         "model",
@@ -80,6 +80,10 @@ FIELDS = frozenset(
         "stream",
         "source",
         "destination",
+        "system",
+        "instructions",
+        "input",
+        "previous_response_id",
     }
 )
 # Go's encoding/json matches a key to a field exactly or, failing that, by Unicode simple case

@@ -124,6 +124,11 @@ class RoutingConfig:
     # Seconds a request waits for a node that has its model loaded before it also takes a
     # node that must load it first (a cold load costs seconds to minutes of GPU time).
     spill_after: float
+    # Conversation affinity (affinity.py): how many conversations are remembered with the node
+    # that served their last turn (0: none), for how long, and the header naming a session.
+    affinity_entries: int = 100_000
+    affinity_ttl: float = 600.0
+    session_header: str = "X-Session-Id"
 
 
 @dataclass(frozen=True)
@@ -596,8 +601,19 @@ def _reload(r: _Reader, raw: dict[str, Any]) -> ReloadConfig:
 
 
 def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
-    r.no_unknown_keys(raw, "routing", {"spill_after"})
-    return RoutingConfig(spill_after=r.number(raw.get("spill_after", 10), "routing.spill_after", 0))
+    affinity = {"affinity_entries", "affinity_ttl", "session_header"}
+    r.no_unknown_keys(raw, "routing", {"spill_after", *affinity})
+    header = r.string(raw.get("session_header", "X-Session-Id"), "routing.session_header")
+    if header and not _TOKEN.match(header):
+        r.error("routing.session_header", "must be a header name (or empty: none)")
+    return RoutingConfig(
+        spill_after=r.number(raw.get("spill_after", 10), "routing.spill_after", 0),
+        affinity_entries=r.integer(
+            raw.get("affinity_entries", 100_000), "routing.affinity_entries", 0
+        ),
+        affinity_ttl=r.number(raw.get("affinity_ttl", 600), "routing.affinity_ttl", 0),
+        session_header=header,
+    )
 
 
 def _discovery(r: _Reader, raw: dict[str, Any]) -> DiscoveryConfig:

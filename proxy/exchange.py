@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .affinity import Conversation, Result
 from .auth import Key
 from .errors import RejectionReason
 from .pool import Node
@@ -42,6 +43,8 @@ class Exchange:
     key: Key | None = None  # the client's key, when keys are configured
     rejection: RejectionReason | None = None  # why the key was refused (401, 403, 429)
     limit_headers: dict[str, str] = field(default_factory=dict)  # X-RateLimit-*, for answers
+    conversation: Conversation | None = None  # a chat's keys in the affinity table
+    affinity: Result | None = None  # whether it went back to its last turn's node
 
     @property
     def reported_status(self) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from aiohttp import HttpVersion11, hdrs, web
 
 from .accesslog import AccessLog
+from .affinity import Affinity, conversation_of, response_id_of, response_key, result_of
 from .answer import Answer
 from .api import (
     INFERENCE_PATHS,
@@ -106,12 +107,19 @@ class Forwarder:
         self.idle.set()
         self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
         self.quotas = Quotas()  # each key's windows and totals, kept across reloads
+        # Which node served each conversation's last turn; kept across reloads.
+        self.affinity = Affinity(config.routing.affinity_entries, config.routing.affinity_ttl)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """Take new settings (at start and on reload); requests under way keep theirs."""
         self.max_attempts = config.upstream.max_attempts
         self.spill_after = config.routing.spill_after
+        routing = config.routing
+        self.session_header = routing.session_header
+        # A node that left the config, or whose name now has another URL, is forgotten.
+        nodes = {n.name: n.url for n in config.nodes}
+        self.affinity.configure(routing.affinity_entries, routing.affinity_ttl, nodes)
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
@@ -244,6 +252,9 @@ class Forwarder:
             or request.path.startswith(OPENAI_MODEL_PREFIX)
         ):
             ex.model_key = normalize_model(ex.model)
+        if ex.takes_slot and ex.model_key is not None and self.affinity.entries:
+            session = request.headers.get(self.session_header) if self.session_header else None
+            ex.conversation = conversation_of(request.path, payload, ex.model_key, session)
 
     # -- the client's key -------------------------------------------------------------------
 
@@ -325,7 +336,11 @@ class Forwarder:
         if ex.model_key is not None:
             await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-        want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
+        known = self.affinity.lookup(ex.conversation.lookup) if ex.conversation else None
+        preferred = known if known is not None and self._takes_new(known) else None
+        want = want_for(
+            self.pool, ex.model_key, self.spill_after, exclude=tried, preferred=preferred
+        )
         if ex.takes_slot:
             queued_at = time.monotonic()
             lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
@@ -336,6 +351,8 @@ class Forwarder:
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
+        if ex.conversation is not None:
+            ex.affinity = result_of(known, lease.node.name)
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
 
@@ -345,6 +362,10 @@ class Forwarder:
         through the proxy, onto every node)."""
         if availability(self.pool, model_key) == "nowhere":
             await self.discovery.refresh_for_missing(model_key)
+
+    def _takes_new(self, name: str) -> bool:
+        node = self.pool.nodes.get(name)
+        return node is not None and node.takes_new
 
     def _check_model_available(self, model_key: str, named: str) -> None:
         """404 when no node has the model, in Ollama's words for a model it cannot load; 503
@@ -455,6 +476,16 @@ class Forwarder:
                 node.record_usage(ex.model_key, ex.usage)
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.discovery.refresh_soon(node)
+            if ex.conversation is not None:
+                self._remember(ex, ex.model_key, node, tail)
+
+    def _remember(self, ex: Exchange, model: str, node: Node, tail: Iterable[bytes]) -> None:
+        """This turn's node, for the conversation's next turn: under its history's key and, on
+        the Responses API, under the id of this answer (a next turn may name it previous)."""
+        if ex.conversation is not None and ex.conversation.record is not None:
+            self.affinity.record(ex.conversation.record, node.name)
+        if ex.path == "/v1/responses" and (response_id := response_id_of(tail)):
+            self.affinity.record(response_key(model, response_id), node.name)
 
 
 REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head

@@ -219,6 +219,14 @@ class Metrics:
             ["key", "reason"],
             registry=r,
         )
+        self.affinity = Counter(
+            "ollama_proxy_affinity",
+            "Chat requests of a known or new conversation, by result: hit (back to the node "
+            "that served its last turn), moved (another node: load won, or that node is gone), "
+            "new (no turn of it known).",
+            ["result"],
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
         # The per-request series, each child looked up once: prometheus-client's labels()
         # takes a lock and checks its arguments (about 2 µs a call, 0.4 µs for the update).
@@ -238,6 +246,8 @@ class Metrics:
         for reason in ("connect", "reset", "node_busy"):
             self.retries.labels(reason)
         self.requests_cut.labels("drain")
+        for result in ("hit", "moved", "new"):
+            self.affinity.labels(result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -255,6 +265,8 @@ class Metrics:
         self._duration_for(node).observe(time.monotonic() - ex.started)
         if ex.usage is not None and ex.model_key is not None:
             self._usage(node, ex.model_key, ex.usage)
+        if ex.affinity is not None:
+            self.affinity.labels(ex.affinity).inc()
         self._key_done(ex, code)
 
     def _key_done(self, ex: Exchange, code: str) -> None:
