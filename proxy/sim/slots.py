@@ -1,9 +1,11 @@
-"""Admission to generation: the node's parallel slots and the bounded queue before them."""
+"""Admission to generation: the node's parallel slots and the bounded queue before them, and
+each slot's KV cache (the prompt it last processed)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,3 +81,71 @@ class Ticket:
     """A generation's claim on a slot; node_died tells a fault apart from a client leaving."""
 
     node_died: bool = False
+
+
+@dataclass
+class Slot:
+    """One parallel slot of a loaded model: the text its KV cache holds, as llama.cpp keeps
+    each slot's last sequence (prompt and reply) until another request overwrites it."""
+
+    cached: str = ""
+    busy: bool = False
+    last_used: int = 0  # a tick of PrefixCaches' clock; 0 for never
+
+
+@dataclass
+class Held:
+    """A request's slot and how much of its prompt (in characters) the slot already held."""
+
+    slot: Slot
+    cached: int
+    computed: int
+
+
+class PrefixCaches:
+    """Per loaded model, ``slots_per_model()`` slots (OLLAMA_NUM_PARALLEL), each remembering
+    what it last processed. A request takes the free slot whose cache shares the longest
+    prefix with its prompt (the least recently used among equals, as Ollama's runner does),
+    and only the rest of the prompt is prefilled. Unloading a model drops its slots."""
+
+    def __init__(self, slots_per_model: Callable[[], int]) -> None:
+        self._per_model = slots_per_model
+        self._slots: dict[str, list[Slot]] = {}  # by normalised model name
+        self._clock = itertools.count(1)
+
+    def take(self, model: str, prompt: str) -> Held:
+        slots = self._slots.setdefault(model, [])
+        while len(slots) < self._per_model():
+            slots.append(Slot())
+        free = [slot for slot in slots if not slot.busy]
+        if not free:  # num_parallel lowered while generations run: one slot more, briefly
+            free = [Slot()]
+            slots.append(free[0])
+        slot = max(free, key=lambda s: (shared_prefix(s.cached, prompt), -s.last_used))
+        # Even a prompt cached whole has its last token evaluated again (llama.cpp does).
+        cached = min(shared_prefix(slot.cached, prompt), max(0, len(prompt) - 1))
+        slot.busy, slot.cached = True, prompt[:cached]  # the rest is overwritten from here
+        return Held(slot, cached, len(prompt) - cached)
+
+    def release(self, held: Held) -> None:
+        held.slot.busy = False
+        held.slot.last_used = next(self._clock)
+
+    def clear(self, model: str) -> None:
+        self._slots.pop(model, None)
+
+    def cached_texts(self, model: str) -> list[str]:
+        """What each slot of the model holds now (for tests)."""
+        return [slot.cached for slot in self._slots.get(model, [])]
+
+
+def shared_prefix(a: str, b: str) -> int:
+    """How many leading characters two texts share (by bisection: slices compare in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
