@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.sim import SimNode, SimSettings
+from proxy.sim import SimNode, SimSettings, slots
 from proxy.sim.plans import conversation_key, rendered
 from proxy.sim.slots import PrefixCaches, shared_prefix
 
@@ -48,7 +48,7 @@ def test_without_a_match_the_least_recently_used_slot_is_overwritten() -> None:
     caches.release(second)
     held = caches.take(MODEL, "cccc")
     assert held.slot is first.slot and held.cached == 0
-    assert caches.cached_texts(MODEL) == ["", "bbbb"]  # only the shared prefix stays
+    assert sorted(caches.cached_texts(MODEL)) == ["", "bbbb"]  # only the shared prefix stays
 
 
 def test_a_prompt_cached_whole_still_evaluates_its_last_token() -> None:
@@ -182,3 +182,23 @@ async def test_final_chunks_report_the_nodes_load_time_and_speed() -> None:
     cold, warm = replies
     assert cold["load_duration"] >= 50_000_000 and warm["load_duration"] == 0
     assert cold["eval_duration"] == warm["eval_duration"] == 15_000_000  # 5 tokens at 3 ms
+
+
+def test_choosing_among_many_slots_compares_each_cached_text_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The benchmark's nodes have thousands of slots holding the same prompt."""
+    caches = PrefixCaches(lambda: 5000)
+    held_all = [caches.take(MODEL, "hello") for _ in range(4000)]
+    for held in held_all:
+        held.slot.cached = "hello"
+        caches.release(held)
+    compared: list[str] = []
+
+    def counting(a: str, b: str) -> int:
+        compared.append(a)
+        return shared_prefix(a, b)
+
+    monkeypatch.setattr(slots, "shared_prefix", counting)
+    assert caches.take(MODEL, "hello").cached == 4
+    assert sorted(compared) == ["", "hello", "hello"]  # each group once, then the chosen slot
