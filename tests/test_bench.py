@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 
 from proxy.bench import cores, fairness
+from proxy.bench.costs import CostRow, changed_turns, cost_row
+from proxy.bench.loadgen import run_chats, user_message
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
-from proxy.bench.report import percentile, relay_table, render
+from proxy.bench.report import costs_tables, percentile, relay_table, render
 from proxy.bench.scale import SMOKE, Scale
 from proxy.bench.scenarios import Column, Results, _latency_load, _shares, _stream_load
-from proxy.bench.specs import EmbedOutcome, StreamOutcome, pooled
+from proxy.bench.specs import ChatLoad, ChatOutcome, EmbedOutcome, StreamOutcome, pooled
 from proxy.bench.stacks import Front
+from proxy.sim import SimNode, SimSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SECONDS = 45  # a smoke run takes about 8 s on 2 cores; leave room for a busy machine
@@ -42,7 +45,7 @@ def smoke_run(*options: str) -> str:
 
 @pytest.mark.timeout(SMOKE_SECONDS + 15)
 def test_smoke_run_prints_both_tables() -> None:
-    out = smoke_run("--floor")
+    out = smoke_run("--floor", "--only", "stream,embed,hold,sched")
     headers = ("Machine:", "relay", "direct", "proxy", "bare relay", "CPU per streamed chunk")
     for header in (*headers, "scheduling"):
         assert header in out, out
@@ -185,3 +188,87 @@ async def test_fairness_run_on_real_timers_puts_b_ahead_of_the_backlog() -> None
     fair = await fairness.run(fair=True, service=0.003, backlog=40, sends=4)
     fifo = await fairness.run(fair=False, service=0.003, backlog=40, sends=4)
     assert max(fair) < min(fifo)
+
+
+# --------------------------------------------------------------------------- issue 16's scenarios
+
+
+@pytest.mark.timeout(SMOKE_SECONDS + 15)
+def test_smoke_run_of_the_cost_scenarios_prints_their_tables() -> None:
+    out = smoke_run("--only", "unequal,idle,chats,chats-paused")
+    for title in ("Unequal nodes:", "Idle capacity:", "Conversations:", "after a user's pause"):
+        assert title in out, out
+    assert out.count("TTFT p99 (s)") == 4, out
+    assert out.count("changed node") == 2, out
+    if "nginx least_conn" in out:  # nginx installed: each table compares the proxy with it
+        assert out.count("proxy / least_conn") == 4, out
+
+
+def test_changed_turns_follow_each_conversation_across_nodes() -> None:
+    node_a = {"c1/1": 1, "c1/5": 1, "c2/1": 1, "c2/3": 1, "c2/5": 0}
+    node_b = {"c1/3": 1, "c2/5": 1}
+    # c1: a, b, a (2 changes); c2: a, a, b (1 change); a count of 0 is a turn of another run.
+    assert changed_turns([node_a, node_b]) == (4, 3)
+    assert changed_turns([{"c/1": 1}, {}]) == (0, 0)
+
+
+def test_a_cost_row_counts_what_the_nodes_did_between_readings() -> None:
+    def stats(cold: int, cached: int, computed: int, turns: dict[str, int]) -> dict[str, object]:
+        return {
+            "cold_loads": cold,
+            "prompt_cached_total": cached,
+            "prompt_computed_total": computed,
+            "chat_turns": turns,
+        }
+
+    before = [stats(1, 100, 50, {"x/1": 1}), stats(0, 0, 0, {})]
+    after = [stats(1, 400, 80, {"x/1": 1, "y/1": 1}), stats(2, 0, 20, {"y/3": 1})]
+    outcome = ChatOutcome(requests=2, errors=0, ttfb=[0.1, 0.2], latency=[0.3, 0.4])
+    row = cost_row(outcome, before, after)
+    assert row.cold_loads == [0, 2]
+    assert (row.cached_chars, row.computed_chars) == (300, 50)
+    assert (row.follow_ups, row.changed_node) == (1, 1)
+
+
+def test_cost_tables_show_ratios_to_least_conn_and_the_cache_share() -> None:
+    def row(latency: float, cached: int) -> CostRow:
+        return CostRow(4, 0, [latency / 2] * 4, [latency] * 4, [0, 1, 1], cached, 100 - cached)
+
+    rows = {"proxy": row(1.0, 75), "nginx least_conn": row(2.0, 25)}
+    (table,) = costs_tables(Results(costs={"chats": rows}), SMOKE)
+    cells = {line.split("  ")[0]: line.split("  ")[1:] for line in table.splitlines()[1:]}
+    proxy = [cell.strip() for cell in cells["proxy"] if cell.strip()]
+    assert proxy == ["4", "1.000", "1.000", "0.500", "0.500", "0/1/1", "0", "75%", "0 of 0"]
+    ratios = [cell.strip() for cell in cells["proxy / least_conn"] if cell.strip()]
+    assert ratios == ["-", "0.50", "0.50", "0.50", "0.50", "-", "-", "-", "-"]
+
+
+def test_user_messages_differ_per_chat_from_the_start() -> None:
+    first, other = user_message(0, 0, 60), user_message(1, 0, 60)
+    assert len(first) == len(other) == 60
+    assert first[: len("Chat ")] == other[: len("Chat ")] and first[5] != other[5]
+    assert user_message(0, 1, 60) != first
+
+
+async def test_chats_resend_their_history_and_hit_the_slots_cache() -> None:
+    settings = SimSettings(
+        tokens=3, token_interval=0.001, num_parallel=2, resident=["llama3.2:latest"]
+    )
+    node = SimNode(settings)
+    await node.start()
+    try:
+        load = ChatLoad(
+            [node.url], chats=2, turns=3, tokens=3, user_chars=80, model="llama3.2:latest"
+        )
+        outcome = await run_chats(load)
+    finally:
+        await node.stop()
+    assert (outcome.requests, outcome.errors, len(outcome.ttfb)) == (6, 0, 6)
+    lengths = sorted(int(key.split("/")[1]) for key in node.stats.chat_turns)
+    assert lengths == [1, 1, 3, 3, 5, 5]
+    assert changed_turns([node.stats.chat_turns]) == (4, 0)
+    # Each follow-up found its history (prompts and answers) in its chat's slot: only the new
+    # user message, about 80 characters, was prefilled after the first turns.
+    first_turns = 2 * len(f"<user>{user_message(0, 0, 80)}\n")
+    assert node.stats.prompt_computed_total < first_turns + 4 * 100
+    assert node.stats.prompt_cached_total > node.stats.prompt_computed_total

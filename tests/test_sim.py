@@ -458,6 +458,9 @@ async def test_sim_stats_reports_counters_and_residency_without_being_recorded(
         "evictions": 0,
         "eval_count_total": 3,
         "prompt_eval_count_total": 2,
+        "prompt_cached_total": 0,
+        "prompt_computed_total": 7,  # "one two"
+        "chat_turns": {},
         "resident": ["llama3.2:latest", "qwen2.5:0.5b"],
     }
     assert [request.path for request in node.stats.requests] == ["/api/generate"]

@@ -38,5 +38,13 @@ each hold a different model and have memory for one (``--max-loaded 1``: any oth
 cold load and evicts the resident one once it is idle): latency mean and p99, and the nodes' cold
 loads (from the simulator's ``/-/sim/stats``).
 
+Issue 16's scheduling tables, for the same three fronts, each front in turn on the same nodes
+(reset between them): unequal nodes (2, 6 and 25 ms per token), idle capacity (one warm node,
+two that load the model in 0.3 s) and conversations (12 chats of 6 turns whose history a
+slot's KV cache may hold; back to back, and with users' pauses between turns): latency mean
+and p99, time to first token mean and p99, cold loads per node, errors, and for the chats the
+share of prompt characters served from a slot's cache and the follow-up turns that changed
+node (from the nodes' records). Each ends with the proxy's figures ÷ nginx least_conn's.
+
 See docs/performance.md for figures and how to read them.
 """

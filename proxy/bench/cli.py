@@ -13,14 +13,15 @@ from pathlib import Path
 
 from .compare import compare
 from .cores import choose
+from .costs import COST_SCENARIOS
 from .processes import BenchError, raise_fd_limit
 from .profiling import profile_streaming
-from .report import error_count, machine_summary, relay_table, scheduling_table
+from .report import costs_tables, error_count, machine_summary, relay_table, scheduling_table
 from .scale import SMOKE, Scale
 from .scenarios import Others, Results, log_progress, measure_all
 from .stacks import nginx_version
 
-SCENARIOS = ("stream", "embed", "hold", "sched")
+SCENARIOS = ("stream", "embed", "hold", "sched", *COST_SCENARIOS)
 EXIT_INTERRUPTED = 130
 
 
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hold-streams", type=int, help="streams held at once (default 5000)")
     p.add_argument("--embed-requests", type=int, help="embed requests per front (default 10000)")
+    p.add_argument(
+        "--chat-pause",
+        type=float,
+        help="chats-paused: a user's pause before each next turn, at most (seconds, drawn "
+        "evenly; default 1)",
+    )
     return p
 
 
@@ -94,6 +101,7 @@ def _scale(args: argparse.Namespace) -> Scale:
         "stagger": args.stagger,
         "hold_streams": args.hold_streams,
         "embed_requests": args.embed_requests,
+        "chat_pause": args.chat_pause,
     }
     return dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -143,6 +151,8 @@ def _print_tables(results: Results, scale: Scale) -> None:
         print("\n" + relay_table(results, scale))
     if results.scheduling:
         print("\n" + scheduling_table(results, scale))
+    for table in costs_tables(results, scale):
+        print("\n" + table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

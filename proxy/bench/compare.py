@@ -22,9 +22,9 @@ from pathlib import Path
 from .processes import PROJECT_ROOT, BenchError, Processes
 from .report import render
 from .scale import CHAT_MODEL, EMBED_MODEL, Scale
-from .scenarios import Log, run_load
+from .scenarios import Log
 from .specs import EmbedLoad, EmbedOutcome, StreamLoad, StreamOutcome
-from .stacks import Front, SimNodeSpec, start_proxy, start_sims
+from .stacks import Front, SimNodeSpec, run_load, start_proxy, start_sims
 
 SHORT_STREAM_TOKENS = 10  # mostly per-request work, where a long stream is mostly per-chunk
 

@@ -21,6 +21,8 @@ import aiohttp
 from .procstat import cpu_seconds, rss_bytes
 from .rawhttp import Client
 from .specs import (
+    ChatLoad,
+    ChatOutcome,
     EmbedLoad,
     EmbedOutcome,
     HoldLoad,
@@ -33,6 +35,7 @@ from .specs import (
 )
 
 GENERATE = "/api/generate"
+CHAT = "/api/chat"
 EMBED = "/api/embed"
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Errors a client sees when a server refuses, resets or stalls a connection.
@@ -211,6 +214,72 @@ async def run_embed(load: EmbedLoad) -> EmbedOutcome:
     return EmbedOutcome(len(samples), sum(not s.ok for s in samples), cpu, wall)
 
 
+# --------------------------------------------------------------------------- conversations
+
+FILLER = "and tell me more about the lighthouse keeper, the storm and the ship that came in. "
+
+
+def user_message(chat: int, turn: int, chars: int) -> str:
+    """A user message of ``chars`` characters, its own for each chat and turn from the start
+    (so that chats share no more than the role of their first message)."""
+    head = f"Chat {chat}, question {turn + 1}: "
+    return (head + FILLER * (chars // len(FILLER) + 1))[: max(chars, len(head))]
+
+
+async def _chat_turn(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[_Sample, str]:
+    """One streamed turn: its sample (time to the first line, to the end) and the answer."""
+    started, first, lines, done = time.perf_counter(), 0.0, 0, False
+    parts: list[str] = []
+    try:
+        async with session.post(url + CHAT, data=body, headers=JSON_HEADERS) as resp:
+            async for line in resp.content:
+                first = first or time.perf_counter()
+                chunk = json.loads(line)
+                lines += 1
+                parts.append(chunk.get("message", {}).get("content", ""))
+                done = chunk.get("done") is True
+            ok = resp.status == 200 and done
+    except (*CLIENT_ERRORS, ValueError):  # ValueError: a line that is not JSON
+        return _Sample(ok=False, lines=lines), ""
+    ended = time.perf_counter()
+    return _Sample(ok, lines, first - started, ended - started), "".join(parts)
+
+
+async def _one_chat(
+    session: aiohttp.ClientSession, load: ChatLoad, chat: int, samples: list[_Sample]
+) -> None:
+    """The chat's turns one after another, each resending the history; stops at a failure."""
+    url = load.urls[chat % len(load.urls)]
+    messages: list[dict[str, str]] = []
+    options = {"num_predict": load.tokens}
+    pauses = random.Random(load.seed * 1000 + chat)  # the same pauses through every front
+    for turn in range(load.turns):
+        if turn and load.pause > 0:
+            await asyncio.sleep(pauses.uniform(0, load.pause))
+        messages.append({"role": "user", "content": user_message(chat, turn, load.user_chars)})
+        body = {"model": load.model, "messages": messages, "options": options}
+        sample, answer = await _chat_turn(session, url, json.dumps(body).encode())
+        samples.append(sample)
+        if not sample.ok:
+            return
+        messages.append({"role": "assistant", "content": answer})
+
+
+async def run_chats(load: ChatLoad) -> ChatOutcome:
+    samples: list[_Sample] = []
+    async with _session() as session:
+        await asyncio.gather(
+            *(_one_chat(session, load, chat, samples) for chat in range(load.chats))
+        )
+    good = [s for s in samples if s.ok]
+    return ChatOutcome(
+        requests=len(samples),
+        errors=len(samples) - len(good),
+        ttfb=[s.ttfb for s in good],
+        latency=[s.latency for s in good],
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -223,11 +292,13 @@ def _session() -> aiohttp.ClientSession:
     )
 
 
-async def run(load: Load) -> StreamOutcome | HoldOutcome | EmbedOutcome:
+async def run(load: Load) -> StreamOutcome | HoldOutcome | EmbedOutcome | ChatOutcome:
     if isinstance(load, StreamLoad):
         return await run_streams(load)
     if isinstance(load, EmbedLoad):
         return await run_embed(load)
+    if isinstance(load, ChatLoad):
+        return await run_chats(load)
     async with _session() as session:
         return await run_hold(load, session)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from .processes import BenchError, Processes
 from .report import render
 from .scale import CHAT_MODEL, EMBED_MODEL, Scale
-from .scenarios import Log, run_load
+from .scenarios import Log
 from .specs import StreamLoad, StreamOutcome
-from .stacks import SimNodeSpec, start_proxy, start_sims
+from .stacks import SimNodeSpec, run_load, start_proxy, start_sims
 
 SAMPLES_PER_SECOND = 250
 TOP = 20

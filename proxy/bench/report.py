@@ -8,6 +8,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from .costs import CostRow
 from .procstat import CLOCK_TICKS
 from .scale import CHAT_MODEL, OTHER_CHAT_MODEL, Scale
 from .scenarios import Column, Results, SchedulingRow
@@ -152,7 +153,8 @@ def error_count(results: Results) -> int:
         for part in (column.stream, column.latency, column.hold, column.embed)
         if part is not None
     )
-    return relay + sum(row.outcome.errors for row in results.scheduling.values())
+    costs = sum(row.errors for rows in results.costs.values() for row in rows.values())
+    return relay + costs + sum(row.outcome.errors for row in results.scheduling.values())
 
 
 def _relay_figures(columns: dict[str, Column], scale: Scale) -> list[tuple[str, Figure, int, bool]]:
@@ -250,6 +252,100 @@ def scheduling_table(results: Results, scale: Scale) -> str:
     headers = ["scheduling", "requests", "mean (s)", "p99 (s)", "cold loads", "errors"]
     rows = [_scheduling_row(label, row) for label, row in results.scheduling.items()]
     return f"{title}\n{render(headers, rows)}"
+
+
+# --------------------------------------------------------------------------- issue 16's
+
+BASELINE = "nginx least_conn"  # what the issue's targets are ratios to
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _p99(values: list[float]) -> float | None:
+    return percentile(values, 99) if values else None
+
+
+def _cost_figures(row: CostRow) -> list[float | None]:
+    """Mean and p99 latency, mean and p99 time to first token: the columns with a ratio."""
+    return [_mean(row.latency), _p99(row.latency), _mean(row.ttfb), _p99(row.ttfb)]
+
+
+def _cache_share(row: CostRow) -> str:
+    prompt = row.cached_chars + row.computed_chars
+    return f"{row.cached_chars / prompt:.0%}" if prompt else NONE
+
+
+def _cost_row(label: str, row: CostRow, chats: bool) -> list[str]:
+    cells = [label, str(row.requests), *(_number(v, 3) for v in _cost_figures(row))]
+    cells += ["/".join(str(n) for n in row.cold_loads), str(row.errors)]
+    if chats:
+        cells += [_cache_share(row), f"{row.changed_node} of {row.follow_ups}"]
+    return cells
+
+
+def _ratio_row(rows: dict[str, CostRow], front: str, width: int) -> list[str] | None:
+    """The front's figures ÷ nginx least_conn's, in the same run."""
+    if front not in rows or BASELINE not in rows:
+        return None
+    pairs = zip(_cost_figures(rows[front]), _cost_figures(rows[BASELINE]), strict=True)
+    ratios = [NONE if a is None or not b else f"{a / b:.2f}" for a, b in pairs]
+    cells = [f"{front} / least_conn", NONE, *ratios]
+    return cells + [NONE] * (width - len(cells))
+
+
+def _cost_title(name: str, scale: Scale) -> str:
+    if name.startswith("chats"):
+        return _chats_title(scale, scale.chat_pause if name == "chats-paused" else 0.0)
+    if name == "unequal":
+        speeds = ", ".join(f"{interval * 1000:g}" for interval in scale.unequal_intervals)
+        slots = scale.unequal_parallel * len(scale.unequal_intervals)
+        return (
+            f"Unequal nodes: {len(scale.unequal_intervals)} nodes at {speeds} ms per token, "
+            f"{scale.unequal_parallel} parallel each, {CHAT_MODEL} in memory on all; "
+            f"{scale.unequal_clients} clients for their {slots} slots, "
+            f"{scale.unequal_requests} streams of {scale.unequal_tokens} tokens."
+        )
+    if name == "idle":
+        return (
+            f"Idle capacity: one node holds {CHAT_MODEL}, {scale.idle_nodes - 1} idle ones "
+            f"have it on disk (cold load {scale.idle_load_delay:g} s); "
+            f"{scale.idle_parallel} parallel each, {scale.idle_interval * 1000:g} ms per token; "
+            f"{scale.idle_clients} clients, {scale.idle_requests} streams of "
+            f"{scale.idle_tokens} tokens. Cold loads per node, the warm one first."
+        )
+    return f"Unknown scenario {name}"
+
+
+def _chats_title(scale: Scale, pause: float) -> str:
+    when = (
+        f"after a user's pause of 0 to {pause:g} s"
+        if pause > 0
+        else "as soon as the answer before has ended"
+    )
+    return (
+        f"Conversations: {scale.chats} chats of {scale.chat_turns} turns at once over "
+        f"{scale.chat_nodes} nodes ({scale.chat_parallel} parallel each, "
+        f"{scale.chat_interval * 1000:g} ms per token); each turn resends the history and a new "
+        f"user message of {scale.chat_user_chars} characters, {when}; answers of "
+        f"{scale.chat_tokens} tokens; prefill {scale.prefill_per_token * 1000:g} ms per "
+        "uncached token (4 characters). TTFT: time to the first streamed line."
+    )
+
+
+def costs_tables(results: Results, scale: Scale) -> list[str]:
+    """One table per scenario of issue 16 that ran."""
+    tables = []
+    for name, rows in results.costs.items():
+        chats = name.startswith("chats")
+        headers = ["front", "requests", "mean (s)", "p99 (s)", "TTFT mean (s)", "TTFT p99 (s)"]
+        headers += ["cold loads", "errors"] + (["from cache", "changed node"] if chats else [])
+        lines = [_cost_row(label, row, chats) for label, row in rows.items()]
+        if (ratio := _ratio_row(rows, "proxy", len(headers))) is not None:
+            lines.append(ratio)
+        tables.append(f"{_cost_title(name, scale)}\n{render(headers, lines)}")
+    return tables
 
 
 # --------------------------------------------------------------------------- the machine

@@ -47,6 +47,35 @@ class Scale:
     # Each node's OLLAMA_MAX_LOADED_MODELS: a GPU holds one large model, so serving the other
     # evicts it, and each switch back costs another cold load.
     sched_max_loaded: int = 1
+    # Issue 16. Unequal nodes: one model in memory on each, at these speeds, with a closed
+    # loop of clients for three quarters of their slots.
+    unequal_intervals: tuple[float, ...] = (0.002, 0.006, 0.025)
+    unequal_parallel: int = 4
+    unequal_clients: int = 9
+    unequal_requests: int = 300
+    unequal_tokens: int = 40
+    # Idle capacity: the first node holds the model, the others load it in idle_load_delay;
+    # a closed loop of clients for every slot of the fleet (the warm node's alone queue).
+    idle_nodes: int = 3
+    idle_parallel: int = 4
+    idle_clients: int = 12
+    idle_requests: int = 96
+    idle_tokens: int = 40
+    idle_interval: float = 0.005
+    idle_load_delay: float = 0.3
+    # Conversations: chats of so many turns at once, each resending its history: short
+    # questions, long answers, as in a chat.
+    chat_nodes: int = 3
+    chat_parallel: int = 4  # a slot for every chat, so that each could keep its cache
+    chats: int = 12
+    chat_turns: int = 6
+    chat_tokens: int = 150  # per answer, about 800 characters
+    chat_user_chars: int = 120  # per user message
+    chat_interval: float = 0.005
+    chat_pause: float = 1.0  # at most, before each next turn in "chats-paused" (ChatLoad.pause)
+    # Prefill per uncached token (4 characters): the last turn's history (about 4,800
+    # characters) costs about 1 s uncached, its new user message about 25 ms.
+    prefill_per_token: float = 0.0008
     # Bounds.
     load_timeout: float = 600.0  # seconds one load-generator run may take
 
@@ -70,5 +99,23 @@ SMOKE = Scale(
     fast_interval=0.001,
     slow_interval=0.003,
     load_delay=0.1,
+    unequal_intervals=(0.001, 0.002, 0.005),
+    unequal_parallel=2,
+    unequal_clients=4,
+    unequal_requests=12,
+    unequal_tokens=5,
+    idle_parallel=2,
+    idle_clients=6,
+    idle_requests=12,
+    idle_tokens=5,
+    idle_interval=0.002,
+    idle_load_delay=0.05,
+    chats=3,
+    chat_turns=2,
+    chat_tokens=5,
+    chat_user_chars=40,
+    chat_interval=0.001,
+    chat_pause=0.01,
+    prefill_per_token=0.0005,
     load_timeout=30.0,
 )

@@ -8,41 +8,35 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from .cores import Cores, pinned
-from .processes import STOP_GRACE, BenchError, Processes
+from .costs import CostRow, measure_costs
+from .processes import Processes
 from .scale import CHAT_MODEL, EMBED_MODEL, OTHER_CHAT_MODEL, Scale
 from .specs import (
     EmbedLoad,
     EmbedOutcome,
     HoldLoad,
     HoldOutcome,
-    Load,
-    Outcome,
     StreamLoad,
     StreamOutcome,
-    decode_outcome,
-    encode,
     pooled,
 )
 from .stacks import (
+    POLICY_LABELS,
     Front,
+    Policy,
     SimNodeSpec,
     cold_load_counter,
+    run_load,
     start_bare_relay,
+    start_front,
     start_nginx,
     start_proxy,
     start_sims,
 )
 
 Log = Callable[[str], None]
-Policy = Literal["proxy", "least_conn", "round_robin"]
-POLICY_LABELS: dict[Policy, str] = {
-    "proxy": "proxy",
-    "least_conn": "nginx least_conn",
-    "round_robin": "nginx round robin",
-}
 # Streams being opened at a time: below the listen backlogs (aiohttp 128, nginx 511), so that
 # no SYN is dropped and retried a second later.
 HOLD_OPEN_AT_ONCE = 100
@@ -73,24 +67,7 @@ class SchedulingRow:
 class Results:
     relay: dict[str, Column] = field(default_factory=dict)  # by front: direct, proxy, nginx
     scheduling: dict[str, SchedulingRow] = field(default_factory=dict)  # by policy label
-
-
-async def run_load(procs: Processes, load: Load, kind: type[Outcome], time_limit: float) -> Outcome:
-    """Run the load generator in its own process and return what it reports."""
-    child = await procs.start_python(
-        "loadgen", ["-m", "proxy.bench.loadgen", encode(load)], capture_stdout=True
-    )
-    assert child.process.stdout is not None  # capture_stdout
-    try:
-        output = await asyncio.wait_for(child.process.stdout.read(), time_limit)
-        await asyncio.wait_for(child.process.wait(), STOP_GRACE)
-    except TimeoutError:
-        raise BenchError(f"the load generator ran over {time_limit:g} s") from None
-    finally:
-        await procs.stop(child)
-    if child.process.returncode != 0 or not output.strip():
-        raise BenchError(f"the load generator failed:\n{child.log_tail()}")
-    return decode_outcome(output.decode().strip().splitlines()[-1], kind)
+    costs: dict[str, dict[str, CostRow]] = field(default_factory=dict)  # issue 16's, by name
 
 
 # --------------------------------------------------------------------------- relay
@@ -253,9 +230,8 @@ async def measure_hold(workdir: Path, scale: Scale, others: Others, log: Log) ->
 async def _scheduling_front(
     procs: Processes, workdir: Path, urls: list[str], policy: Policy, scale: Scale
 ) -> Front:
-    if policy == "proxy":
-        return await start_proxy(procs, workdir, urls, [scale.sched_parallel] * len(urls))
-    return await start_nginx(procs, workdir, urls, policy, streams=scale.sched_clients)
+    caps = [scale.sched_parallel] * len(urls)
+    return await start_front(procs, workdir, urls, policy, caps, scale.sched_clients)
 
 
 def _scheduling_nodes(scale: Scale) -> list[SimNodeSpec]:
@@ -323,4 +299,5 @@ async def measure_all(
             results.relay.setdefault(name, held).hold = held.hold
     if "sched" in scenarios:
         results.scheduling = await measure_scheduling(workdir, scale, others.nginx, log)
+    results.costs = await measure_costs(workdir, scale, others.nginx, scenarios, log)
     return results

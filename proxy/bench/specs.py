@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
-Outcome = TypeVar("Outcome", "StreamOutcome", "HoldOutcome", "EmbedOutcome")
+Outcome = TypeVar("Outcome", "StreamOutcome", "HoldOutcome", "EmbedOutcome", "ChatOutcome")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,27 @@ class EmbedLoad:
     kind: Literal["embed"] = "embed"
 
 
-Load = StreamLoad | HoldLoad | EmbedLoad
+@dataclass(frozen=True)
+class ChatLoad:
+    """``chats`` conversations at once, each of ``turns`` streamed ``/api/chat`` requests: a
+    turn resends the whole history (every user message and answer so far) plus a new user
+    message of about ``user_chars`` characters, once the answer before it has ended (and a
+    pause, when asked)."""
+
+    urls: list[str]  # chat i talks to urls[i % len(urls)]
+    chats: int
+    turns: int
+    tokens: int  # per answer
+    user_chars: int
+    model: str
+    # Seconds a user takes before the next turn, drawn evenly from 0 to this (seeded): others'
+    # turns arrive meanwhile. 0: the next turn as soon as the answer has ended.
+    pause: float = 0.0
+    seed: int = 1
+    kind: Literal["chat"] = "chat"
+
+
+Load = StreamLoad | HoldLoad | EmbedLoad | ChatLoad
 
 
 @dataclass
@@ -103,13 +123,26 @@ class EmbedOutcome:
     wall_seconds: float
 
 
-def encode(value: Load | StreamOutcome | HoldOutcome | EmbedOutcome) -> str:
+@dataclass
+class ChatOutcome:
+    requests: int  # turns sent, over every chat
+    errors: int  # failed turns; a chat stops at its first
+    ttfb: list[float]  # seconds to the first streamed line, successful turns only
+    latency: list[float]  # seconds to the end of the answer, successful turns only
+
+
+def encode(value: Load | StreamOutcome | HoldOutcome | EmbedOutcome | ChatOutcome) -> str:
     return json.dumps(asdict(value), separators=(",", ":"))
 
 
 def decode_load(text: str) -> Load:
     data: dict[str, Any] = json.loads(text)
-    kinds: dict[str, type[Load]] = {"stream": StreamLoad, "hold": HoldLoad, "embed": EmbedLoad}
+    kinds: dict[str, type[Load]] = {
+        "stream": StreamLoad,
+        "hold": HoldLoad,
+        "embed": EmbedLoad,
+        "chat": ChatLoad,
+    }
     return kinds[data["kind"]](**data)
 
 

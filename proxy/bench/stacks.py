@@ -9,12 +9,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
 from .processes import (
     PROJECT_ROOT,
+    STOP_GRACE,
     BenchError,
     Child,
     Processes,
@@ -23,8 +24,15 @@ from .processes import (
     wait_ready,
 )
 from .procstat import children
+from .specs import Load, Outcome, decode_outcome, encode
 
 Balance = Literal["least_conn", "round_robin"]
+Policy = Literal["proxy", "least_conn", "round_robin"]  # the fronts of the scheduling tables
+POLICY_LABELS: dict[Policy, str] = {
+    "proxy": "proxy",
+    "least_conn": "nginx least_conn",
+    "round_robin": "nginx round robin",
+}
 BARE_RELAY = "bare relay"
 
 
@@ -48,6 +56,7 @@ class SimNodeSpec:
     load_delay: float = 0.0
     max_loaded: int = 0  # models in memory at most (0: no limit), as OLLAMA_MAX_LOADED_MODELS
     max_queue: int = 512
+    prefill_per_token: float = 0.0  # seconds per prompt token not in a slot's KV cache
 
     def args(self, port: int) -> list[str]:
         return [
@@ -67,6 +76,8 @@ class SimNodeSpec:
             str(self.load_delay),
             "--max-loaded",
             str(self.max_loaded),
+            "--prefill-per-token",
+            str(self.prefill_per_token),
             "--resident",
             ",".join(self.resident),
         ]
@@ -206,6 +217,37 @@ async def start_nginx(
     return Front(name, [url], [child.pid, *children(child.pid)], child)
 
 
+async def start_front(
+    procs: Processes, workdir: Path, urls: list[str], policy: Policy, caps: list[int], streams: int
+) -> Front:
+    """The proxy (each node capped at ``caps``) or nginx with that balancing, for a
+    scheduling table."""
+    if policy == "proxy":
+        return await start_proxy(procs, workdir, urls, caps)
+    return await start_nginx(procs, workdir, urls, policy, streams=streams)
+
+
+# --------------------------------------------------------------------------- the load generator
+
+
+async def run_load(procs: Processes, load: Load, kind: type[Outcome], time_limit: float) -> Outcome:
+    """Run the load generator in its own process and return what it reports."""
+    child = await procs.start_python(
+        "loadgen", ["-m", "proxy.bench.loadgen", encode(load)], capture_stdout=True
+    )
+    assert child.process.stdout is not None  # capture_stdout
+    try:
+        output = await asyncio.wait_for(child.process.stdout.read(), time_limit)
+        await asyncio.wait_for(child.process.wait(), STOP_GRACE)
+    except TimeoutError:
+        raise BenchError(f"the load generator ran over {time_limit:g} s") from None
+    finally:
+        await procs.stop(child)
+    if child.process.returncode != 0 or not output.strip():
+        raise BenchError(f"the load generator failed:\n{child.log_tail()}")
+    return decode_outcome(output.decode().strip().splitlines()[-1], kind)
+
+
 # --------------------------------------------------------------------------- node state
 
 
@@ -215,7 +257,25 @@ async def cold_load_counter(url: str) -> int:
     Not from ``/api/ps``: a node with ``max_loaded`` evicts models, so the models in memory
     say nothing about how many times one was loaded.
     """
+    return int((await sim_stats(url))["cold_loads"])
+
+
+async def sim_stats(url: str) -> dict[str, Any]:
+    """The node's counters (the simulator's SimStats) and the models in memory."""
     async with aiohttp.ClientSession() as session, session.get(url + "/-/sim/stats") as resp:
         if resp.status != 200:
             raise BenchError(f"{url}/-/sim/stats answered {resp.status}")
-        return int((await resp.json())["cold_loads"])
+        stats: dict[str, Any] = await resp.json()
+        return stats
+
+
+async def reset_model(url: str, model: str, *, resident: bool) -> None:
+    """Unload the model (which empties its slots' KV caches), and load it again if the node
+    is to hold it: the node's memory as at its start, for the next policy's run."""
+    unload, load = {"model": model, "keep_alive": 0}, {"model": model}
+    async with aiohttp.ClientSession() as session:
+        for body in (unload, load) if resident else (unload,):
+            async with session.post(url + "/api/generate", json=body) as resp:
+                if resp.status != 200:
+                    raise BenchError(f"{url}: resetting {model} answered {resp.status}")
+                await resp.read()

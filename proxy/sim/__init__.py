@@ -8,8 +8,11 @@ thinking when asked, answering a ``format`` with JSON that fits it, and a reques
 to generate with ``done_reason: "load"``. It reproduces what a load balancer has to cope
 with: a limited number of parallel generations behind a bounded queue (503 when it is full),
 slow cold loads of models that are not in memory (and, with ``max_loaded``, the eviction of the
-least recently used one to make room), prompt cancellation when the client goes away, and
-injected faults (500s, 503s, streams that stall or die, refused connections).
+least recently used one to make room), each slot's KV cache (a request takes the free slot
+whose cached text shares the longest prefix with its prompt, as Ollama's runner does, and
+pays ``prefill_per_token`` only for the rest: a chat's next turn is cheap on the node that
+served the last one; unloading a model empties its slots), prompt cancellation when the
+client goes away, and injected faults (500s, 503s, streams that stall or die, refused connections).
 
 Settings are read per request, so a test can change them while the node runs. Besides Ollama's
 API, ``GET /-/sim/stats`` answers the node's counters (SimStats without its request list) and

@@ -27,6 +27,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=defaults.tokens)
     parser.add_argument("--token-interval", type=float, default=defaults.token_interval)
     parser.add_argument("--first-token-delay", type=float, default=defaults.first_token_delay)
+    parser.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=defaults.prefill_per_token,
+        help="seconds per prompt token not in a slot's KV cache (a token: 4 characters)",
+    )
     parser.add_argument("--load-delay", type=float, default=defaults.load_delay)
     parser.add_argument("--pull-interval", type=float, default=defaults.pull_interval)
     parser.add_argument("--num-parallel", type=int, default=defaults.num_parallel)
@@ -55,6 +61,7 @@ def _settings_from_args(args: argparse.Namespace) -> SimSettings:
         tokens=args.tokens,
         token_interval=args.token_interval,
         first_token_delay=args.first_token_delay,
+        prefill_per_token=args.prefill_per_token,
         load_delay=args.load_delay,
         pull_interval=args.pull_interval,
         max_loaded=args.max_loaded,

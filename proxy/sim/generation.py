@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..models import is_unload_request
+from ..models import is_unload_request, normalize_model
 from .events import MessagesFormat, ResponsesFormat
 from .faults import MID_REQUEST, fault_point, strike
 from .formats import (
@@ -37,8 +37,8 @@ from .plans import (
     word_count,
 )
 from .replies import Reply, Script, compose
-from .settings import BUSY_MESSAGE, RUNNER_DIED_MESSAGE, LiveNode
-from .slots import QueueFullError, SlotGate, Ticket
+from .settings import BUSY_MESSAGE, CHARS_PER_TOKEN, RUNNER_DIED_MESSAGE, LiveNode
+from .slots import Held, QueueFullError, SlotGate, Ticket
 from .wire import (
     ApiError,
     LazyStream,
@@ -151,16 +151,40 @@ class Generation:
         if fault_at == count:  # a fault beyond the last token still spoils the ending
             await strike(fault, request, ticket)
 
-    def _usage(self, plan: Plan, tokens: int, started_ns: int, load_ns: int) -> Usage:
+    def _usage(
+        self, plan: Plan, tokens: int, started_ns: int, load_ns: int, prefill: float = 0.0
+    ) -> Usage:
+        """prompt_eval_duration is the prompt's evaluation (first_token_delay) and the prefill
+        of its uncached part only, as Ollama reports it; prompt_eval_count the whole prompt."""
         settings = self._node.settings
         return Usage(
             prompt_tokens=plan.prompt_tokens,
             eval_count=tokens,
             total_duration=max(1, time.monotonic_ns() - started_ns),
             load_duration=load_ns,
-            prompt_eval_duration=max(1, seconds_to_ns(settings.first_token_delay)),
+            prompt_eval_duration=max(1, seconds_to_ns(settings.first_token_delay + prefill)),
             eval_duration=max(1, seconds_to_ns(tokens * settings.token_interval)),
         )
+
+    @contextlib.contextmanager
+    def _kv_slot(self, plan: Plan) -> Iterator[Held]:
+        """The model's slot with the longest cached prefix of the prompt, counted in stats."""
+        caches = self._memory.caches
+        held = caches.take(normalize_model(plan.model), plan.prompt_text)
+        stats = self._node.stats
+        stats.prompt_cached_total += held.cached
+        stats.prompt_computed_total += held.computed
+        if plan.conversation is not None:
+            stats.chat_turns[plan.conversation] = stats.chat_turns.get(plan.conversation, 0) + 1
+        self._node.changed()
+        try:
+            yield held
+        finally:
+            caches.release(held)
+
+    def _prefill_seconds(self, held: Held) -> float:
+        tokens = -(-held.computed // CHARS_PER_TOKEN)  # rounded up: a started token is a token
+        return tokens * self._node.settings.prefill_per_token
 
     async def _serve_generation(
         self, request: web.Request, plan: Plan, fmt: Format
@@ -172,19 +196,24 @@ class Generation:
         script = compose(plan)
         async with self._slot(plan.model) as ticket:
             load_ns = await self._memory.ensure_loaded(plan.model)
-            await asyncio.sleep(self._node.settings.first_token_delay)
-            if plan.stream:
-                stream = LazyStream(request, fmt.content_type)
-                frames = token_frames(fmt, script)
-                await self._run_tokens(request, frames, script.tokens, ticket, fault, stream.send)
-                usage = self._usage(plan, script.tokens, started_ns, load_ns)
-                last = fmt.final_frames(Reply(tool_calls=script.tool_calls), usage)
-                response: web.StreamResponse = await stream.finish(last)
-            else:
-                quiet = itertools.repeat(_silent, script.tokens)  # the time, not the frames
-                await self._run_tokens(request, quiet, script.tokens, ticket, fault, _discard)
-                usage = self._usage(plan, script.tokens, started_ns, load_ns)
-                response = json_response(fmt.whole_body(script.whole(), usage))
+            with self._kv_slot(plan) as held:
+                prefill = self._prefill_seconds(held)
+                await asyncio.sleep(self._node.settings.first_token_delay + prefill)
+                held.slot.cached = plan.prompt_text
+                if plan.stream:
+                    stream = LazyStream(request, fmt.content_type)
+                    frames = token_frames(fmt, script)
+                    send = stream.send
+                    await self._run_tokens(request, frames, script.tokens, ticket, fault, send)
+                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill)
+                    last = fmt.final_frames(Reply(tool_calls=script.tool_calls), usage)
+                    response: web.StreamResponse = await stream.finish(last)
+                else:
+                    quiet = itertools.repeat(_silent, script.tokens)  # the time, not the frames
+                    await self._run_tokens(request, quiet, script.tokens, ticket, fault, _discard)
+                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill)
+                    response = json_response(fmt.whole_body(script.whole(), usage))
+                held.slot.cached = plan.cached_after(lambda: script.whole().text)
             self._count_completed(usage)
         return response
 

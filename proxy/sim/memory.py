@@ -1,6 +1,6 @@
 """The node's models on disk (settings.models) and in memory (settings.resident): cold loads
 shared by concurrent requests, and eviction of the least recently used to stay within
-max_loaded."""
+max_loaded. A model leaving memory takes its slots' KV caches with it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..models import display_name, normalize_model
 from .settings import LiveNode
+from .slots import PrefixCaches
 
 
 class ModelMemory:
@@ -28,6 +29,7 @@ class ModelMemory:
         self._users: Counter[str] = Counter()
         self._last_used: dict[str, int] = {}
         self._use_clock = itertools.count(1)
+        self.caches = PrefixCaches(lambda: node.settings.num_parallel)
 
     # ---- on disk
 
@@ -45,6 +47,7 @@ class ModelMemory:
         settings.models[:] = [m for m in settings.models if normalize_model(m) != wanted]
         settings.resident[:] = [m for m in settings.resident if normalize_model(m) != wanted]
         self._last_used.pop(wanted, None)
+        self.caches.clear(wanted)
 
     # ---- in memory
 
@@ -57,6 +60,7 @@ class ModelMemory:
         settings = self._node.settings
         wanted = normalize_model(name)
         settings.resident[:] = [m for m in settings.resident if normalize_model(m) != wanted]
+        self.caches.clear(wanted)
         self._node.changed()
 
     async def ensure_loaded(self, name: str) -> int:
@@ -128,6 +132,7 @@ class ModelMemory:
             victim = min(idle, key=lambda m: self._last_used.get(normalize_model(m), 0))
             resident.remove(victim)
             self._last_used.pop(normalize_model(victim), None)
+            self.caches.clear(normalize_model(victim))
             self._node.stats.evictions += 1
             evicted = True
         if evicted:

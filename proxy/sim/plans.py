@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,17 @@ class Plan:
     think: bool = False
     format: Any = None  # "json", or a JSON schema (a dict)
     tool: dict[str, Any] | None = None  # the tool the model calls: name and parameters
+    prompt_text: str = ""  # the prompt as a slot's KV cache holds it (see rendered())
+    chat: bool = False  # a message list: the reply joins the cache as an assistant message
+    conversation: str | None = None  # see conversation_key()
+
+    def cached_after(self, reply: Callable[[], str]) -> str:
+        """What the slot holds once the reply is generated: for a chat the prompt, then the
+        reply as the next turn's history will render it; for other prompts the prompt (the
+        reply is not made again only for a cache that nothing is likely to reuse)."""
+        if self.chat:
+            return self.prompt_text + rendered({"role": "assistant", "content": reply()})
+        return self.prompt_text
 
 
 def flag(value: Any, default: bool) -> bool:
@@ -54,6 +66,7 @@ def plan_native(body: dict[str, Any], default_tokens: int, prompt: Any) -> Plan:
         think=_thinks(body),
         format=_native_format(body.get("format")),
         tool=_tool_to_call(body.get("tools"), body.get("messages")),
+        **_cache_fields(prompt, body.get("messages")),
     )
 
 
@@ -72,6 +85,7 @@ def plan_openai(body: dict[str, Any], default_tokens: int, prompt: Any) -> Plan:
         think=_thinks(body),
         format=_openai_format(body.get("response_format")),
         tool=_tool_to_call(body.get("tools"), body.get("messages"), body.get("tool_choice")),
+        **_cache_fields(prompt, body.get("messages")),
     )
 
 
@@ -89,7 +103,40 @@ def plan_events(body: dict[str, Any], default_tokens: int, budget_key: str) -> P
         think=_thinks(body),
         format=_openai_format(text.get("format") if isinstance(text, dict) else None),
         tool=_tool_to_call(body.get("tools"), conversation, body.get("tool_choice")),
+        **_cache_fields(prompt, conversation),
     )
+
+
+def _cache_fields(prompt: Any, messages: Any) -> dict[str, Any]:
+    chat = isinstance(messages, list)
+    key = conversation_key(messages) if chat else None
+    return {"prompt_text": rendered(prompt), "chat": chat, "conversation": key}
+
+
+def rendered(value: Any) -> str:
+    """A prompt as the model reads it, and a slot's KV cache holds it: texts in order, each
+    message as its role and its text on a line ("<user>hello\n"), so that a chat's next turn,
+    which resends the history, starts with what the previous turn's slot processed."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(rendered(item) for item in value)
+    if isinstance(value, dict):
+        text = _text_of(value.get("content", value.get("text")))
+        role = value.get("role")
+        return f"<{role}>{text}\n" if isinstance(role, str) else text
+    return ""
+
+
+def conversation_key(messages: Any) -> str | None:
+    """Which conversation and turn a chat request is, for SimStats.chat_turns: a hash of its
+    first user message and the number of messages, "1a2b3c4d/3"."""
+    if not isinstance(messages, list):
+        return None
+    first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if first is None:
+        return None
+    return f"{zlib.crc32(rendered(first).encode()):08x}/{len(messages)}"
 
 
 def seed_for(prompt: Any, explicit: Any = None) -> int:

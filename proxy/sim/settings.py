@@ -8,6 +8,7 @@ from typing import Any, Protocol
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 RUNNER_DIED_MESSAGE = "llama runner process has terminated: exit status 2"
 FAULTS = frozenset({"none", "refuse", "error500", "stall", "die", "busy"})
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and BPE vocabularies
 DEFAULT_MODELS = ("llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest")
 
 
@@ -21,7 +22,11 @@ class SimSettings:
     max_queue: int = 512  # requests waiting for a slot; more get 503 busy
     tokens: int = 8  # tokens per generation unless the request asks for a number
     token_interval: float = 0.005  # seconds between streamed tokens
-    first_token_delay: float = 0.0  # prompt evaluation time
+    first_token_delay: float = 0.0  # prompt evaluation time, whatever the prompt
+    # Seconds per prompt token that a slot's KV cache does not hold (a token being
+    # CHARS_PER_TOKEN characters of the rendered prompt), before the first token and on top of
+    # first_token_delay: a chat turn is cheap on the slot that served the turn before.
+    prefill_per_token: float = 0.0
     load_delay: float = 0.0  # cold load of a model that is not resident
     pull_interval: float = 0.0  # seconds between the progress lines of a pull, push or create
     # Models held in memory at most (like OLLAMA_MAX_LOADED_MODELS), 0 for no limit. A cold
@@ -69,6 +74,13 @@ class SimStats:
     evictions: int = 0  # models unloaded to stay within max_loaded
     eval_count_total: int = 0
     prompt_eval_count_total: int = 0
+    # Characters of rendered prompts (see plans.rendered) found in a slot's KV cache, and
+    # prefilled: the share a scheduler with conversation affinity saves.
+    prompt_cached_total: int = 0
+    prompt_computed_total: int = 0
+    # Chat requests served, by conversation and length ("1a2b3c4d/3": plans.conversation_key),
+    # so that a harness can tell which node served each turn of a chat.
+    chat_turns: dict[str, int] = field(default_factory=dict)
 
 
 class LiveNode(Protocol):
