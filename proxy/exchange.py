@@ -26,6 +26,7 @@ class Exchange:
     takes_slot: bool = False
     unload: bool = False  # `ollama stop`: goes to every node that has the model
     cold: bool = False  # sent to a node that did not hold the model in memory
+    predict: int | None = None  # completion tokens it asks for at most, when it says
     node: Node | None = None
     status: int = 0
     attempts: int = 0

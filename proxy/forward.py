@@ -53,6 +53,7 @@ from .errors import (
     shown,
     stream_error,
 )
+from .estimate import requested_tokens
 from .exchange import Exchange
 from .fleet import Fleet
 from .health import Health
@@ -68,7 +69,7 @@ from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .quota import Quotas
-from .routing import availability, log_decision, want_for
+from .routing import availability, log_decision, reason_of, want_for
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
@@ -113,6 +114,7 @@ class Forwarder:
         """Take new settings (at start and on reload); requests under way keep theirs."""
         self.max_attempts = config.upstream.max_attempts
         self.spill_after = config.routing.spill_after
+        self.routing = config.routing
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
@@ -214,6 +216,7 @@ class Forwarder:
         ex.body = await read_bounded(request, self.max_body_size)
         payload = json_object(ex.body, strict=request.path in MODEL_REQUIRED_PATHS)
         ex.model = model_of(payload)
+        ex.predict = requested_tokens(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
@@ -315,7 +318,14 @@ class Forwarder:
         capped apart, so they neither wait behind generations nor reach a node unbounded)."""
         if ex.model_key is not None:
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-        want = want_for(self.pool, ex.model_key, self.spill_after, exclude=tried)
+        want = want_for(
+            self.pool,
+            ex.model_key,
+            self.spill_after,
+            exclude=tried,
+            settings=self.routing,
+            tokens=ex.predict,
+        )
         if ex.takes_slot:
             queued_at = time.monotonic()
             lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
@@ -326,6 +336,8 @@ class Forwarder:
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
+        if ex.takes_slot:
+            self.metrics.routing_decision(reason_of(self.pool, want, lease.node))
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
 
@@ -435,7 +447,7 @@ class Forwarder:
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.discovery.served(node, ex.model_key)
             if ex.usage is not None:
-                node.record_usage(ex.model_key, ex.usage)
+                node.record_usage(ex.model_key, ex.usage, cold=ex.cold)
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.discovery.refresh_soon(node)
 
