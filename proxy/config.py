@@ -127,7 +127,7 @@ class RoutingConfig:
     # The longest a request waits for a better node (one that holds its model, or finishes
     # it sooner) while another could take it; expected finish times decide before that.
     spill_after: float
-    default_load_seconds: float = 5.0  # a cold load's cost before any was seen
+    default_load_seconds: float = 2.0  # a cold load's cost before any was seen
     affinity_margin: float = 2.0  # seconds a conversation's own node may be behind the best
     min_gain: float = 0.2  # a free slot is passed over only to finish this fraction sooner
 
@@ -611,7 +611,7 @@ def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
     return RoutingConfig(
         spill_after=r.number(raw.get("spill_after", 10), "routing.spill_after", 0),
         default_load_seconds=r.number(
-            raw.get("default_load_seconds", 5), "routing.default_load_seconds", 0
+            raw.get("default_load_seconds", 2), "routing.default_load_seconds", 0
         ),
         affinity_margin=r.number(raw.get("affinity_margin", 2), "routing.affinity_margin", 0),
         min_gain=min_gain,

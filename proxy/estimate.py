@@ -2,7 +2,7 @@
 
 A request's *expected finish* on a node, in seconds from now, is
 
-    wait for a slot  +  a cold load, if the node must load the model  +  the generation
+    wait for a slot  +  a cold load, if the node must load the model  +  overhead  +  generation
 
 - **Wait.** Each slot frees when the request on it ends: a request admitted at ``started``
   with an expected duration ``expected`` ends at ``started + expected``; one that has run past
@@ -12,10 +12,11 @@ A request's *expected finish* on a node, in seconds from now, is
   before this one, each taking this request's service time ``D``, the request starts at
   ``f[ahead % c] + (ahead // c) * D`` (exact while every ``f`` is below ``D``: the slots then
   take turns).
-- **Load.** None when the model is in memory, or being loaded by a request in flight there.
-  Otherwise the node's own observed ``load_duration`` of it; else the other nodes' observed
-  loads of it, scaled by how much slower this node generates than each (when both have been
-  seen generating some model); else ``routing.default_load_seconds``.
+- **Load.** None when the model is in memory. When a request in flight there is loading it,
+  none either, but the request cannot start before that load is expected to end. Otherwise
+  the node's own observed ``load_duration`` of it; else the other nodes' observed loads of it,
+  scaled by how much slower this node generates than each (when both have been seen
+  generating some model); else ``routing.default_load_seconds``.
 - **Generation.** The expected completion tokens (the request's ``num_predict``,
   ``max_tokens``, ``max_completion_tokens`` or ``max_output_tokens``; else the mean
   ``eval_count`` seen for the model; else ``DEFAULT_TOKENS``) over the node's observed tokens
@@ -23,8 +24,10 @@ A request's *expected finish* on a node, in seconds from now, is
   nodes that were (a neutral prior: it is neither shunned nor favoured, so it gets tried), or
   ``DEFAULT_TOKENS_PER_SECOND`` when none was.
 
-Prompt evaluation is not modelled: the final chunk's prompt time is not read, and a cached
-prefix (conversation affinity) changes it most.
+- **Overhead.** What the node's requests for the model took beyond load and generation
+  (prompt evaluation, the first token, relaying, a node slower than it reports), a moving
+  average of each answer's time holding the slot less its ``load_duration`` (cold) and
+  ``eval_duration``; none until an answer was seen there.
 """
 
 from __future__ import annotations
@@ -47,13 +50,23 @@ def requested_tokens(payload: dict[str, Any] | None) -> int | None:
     """The completion length the request asks for at most, when it names one (> 0)."""
     if payload is None:
         return None
-    options = payload.get("options")
-    values = [options.get("num_predict")] if isinstance(options, dict) else []
+    values = [_num_predict(payload.get("options"))]
     values += [payload.get(name) for name in _LIMIT_FIELDS]
     for value in values:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None  # Ollama's -1 (no limit) and -2 (fill the context) say nothing
+
+
+def _num_predict(options: object) -> object:
+    """Ollama's ``options.num_predict``. ``bodies.json_object`` gives a nested object as its
+    members in order, and Go fills the options map so that the last key wins."""
+    if isinstance(options, dict):
+        return options.get("num_predict")
+    if not isinstance(options, list):
+        return None
+    found = [m[1] for m in options if isinstance(m, tuple) and m[:1] == ("num_predict",)]
+    return found[-1] if found else None
 
 
 def expected_tokens(peers: Iterable[Node], model: str, requested: int | None) -> float:
@@ -104,7 +117,8 @@ def service_seconds(
 ) -> float:
     """A slot's time for this request once it starts: a cold load if any, then generating."""
     load = load_seconds(node, peers, model, default_load) if loading(node, model) else 0.0
-    return load + tokens / tokens_per_second(node, peers, model)
+    overhead = node.overhead_seconds.get(model, 0.0)
+    return load + overhead + tokens / tokens_per_second(node, peers, model)
 
 
 def slot_free_times(node: Node, model: str, now: float) -> list[float]:
@@ -147,7 +161,17 @@ def finish_seconds(
     """Expected seconds from now until this request ends on ``node``, with ``ahead``
     requests to be served there before it."""
     service = service_seconds(node, peers, model, tokens, default_load)
-    return wait_seconds(slot_free_times(node, model, now), ahead, service) + service
+    wait = wait_seconds(slot_free_times(node, model, now), ahead, service)
+    return max(wait, _load_left(node, peers, model, now, default_load)) + service
+
+
+def _load_left(node: Node, peers: list[Node], model: str, now: float, default: float) -> float:
+    """While a request there is loading the model, until it is loaded (a free slot waits)."""
+    if node.is_resident(model) or not node.model_in_flight.get(model):
+        return 0.0
+    load = load_seconds(node, peers, model, default)
+    first = min((lease.started for lease in node.leases if lease.model == model), default=now)
+    return max(0.0, first + load - now)
 
 
 def evicts_busy(node: Node, model: str) -> bool:

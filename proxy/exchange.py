@@ -36,6 +36,7 @@ class Exchange:
     client: str = ""
     started: float = field(default_factory=time.monotonic)
     queue_wait: float = 0.0
+    admitted: float = 0.0  # when its node was chosen (monotonic), for the time it held a slot
     first_byte: float | None = None
     usage: Usage | None = None
     key: Key | None = None  # the client's key, when keys are configured

@@ -336,6 +336,7 @@ class Forwarder:
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
             ex.cold = True
             self.metrics.cold_load(lease.node, ex.model_key)
+        ex.admitted = time.monotonic()
         if ex.takes_slot:
             self.metrics.routing_decision(reason_of(self.pool, want, lease.node))
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
@@ -447,7 +448,9 @@ class Forwarder:
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.discovery.served(node, ex.model_key)
             if ex.usage is not None:
-                node.record_usage(ex.model_key, ex.usage, cold=ex.cold)
+                node.record_usage(
+                    ex.model_key, ex.usage, cold=ex.cold, held=time.monotonic() - ex.admitted
+                )
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.discovery.refresh_soon(node)
 

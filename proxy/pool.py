@@ -31,6 +31,7 @@ from .telemetry import Usage
 
 SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving averages
 RECHECK_SECONDS = 0.1  # while a free slot is passed over, how often waiters look again
+PLAN_LIMIT = 64  # waiters one dispatch walk plans onto busy nodes before it stops
 
 
 @dataclass(eq=False)
@@ -65,6 +66,9 @@ class Node:
     tokens_per_second: dict[str, float] = field(default_factory=dict)
     load_seconds: dict[str, float] = field(default_factory=dict)  # cold loads only
     eval_tokens: dict[str, float] = field(default_factory=dict)  # mean eval_count
+    # What a request's time on the node takes beyond load and generation (prompt evaluation,
+    # the first token, relaying, a node slower than it reports): a moving average, seconds.
+    overhead_seconds: dict[str, float] = field(default_factory=dict)
     # Slot leases held now, with when each started and how long it was expected to take:
     # when this node's slots free (``estimate.py``).
     leases: set[Lease] = field(default_factory=set)
@@ -115,15 +119,21 @@ class Node:
     def record_error(self, message: str) -> None:
         self.recent_errors.append((time.time(), message))
 
-    def record_usage(self, model: str, usage: Usage, cold: bool = False) -> None:
+    def record_usage(
+        self, model: str, usage: Usage, cold: bool = False, held: float | None = None
+    ) -> None:
         """Learn from a final chunk; ``cold``: the model was loaded for it (Ollama reports
-        a few milliseconds of load_duration on every answer, a load only on a cold one)."""
+        a few milliseconds of load_duration on every answer, a load only on a cold one);
+        ``held``: the seconds its request held the slot."""
         if usage.tokens_per_second is not None:
             _smooth(self.tokens_per_second, model, usage.tokens_per_second)
         if usage.completion_tokens > 0:
             _smooth(self.eval_tokens, model, usage.completion_tokens)
+        load = usage.load_seconds if cold and usage.load_seconds is not None else 0.0
         if cold and usage.load_seconds is not None:
             _smooth(self.load_seconds, model, usage.load_seconds)
+        if held is not None and usage.eval_seconds > 0:
+            _smooth(self.overhead_seconds, model, max(0.0, held - load - usage.eval_seconds))
 
 
 def _smooth(averages: dict[str, float], model: str, value: float) -> None:
@@ -163,6 +173,9 @@ class Want:
     credit: float = 0.0  # seconds taken off the preferred node's finish (affinity)
     min_gain: float = 0.0  # a free slot is passed over only to finish this fraction sooner
     impatient: Callable[[], bool] = _never  # waited long enough: the best free slot now
+    # Wants of equal profile see the same candidates (once equally impatient) and finishes at
+    # one instant: eligibility and estimate depend on nothing else. None: none is equal.
+    profile: object = None
 
     def without(self, nodes: Iterable[Node]) -> Want:
         return replace(self, exclude=frozenset(nodes))
@@ -206,6 +219,33 @@ class _Choice:
     node: Node | None  # take a slot here now
     target: Node | None  # where it would finish first (it waits for this one otherwise)
     passed_over: bool = False  # a free slot it could take, declined for a busy node
+
+
+class _Walk:
+    """Candidates and expected finishes, worked out once per ``Want.profile`` (and node and
+    requests ahead) while one dispatch walks the queue: state does not change meanwhile."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[tuple[object, bool], tuple[list[Node], list[Node]]] = {}
+        self._finish: dict[tuple[object, Node, int], float] = {}
+
+    def nodes(self, want: Want, pool: Pool) -> tuple[list[Node], list[Node]]:
+        """The candidates, and those of them with a free slot for the request."""
+        key = (want.profile, want.impatient())  # past its wait, more nodes may be eligible
+        found = self._nodes.get(key)
+        if found is None or want.profile is None:
+            nodes = pool.candidates(want)
+            found = nodes, [n for n in nodes if n.has_slot_for(want.model)]
+            self._nodes[key] = found
+        return found
+
+    def finish(self, want: Want, node: Node, ahead: int) -> float:
+        assert want.finish is not None
+        key = (want.profile, node, ahead)
+        value = self._finish.get(key)
+        if value is None or want.profile is None:
+            value = self._finish[key] = want.finish(node, ahead)
+        return value
 
 
 @dataclass(eq=False)
@@ -252,9 +292,12 @@ class Pool:
 
     def _lowest(self, nodes: list[Node], want: Want, cost: dict[Node, float]) -> Node | None:
         """The lowest cost, then rank, then load; ties rotate."""
-        if not nodes:
-            return None
-        keys = [(round(cost.get(n, 0.0), 6), want.rank(n), n.load) for n in nodes]
+        if cost and len(nodes) > 1:
+            lowest_cost = min(round(cost[n], 6) for n in nodes)
+            nodes = [n for n in nodes if round(cost[n], 6) == lowest_cost]
+        if len(nodes) <= 1:
+            return nodes[0] if nodes else None
+        keys = [(want.rank(n), n.load) for n in nodes]
         lowest = min(keys)
         tied = [n for n, key in zip(nodes, keys, strict=True) if key == lowest]
         return tied[next(self._turn) % len(tied)]
@@ -279,19 +322,20 @@ class Pool:
         node.leases.add(lease)
         return lease
 
-    def _choose(self, want: Want, claims: dict[Node, int]) -> _Choice:
+    def _choose(self, want: Want, claims: dict[Node, int], walk: _Walk | None = None) -> _Choice:
         """Where the request goes now, if anywhere, and the node it would finish on first.
 
         Without an estimate: the best-ranked, least-loaded node with a free slot. With one:
         the node of lowest expected finish (the preferred node's less ``want.credit``) when it
         has a free slot; else the best free one, unless waiting for the best saves more than
         ``want.min_gain`` of the free one's time and the request is not ``want.impatient``.
+        ``walk``: what was worked out for waiters of the same ``Want.profile`` in this walk.
         """
-        nodes = self.candidates(want)
-        free = [n for n in nodes if n.has_slot_for(want.model)]
+        walk = walk if walk is not None and want.profile is not None else _Walk()
+        nodes, free = walk.nodes(want, self)
         if want.finish is None:
             return _Choice(self.best(free, want), None)
-        finish = {n: want.finish(n, claims.get(n, 0)) for n in nodes}
+        finish = {n: walk.finish(want, n, claims.get(n, 0)) for n in nodes}
         cost = {
             n: t - (want.credit if n.name == want.preferred else 0.0) for n, t in finish.items()
         }
@@ -435,18 +479,21 @@ class Pool:
         unservable: list[_Waiter] = []
         granted = None
         claims: dict[Node, int] = {}
+        walk = _Walk()  # nothing changes during the walk: what one waiter learned, others use
         passed_over = False
         for waiter in self._waiters.in_turn():
             if waiter.future.done():
                 continue  # cancelled, leaving
-            choice = self._choose(waiter.want, claims)
+            choice = self._choose(waiter.want, claims, walk)
             if choice.node is not None:
                 granted = waiter, self._count(choice.node, waiter.want)
                 break
             if choice.target is not None:
                 claims[choice.target] = claims.get(choice.target, 0) + 1
+                if sum(claims.values()) >= PLAN_LIMIT:
+                    break  # deeper waiters would wait longer still: served as these go
             passed_over |= choice.passed_over
-            if not self.candidates(waiter.want):
+            if not walk.nodes(waiter.want, self)[0]:
                 unservable.append(waiter)
         for waiter in unservable:  # once the walk is over: it leaves the queues alone
             self._fail_if_unservable(waiter)

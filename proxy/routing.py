@@ -84,6 +84,7 @@ def want_for(
         credit=settings.affinity_margin,
         min_gain=settings.min_gain,
         impatient=impatient,
+        profile=(model, expected, excluded, preferred),
     )
 
 

@@ -11,9 +11,11 @@ import aiohttp
 import pytest
 
 from proxy import estimate
+from proxy.bodies import json_object
 from proxy.config import NodeConfig, QueueConfig, RoutingConfig
 from proxy.pool import Lease, Node, Pool, Want
 from proxy.routing import reason_of, want_for
+from proxy.telemetry import Usage
 from tests.conftest import Proxy, StartNodes, StartProxy, generations, metric, wait_until
 
 LLAMA, QWEN = "llama3.2:latest", "qwen2.5:0.5b"
@@ -107,6 +109,18 @@ async def test_a_cold_idle_node_is_used_when_the_wait_would_be_long() -> None:
     held.release()
 
 
+async def test_a_request_behind_a_load_waits_for_it_but_pays_it_once() -> None:
+    pool = make_pool("cold")
+    cold = pool.nodes["cold"]
+    cold.config = NodeConfig(url=cold.url, name="cold", max_concurrency=2, weight=1.0)
+    learned(cold, speed=10, load=4)
+    loading = take(pool, want(pool))  # 4 s load + 10 s
+    assert loading.expected == 14.0
+    w = want(pool)
+    assert w.finish is not None and w.finish(cold, 0) == 14.0  # a free slot, but the load first
+    loading.release()
+
+
 async def test_a_cold_node_is_not_used_when_loading_would_evict_a_busy_model() -> None:
     pool = make_pool("warm", "cold")
     warm, cold = pool.nodes["warm"], pool.nodes["cold"]
@@ -197,8 +211,22 @@ async def test_spill_after_still_bounds_the_wait() -> None:
     held.release()
 
 
+def test_a_node_learns_its_overhead_and_only_cold_loads() -> None:
+    node = make_pool("n").nodes["n"]
+    usage = Usage(prompt_tokens=5, completion_tokens=50, eval_seconds=0.5, load_seconds=0.002)
+    node.record_usage(LLAMA, usage, held=0.7)  # warm: its 2 ms load_duration is no load
+    assert node.load_seconds == {} and round(node.overhead_seconds[LLAMA], 6) == 0.2
+    cold = Usage(prompt_tokens=5, completion_tokens=50, eval_seconds=0.5, load_seconds=1.0)
+    node.record_usage(LLAMA, cold, cold=True, held=1.7)
+    assert node.load_seconds == {LLAMA: 1.0} and node.eval_tokens == {LLAMA: 50}
+    assert node.tokens_per_second == {LLAMA: 100}
+
+
 def test_expected_tokens_come_from_the_request_first() -> None:
     assert estimate.requested_tokens({"options": {"num_predict": 64}}) == 64
+    body = b'{"model": "m", "options": {"num_predict": 8, "num_predict": 64}}'
+    assert estimate.requested_tokens(json_object(body, strict=True)) == 64  # as Go reads it
+    assert estimate.requested_tokens(json_object(b'{"max_tokens": 9}', strict=True)) == 9
     assert estimate.requested_tokens({"max_tokens": 32}) == 32
     assert estimate.requested_tokens({"max_completion_tokens": 16}) == 16
     assert estimate.requested_tokens({"options": {"num_predict": -1}}) is None
