@@ -47,7 +47,7 @@ class NodeConfig:
     # a client's header of the same name: its credentials. Never shown (repr, /-/nodes, logs).
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     # Models the node holds in memory at once (its OLLAMA_MAX_LOADED_MODELS); None: unknown,
-    # and loading one more may push out any other (routing never does that to a busy one).
+    # and loading one more may push out any other (routing never does that to one in use).
     max_loaded_models: int | None = None
 
 

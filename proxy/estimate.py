@@ -40,6 +40,7 @@ from .pool import Node
 
 DEFAULT_TOKENS = 256  # completion tokens expected of a model never seen answering
 DEFAULT_TOKENS_PER_SECOND = 30.0  # speed expected of a model never seen generating anywhere
+IN_USE_SECONDS = 60.0  # a model given a request this recently is in use, in flight or not
 OVERRUN_FLOOR = 0.1  # a request past its expected end still holds its slot this fraction longer
 # Fields that bound a generation's length, by API family: Ollama's options, OpenAI's chat
 # (old and new names), OpenAI's responses, Anthropic's messages (max_tokens too).
@@ -174,21 +175,30 @@ def _load_left(node: Node, peers: list[Node], model: str, now: float, default: f
     return max(0.0, first + load - now)
 
 
-def evicts_busy(node: Node, model: str) -> bool:
-    """Loading ``model`` may push out of memory a model that requests are using there.
+def evicts_busy(node: Node, model: str, now: float) -> bool:
+    """Loading ``model`` may push out of memory a model that requests are using there: one
+    with requests in flight, or given one within ``IN_USE_SECONDS`` (a model idle for a
+    moment between requests is still in use, and evicting it means loading it back).
 
-    Ollama unloads idle models first, so with ``max_loaded_models`` known, loading evicts a
-    busy one only when more must go than are idle. Unknown, any other model in memory with
-    requests in flight may be pushed out (memory decides, and the proxy does not know it).
+    Ollama unloads idle models first, so with ``max_loaded_models`` known, loading evicts one
+    in use only when more must go than are idle. Unknown, any other model in memory or in use
+    may be pushed out (memory decides, and the proxy does not know it).
     """
     if not loading(node, model):
         return False
-    # Models with requests in flight there: in memory, or being loaded for them.
-    busy = {m for m, count in node.model_in_flight.items() if count and m != model}
-    if not busy:
+    in_use = {m for m in node.model_in_flight if m != model and _in_use(node, m, now)}
+    in_use |= {m for m in node.resident_models() if m != model and _in_use(node, m, now)}
+    if not in_use:
         return False
-    others = busy | {m for m in node.resident_models() if m != model}
+    others = in_use | {m for m in node.resident_models() if m != model}
     capacity = node.config.max_loaded_models
     if capacity is None:
         return True
-    return len(others) + 1 - capacity > len(others) - len(busy)
+    return len(others) + 1 - capacity > len(others) - len(in_use)
+
+
+def _in_use(node: Node, model: str, now: float) -> bool:
+    if node.model_in_flight.get(model):
+        return True
+    last = node.last_used.get(model)
+    return last is not None and now - last < IN_USE_SECONDS

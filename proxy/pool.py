@@ -72,6 +72,7 @@ class Node:
     # Slot leases held now, with when each started and how long it was expected to take:
     # when this node's slots free (``estimate.py``).
     leases: set[Lease] = field(default_factory=set)
+    last_used: dict[str, float] = field(default_factory=dict)  # model → its last slot's start
 
     @property
     def name(self) -> str:
@@ -320,6 +321,8 @@ class Pool:
             node.model_in_flight[want.model] = node.model_in_flight.get(want.model, 0) + 1
         lease = Lease(self, node, want.model, expected=expected)
         node.leases.add(lease)
+        if want.model is not None:
+            node.last_used[want.model] = lease.started
         return lease
 
     def _choose(self, want: Want, claims: dict[Node, int], walk: _Walk | None = None) -> _Choice:

@@ -61,7 +61,7 @@ def want_for(
     def eligible(node: Node) -> bool:
         if not node.has_model(model):
             return False
-        return loop.time() >= spill_at or not estimate.evicts_busy(node, model)
+        return loop.time() >= spill_at or not estimate.evicts_busy(node, model, pool.clock())
 
     def finish(node: Node, ahead: int) -> float:
         peers = list(pool.nodes.values())

@@ -130,7 +130,7 @@ async def test_a_cold_node_is_not_used_when_loading_would_evict_a_busy_model() -
     resident(cold, QWEN)
     cold.config = NodeConfig(url=cold.url, name="cold", max_concurrency=2, weight=1.0)
     qwen = take(pool, want_for(pool, QWEN, 10, settings=SETTINGS))  # QWEN in use on cold
-    assert qwen.node is cold and estimate.evicts_busy(cold, LLAMA)
+    assert qwen.node is cold and estimate.evicts_busy(cold, LLAMA, pool.clock())
     held = take(pool, want(pool))
     assert held.node is warm
     waiting = asyncio.create_task(pool.acquire(want(pool)))
@@ -150,6 +150,24 @@ async def test_a_cold_node_is_not_used_when_loading_would_evict_a_busy_model() -
     qwen.release()
     for lease in list(cold.leases):
         lease.release()
+
+
+async def test_a_model_used_a_moment_ago_is_in_use_though_idle() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)
+    learned(cold, speed=10, load=1)
+    resident(warm, LLAMA)
+    resident(cold, QWEN)
+    take(pool, want_for(pool, QWEN, 10, settings=SETTINGS)).release()  # served, now idle
+    held = take(pool, want(pool))
+    assert held.node is warm
+    assert pool.try_acquire(want(pool)) is None  # loading LLAMA would push QWEN out
+    pool.clock = lambda: 100.0 + estimate.IN_USE_SECONDS
+    spilled = take(pool, want(pool))  # a minute idle: no longer in use
+    assert spilled.node is cold
+    spilled.release()
+    held.release()
 
 
 async def test_the_conversations_node_wins_within_the_margin() -> None:
