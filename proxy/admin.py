@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from . import estimate
 from .auth import Auth, KeyRefused
 from .config import Config
 from .errors import error_response, shown
@@ -130,6 +131,9 @@ def node_state(node: Node) -> dict[str, Any]:
         "version": node.version,
         "tokens_per_second": {m: round(v, 2) for m, v in node.tokens_per_second.items()},
         "load_seconds": {m: round(v, 3) for m, v in node.load_seconds.items()},
+        "eval_count": {m: round(v, 1) for m, v in node.eval_tokens.items()},
+        "max_loaded_models": node.config.max_loaded_models,
+        "expected_wait_seconds": round(estimate.first_free_seconds(node, time.monotonic()), 3),
         "recent_errors": [
             {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)), "error": message}
             for t, message in node.recent_errors

@@ -84,6 +84,11 @@ FIELDS = frozenset(
         "instructions",
         "input",
         "previous_response_id",
+        # A generation's length bound, for its expected cost (estimate.requested_tokens).
+        "options",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
     }
 )
 # Go's encoding/json matches a key to a field exactly or, failing that, by Unicode simple case

@@ -46,6 +46,9 @@ class NodeConfig:
     # Sent with every request to this node (proxied, checks, discovery, fan-out), in place of
     # a client's header of the same name: its credentials. Never shown (repr, /-/nodes, logs).
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # Models the node holds in memory at once (its OLLAMA_MAX_LOADED_MODELS); None: unknown,
+    # and loading one more may push out any other (routing never does that to one in use).
+    max_loaded_models: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,14 +124,17 @@ class ReloadConfig:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    # Seconds a request waits for a node that has its model loaded before it also takes a
-    # node that must load it first (a cold load costs seconds to minutes of GPU time).
+    # The longest a request waits for a better node (one that holds its model, or finishes
+    # it sooner) while another could take it; expected finish times decide before that.
     spill_after: float
     # Conversation affinity (affinity.py): how many conversations are remembered with the node
     # that served their last turn (0: none), for how long, and the header naming a session.
     affinity_entries: int = 100_000
     affinity_ttl: float = 600.0
     session_header: str = "X-Session-Id"
+    default_load_seconds: float = 2.0  # a cold load's cost before any was seen
+    affinity_margin: float = 2.0  # seconds a conversation's own node may be behind the best
+    min_gain: float = 0.2  # a free slot is passed over only to finish this fraction sooner
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,7 @@ def _nodes(r: _Reader, value: object) -> tuple[NodeConfig, ...]:
 def _node(r: _Reader, value: object, path: str) -> NodeConfig:
     raw = r.mapping(value, path)
     known = {"url", "name", "max_concurrency", "weight", "model_concurrency", "headers"}
+    known.add("max_loaded_models")
     r.no_unknown_keys(raw, path, known)
     url = _node_url(r, raw.get("url"), f"{path}.url")
     default_name = _netloc(url) or url
@@ -327,6 +334,9 @@ def _node(r: _Reader, value: object, path: str) -> NodeConfig:
         weight=r.number(raw.get("weight", 1.0), f"{path}.weight", minimum=0.001),
         model_concurrency=_model_caps(r, raw.get("model_concurrency", {}), path),
         headers=_node_headers(r, raw.get("headers", {}), f"{path}.headers"),
+        max_loaded_models=_optional_count(
+            r, raw.get("max_loaded_models"), f"{path}.max_loaded_models"
+        ),
     )
 
 
@@ -602,10 +612,14 @@ def _reload(r: _Reader, raw: dict[str, Any]) -> ReloadConfig:
 
 def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
     affinity = {"affinity_entries", "affinity_ttl", "session_header"}
-    r.no_unknown_keys(raw, "routing", {"spill_after", *affinity})
+    keys = {"spill_after", "default_load_seconds", "affinity_margin", "min_gain", *affinity}
+    r.no_unknown_keys(raw, "routing", keys)
     header = r.string(raw.get("session_header", "X-Session-Id"), "routing.session_header")
     if header and not _TOKEN.match(header):
         r.error("routing.session_header", "must be a header name (or empty: none)")
+    min_gain = r.number(raw.get("min_gain", 0.2), "routing.min_gain", 0)
+    if min_gain > 1:
+        r.error("routing.min_gain", "must be at most 1 (a fraction of the free node's time)")
     return RoutingConfig(
         spill_after=r.number(raw.get("spill_after", 10), "routing.spill_after", 0),
         affinity_entries=r.integer(
@@ -613,6 +627,11 @@ def _routing(r: _Reader, raw: dict[str, Any]) -> RoutingConfig:
         ),
         affinity_ttl=r.number(raw.get("affinity_ttl", 600), "routing.affinity_ttl", 0),
         session_header=header,
+        default_load_seconds=r.number(
+            raw.get("default_load_seconds", 2), "routing.default_load_seconds", 0
+        ),
+        affinity_margin=r.number(raw.get("affinity_margin", 2), "routing.affinity_margin", 0),
+        min_gain=min_gain,
     )
 
 

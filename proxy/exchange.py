@@ -29,6 +29,7 @@ class Exchange:
     takes_slot: bool = False
     unload: bool = False  # `ollama stop`: goes to every node that has the model
     cold: bool = False  # sent to a node that did not hold the model in memory
+    predict: int | None = None  # completion tokens it asks for at most, when it says
     node: Node | None = None
     status: int = 0
     attempts: int = 0
@@ -38,6 +39,7 @@ class Exchange:
     client: str = ""
     started: float = field(default_factory=time.monotonic)
     queue_wait: float = 0.0
+    admitted: float = 0.0  # when its node was chosen (monotonic), for the time it held a slot
     first_byte: float | None = None
     usage: Usage | None = None
     key: Key | None = None  # the client's key, when keys are configured

@@ -53,6 +53,7 @@ from .errors import (
     shown,
     stream_error,
 )
+from .estimate import requested_tokens
 from .exchange import EXCHANGE, REQUEST_ID_HEADER, Exchange
 from .fleet import Fleet
 from .health import Health
@@ -68,7 +69,7 @@ from .metrics import Metrics, endpoint_label
 from .models import is_unload_request, normalize_model
 from .pool import Lease, Node, Pool
 from .quota import Quotas
-from .routing import availability, log_decision, want_for
+from .routing import availability, log_decision, reason_of, want_for
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
@@ -120,6 +121,7 @@ class Forwarder:
         # A node that left the config, or whose name now has another URL, is forgotten.
         nodes = {n.name: n.url for n in config.nodes}
         self.affinity.configure(routing.affinity_entries, routing.affinity_ttl, nodes)
+        self.routing = config.routing
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
@@ -229,6 +231,7 @@ class Forwarder:
             strict=request.path in MODEL_REQUIRED_PATHS,
         )
         ex.model = model_of(payload)
+        ex.predict = requested_tokens(payload)
         if request.path.startswith(OPENAI_MODEL_PREFIX):
             ex.model = request.path.removeprefix(OPENAI_MODEL_PREFIX)
         if ex.model is None and request.path in MODEL_REQUIRED_PATHS:
@@ -339,7 +342,13 @@ class Forwarder:
         known = self.affinity.lookup(ex.conversation.lookup) if ex.conversation else None
         preferred = known if known is not None and self._takes_new(known) else None
         want = want_for(
-            self.pool, ex.model_key, self.spill_after, exclude=tried, preferred=preferred
+            self.pool,
+            ex.model_key,
+            self.spill_after,
+            exclude=tried,
+            preferred=preferred,
+            settings=self.routing,
+            tokens=ex.predict,
         )
         if ex.takes_slot:
             queued_at = time.monotonic()
@@ -353,6 +362,9 @@ class Forwarder:
             self.metrics.cold_load(lease.node, ex.model_key)
         if ex.conversation is not None:
             ex.affinity = result_of(known, lease.node.name)
+        ex.admitted = time.monotonic()
+        if ex.takes_slot:
+            self.metrics.routing_decision(reason_of(self.pool, want, lease.node))
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
         return lease
 
@@ -473,7 +485,9 @@ class Forwarder:
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.discovery.served(node, ex.model_key)
             if ex.usage is not None:
-                node.record_usage(ex.model_key, ex.usage)
+                node.record_usage(
+                    ex.model_key, ex.usage, cold=ex.cold, held=time.monotonic() - ex.admitted
+                )
             if ex.cold:  # loading it may have pushed another model out of memory
                 self.discovery.refresh_soon(node)
             if ex.conversation is not None:

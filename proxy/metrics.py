@@ -20,10 +20,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import estimate
 from .api import BLOBS_PREFIX, KNOWN_PATHS, OPENAI_MODEL_PREFIX
 from .errors import FailureKind, ProxyError, RetryReason, Unavailable
 from .exchange import Exchange
 from .pool import Node, Pool
+from .routing import REASONS as ROUTING_REASONS
 from .telemetry import Usage
 
 # The *_created series double the output and no dashboard here reads them.
@@ -227,6 +229,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.routing_decisions = Counter(
+            "ollama_proxy_routing_decisions",
+            "Requests given a slot, by why that node (affinity, fastest, spill, only_choice).",
+            ["reason"],
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
         # The per-request series, each child looked up once: prometheus-client's labels()
         # takes a lock and checks its arguments (about 2 µs a call, 0.4 µs for the update).
@@ -248,6 +256,8 @@ class Metrics:
         self.requests_cut.labels("drain")
         for result in ("hit", "moved", "new"):
             self.affinity.labels(result)
+        for reason in ROUTING_REASONS:
+            self.routing_decisions.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -285,6 +295,9 @@ class Metrics:
             self._generation_seconds_for(node, model).inc(usage.eval_seconds)
         if usage.load_seconds is not None:
             self._model_load_for(node, model).observe(usage.load_seconds)
+
+    def routing_decision(self, reason: str) -> None:
+        self.routing_decisions.labels(reason).inc()
 
     def cold_load(self, node: Node, model: str) -> None:
         self.cold_loads.labels(node.name, model).inc()
@@ -346,7 +359,14 @@ class _PoolCollector(Collector):
             "average of eval_count / eval_duration over recent answers.",
             labels=["node", "model"],
         )
+        wait = GaugeMetricFamily(
+            "ollama_proxy_node_expected_wait_seconds",
+            "Expected seconds until one of the node's slots frees (0 when one is free now).",
+            labels=["node"],
+        )
+        now = self.pool.clock()
         for node in self.pool.all_nodes():
+            wait.add_metric([node.name], estimate.first_free_seconds(node, now))
             in_flight.add_metric([node.name], node.in_flight)
             other.add_metric([node.name], node.other_in_flight)
             cap.add_metric([node.name], node.config.max_concurrency)
@@ -382,4 +402,5 @@ class _PoolCollector(Collector):
             body_bytes,
             body_budget,
             speed,
+            wait,
         )

@@ -3,13 +3,16 @@
 Nothing here awaits except a waiter in ``acquire``: choosing a node and counting the request on
 it happen in one synchronous step, so two requests can never both see the last free slot. A
 slot is given back exactly once, by ``Lease.release``, and handed straight to the next waiter
-that can use it: waiters are served by tenant in weighted fair order (``fairshare.py``), first
-come first served within one tenant; a waiter that cannot use that node keeps its place, and so
-does one whose tenant holds all the slots it may (``Tenant.max_concurrency``). Requests that
-take no slot wait in a queue of their own, first come first served.
+that can use it and is best served there: waiters are served by tenant in weighted fair order
+(``fairshare.py``), first come first served within one tenant; a waiter that cannot use that
+node keeps its place, and so does one whose tenant holds all the slots it may
+(``Tenant.max_concurrency``), and one that expects to finish sooner on a busy node (it then
+counts as ahead of the later waiters there, so they spread over the other nodes). Fairness
+decides which waiter, the estimate which node. Requests that take no slot wait in a queue of
+their own, first come first served.
 
-What a request may use is a ``Want``, built by the routing policy (``routing.py``); the pool
-only applies it.
+What a request may use, and how its nodes compare, is a ``Want``, built by the routing policy
+(``routing.py``); the pool only applies it.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import NodeConfig, QueueConfig
 from .errors import RateLimited, Unavailable
 from .fairshare import OPEN, FairQueue, Tenant
 from .telemetry import Usage
 
-SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving average of tokens/s
+SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving averages
+RECHECK_SECONDS = 0.1  # while a free slot is passed over, how often waiters look again
+PLAN_LIMIT = 64  # waiters one dispatch walk plans onto busy nodes before it stops
 
 
 @dataclass(eq=False)
@@ -59,7 +64,15 @@ class Node:
     # Per model, from the final chunks of its answers: generation speed (a moving average of
     # tokens per second) and the last model load time.
     tokens_per_second: dict[str, float] = field(default_factory=dict)
-    load_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # cold loads only
+    eval_tokens: dict[str, float] = field(default_factory=dict)  # mean eval_count
+    # What a request's time on the node takes beyond load and generation (prompt evaluation,
+    # the first token, relaying, a node slower than it reports): a moving average, seconds.
+    overhead_seconds: dict[str, float] = field(default_factory=dict)
+    # Slot leases held now, with when each started and how long it was expected to take:
+    # when this node's slots free (``estimate.py``).
+    leases: set[Lease] = field(default_factory=set)
+    last_used: dict[str, float] = field(default_factory=dict)  # model → its last slot's start
 
     @property
     def name(self) -> str:
@@ -107,13 +120,27 @@ class Node:
     def record_error(self, message: str) -> None:
         self.recent_errors.append((time.time(), message))
 
-    def record_usage(self, model: str, usage: Usage) -> None:
-        speed = usage.tokens_per_second
-        if speed is not None:
-            previous = self.tokens_per_second.get(model, speed)
-            self.tokens_per_second[model] = previous + SPEED_SMOOTHING * (speed - previous)
-        if usage.load_seconds is not None:
-            self.load_seconds[model] = usage.load_seconds
+    def record_usage(
+        self, model: str, usage: Usage, cold: bool = False, held: float | None = None
+    ) -> None:
+        """Learn from a final chunk; ``cold``: the model was loaded for it (Ollama reports
+        a few milliseconds of load_duration on every answer, a load only on a cold one);
+        ``held``: the seconds its request held the slot."""
+        if usage.tokens_per_second is not None:
+            _smooth(self.tokens_per_second, model, usage.tokens_per_second)
+        if usage.completion_tokens > 0:
+            _smooth(self.eval_tokens, model, usage.completion_tokens)
+        load = usage.load_seconds if cold and usage.load_seconds is not None else 0.0
+        if cold and usage.load_seconds is not None:
+            _smooth(self.load_seconds, model, usage.load_seconds)
+        if held is not None and usage.eval_seconds > 0:
+            _smooth(self.overhead_seconds, model, max(0.0, held - load - usage.eval_seconds))
+
+
+def _smooth(averages: dict[str, float], model: str, value: float) -> None:
+    """A moving average: the newest value weighs SPEED_SMOOTHING."""
+    previous = averages.get(model, value)
+    averages[model] = previous + SPEED_SMOOTHING * (value - previous)
 
 
 def _any_node(node: Node) -> bool:
@@ -124,29 +151,35 @@ def _same_rank(node: Node) -> int:
     return 0
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True, eq=False)
 class Want:
-    """What one request needs of a node."""
+    """What one request needs of a node, and how to tell the node that serves it best."""
 
     model: str | None = None  # counted against per-model caps
     eligible: Callable[[Node], bool] = _any_node  # may this node serve it at all?
-    rank: Callable[[Node], int] = _same_rank  # lower first; least loaded within a rank
+    rank: Callable[[Node], int] = _same_rank  # lower first among equal finishes
     exclude: frozenset[Node] = frozenset()  # nodes that already failed this request
     # When ``eligible`` may start to accept more nodes without any slot being freed.
     recheck_at: float | None = None  # loop time
     # The node that served this conversation's last turn (scheduling: conversation affinity),
     # by name; None when the request is not a known conversation's.
     preferred: str | None = None
+    # Expected seconds until the request would end on a node, with so many requests to be
+    # served there before it (``estimate.py``); None: least loaded first.
+    finish: Callable[[Node, int], float] | None = None
+    credit: float = 0.0  # seconds taken off the preferred node's finish (affinity)
+    min_gain: float = 0.0  # a free slot is passed over only to finish this fraction sooner
+    impatient: Callable[[], bool] = _never  # waited long enough: the best free slot now
+    # Wants of equal profile see the same candidates (once equally impatient) and finishes at
+    # one instant: eligibility and estimate depend on nothing else. None: none is equal.
+    profile: object = None
 
     def without(self, nodes: Iterable[Node]) -> Want:
-        return Want(
-            self.model,
-            self.eligible,
-            self.rank,
-            frozenset(nodes),
-            self.recheck_at,
-            self.preferred,
-        )
+        return replace(self, exclude=frozenset(nodes))
 
 
 ANY = Want()
@@ -156,7 +189,7 @@ class Lease:
     """A place on a node, held by one request: a slot, or for a request that takes none one
     of the node's places for those (``slot`` False); ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "model", "node", "released", "slot", "tenant")
+    __slots__ = ("_pool", "expected", "model", "node", "released", "slot", "started", "tenant")
 
     def __init__(
         self,
@@ -165,6 +198,7 @@ class Lease:
         model: str | None = None,
         slot: bool = True,
         tenant: Tenant | None = None,  # counted against its max_concurrency while held
+        expected: float = 0.0,  # seconds it is expected to hold the slot
     ) -> None:
         self._pool = pool
         self.node = node
@@ -172,11 +206,47 @@ class Lease:
         self.slot = slot
         self.tenant = tenant
         self.released = False
+        self.started = pool.clock()
+        self.expected = expected
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self._pool._give_back(self)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    node: Node | None  # take a slot here now
+    target: Node | None  # where it would finish first (it waits for this one otherwise)
+    passed_over: bool = False  # a free slot it could take, declined for a busy node
+
+
+class _Walk:
+    """Candidates and expected finishes, worked out once per ``Want.profile`` (and node and
+    requests ahead) while one dispatch walks the queue: state does not change meanwhile."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[tuple[object, bool], tuple[list[Node], list[Node]]] = {}
+        self._finish: dict[tuple[object, Node, int], float] = {}
+
+    def nodes(self, want: Want, pool: Pool) -> tuple[list[Node], list[Node]]:
+        """The candidates, and those of them with a free slot for the request."""
+        key = (want.profile, want.impatient())  # past its wait, more nodes may be eligible
+        found = self._nodes.get(key)
+        if found is None or want.profile is None:
+            nodes = pool.candidates(want)
+            found = nodes, [n for n in nodes if n.has_slot_for(want.model)]
+            self._nodes[key] = found
+        return found
+
+    def finish(self, want: Want, node: Node, ahead: int) -> float:
+        assert want.finish is not None
+        key = (want.profile, node, ahead)
+        value = self._finish.get(key)
+        if value is None or want.profile is None:
+            value = self._finish[key] = want.finish(node, ahead)
+        return value
 
 
 @dataclass(eq=False)
@@ -201,6 +271,8 @@ class Pool:
         self._other_waiters: deque[_Waiter] = deque()  # for requests that take no slot
         self.queued_body_bytes = 0  # bodies held by the waiters, against max_body_bytes
         self._turn = itertools.count()  # rotates among equally loaded nodes
+        self.clock: Callable[[], float] = time.monotonic  # for leases' ages and estimates
+        self._recheck: asyncio.TimerHandle | None = None  # passed-over slots looked at again
 
     def all_nodes(self) -> list[Node]:
         return [*self.nodes.values(), *self.retiring]
@@ -217,24 +289,68 @@ class Pool:
 
     def best(self, nodes: list[Node], want: Want = ANY) -> Node | None:
         """The best-ranked, least-loaded node; ties rotate so equal nodes share the work."""
-        if not nodes:
-            return None
+        return self._lowest(nodes, want, {})
+
+    def _lowest(self, nodes: list[Node], want: Want, cost: dict[Node, float]) -> Node | None:
+        """The lowest cost, then rank, then load; ties rotate."""
+        if cost and len(nodes) > 1:
+            lowest_cost = min(round(cost[n], 6) for n in nodes)
+            nodes = [n for n in nodes if round(cost[n], 6) == lowest_cost]
+        if len(nodes) <= 1:
+            return nodes[0] if nodes else None
         keys = [(want.rank(n), n.load) for n in nodes]
         lowest = min(keys)
         tied = [n for n, key in zip(nodes, keys, strict=True) if key == lowest]
         return tied[next(self._turn) % len(tied)]
 
-    def try_acquire(self, want: Want = ANY, slot: bool = True) -> Lease | None:
-        """Choose and count in one step; None when every candidate is at its cap."""
+    def try_acquire(
+        self, want: Want = ANY, slot: bool = True, claims: dict[Node, int] | None = None
+    ) -> Lease | None:
+        """Choose and count in one step; None when every candidate is at its cap, or when the
+        request had better wait for a busy node (``_choose``). ``claims``: requests ahead of
+        this one that wait for each node."""
         if not slot:
             return self._try_other(want)
-        node = self.best([n for n in self.candidates(want) if n.has_slot_for(want.model)], want)
-        if node is None:
-            return None
+        node = self._choose(want, claims or {}).node
+        return None if node is None else self._count(node, want)
+
+    def _count(self, node: Node, want: Want) -> Lease:
+        expected = want.finish(node, 0) if want.finish is not None else 0.0
         node.in_flight += 1
         if want.model is not None:
             node.model_in_flight[want.model] = node.model_in_flight.get(want.model, 0) + 1
-        return Lease(self, node, want.model)
+        lease = Lease(self, node, want.model, expected=expected)
+        node.leases.add(lease)
+        if want.model is not None:
+            node.last_used[want.model] = lease.started
+        return lease
+
+    def _choose(self, want: Want, claims: dict[Node, int], walk: _Walk | None = None) -> _Choice:
+        """Where the request goes now, if anywhere, and the node it would finish on first.
+
+        Without an estimate: the best-ranked, least-loaded node with a free slot. With one:
+        the node of lowest expected finish (the preferred node's less ``want.credit``) when it
+        has a free slot; else the best free one, unless waiting for the best saves more than
+        ``want.min_gain`` of the free one's time and the request is not ``want.impatient``.
+        ``walk``: what was worked out for waiters of the same ``Want.profile`` in this walk.
+        """
+        walk = walk if walk is not None and want.profile is not None else _Walk()
+        nodes, free = walk.nodes(want, self)
+        if want.finish is None:
+            return _Choice(self.best(free, want), None)
+        finish = {n: walk.finish(want, n, claims.get(n, 0)) for n in nodes}
+        cost = {
+            n: t - (want.credit if n.name == want.preferred else 0.0) for n, t in finish.items()
+        }
+        target = self._lowest(nodes, want, cost)
+        if target is None or target in free:
+            return _Choice(target, target)
+        pick = self._lowest(free, want, cost)
+        if pick is None:
+            return _Choice(None, target)
+        if want.impatient() or cost[pick] - cost[target] <= want.min_gain * finish[pick]:
+            return _Choice(pick, target)
+        return _Choice(None, target, passed_over=True)
 
     def _try_other(self, want: Want) -> Lease | None:
         cap = self.queue_config.max_other_per_node
@@ -359,23 +475,34 @@ class Pool:
             pass
 
     def _grant_next(self) -> bool:
-        """A free slot to the first waiter in fair order that can use one. The others keep
-        their places (their Want cannot use the free node), or fail when no node can serve
-        them at all. False when none could take one."""
+        """A free slot to the first waiter in fair order that can use one and is best served
+        there. The others keep their places (their Want cannot use the free node, or they
+        finish sooner by waiting for a busy one, which then counts them as ahead of the next
+        waiters), or fail when no node can serve them at all. False when none took one."""
         unservable: list[_Waiter] = []
         granted = None
+        claims: dict[Node, int] = {}
+        walk = _Walk()  # nothing changes during the walk: what one waiter learned, others use
+        passed_over = False
         for waiter in self._waiters.in_turn():
             if waiter.future.done():
                 continue  # cancelled, leaving
-            lease = self.try_acquire(waiter.want)
-            if lease is not None:
-                granted = waiter, lease
+            choice = self._choose(waiter.want, claims, walk)
+            if choice.node is not None:
+                granted = waiter, self._count(choice.node, waiter.want)
                 break
-            if not self.candidates(waiter.want):
+            if choice.target is not None:
+                claims[choice.target] = claims.get(choice.target, 0) + 1
+                if sum(claims.values()) >= PLAN_LIMIT:
+                    break  # deeper waiters would wait longer still: served as these go
+            passed_over |= choice.passed_over
+            if not walk.nodes(waiter.want, self)[0]:
                 unservable.append(waiter)
         for waiter in unservable:  # once the walk is over: it leaves the queues alone
             self._fail_if_unservable(waiter)
         if granted is None:
+            if passed_over:
+                self._recheck_soon()
             return False
         waiter, lease = granted
         lease.tenant = waiter.tenant
@@ -383,6 +510,17 @@ class Pool:
         self._leave(waiter)
         waiter.future.set_result(lease)
         return True
+
+    def _recheck_soon(self) -> None:
+        """A free slot was passed over for a busy node: look again shortly, as estimates move
+        with time (a request that runs past its expected end is expected to run on)."""
+        if self._recheck is None or self._recheck.cancelled():
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(RECHECK_SECONDS, self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._dispatch()
 
     def _dispatch_others(self) -> None:
         for waiter in list(self._other_waiters):
@@ -424,6 +562,7 @@ class Pool:
             node.other_in_flight -= 1
         else:
             node.in_flight -= 1
+            node.leases.discard(lease)
             if lease.model is not None:
                 node.model_in_flight[lease.model] -= 1
             if lease.tenant is not None:

@@ -1,15 +1,16 @@
-"""Which nodes may serve a request, and in what order: the model-aware policy.
+"""Which nodes may serve a request, and which serves it best: the model-aware policy.
 
 Read-only over node state; the pool applies the ``Want`` built here in one synchronous step.
 
 For a model-bound request:
-- only nodes that have the model on disk are eligible (a node whose list is not known yet is a
-  last resort);
-- among them, nodes that hold the model in memory come first, so it is not loaded twice;
-- a node that would have to load it is used at once only when no eligible node holds it in
-  memory; otherwise only after the request has waited ``routing.spill_after`` seconds for a
-  slot on one that does (a cold load costs seconds to minutes of GPU time, a queue wait is
-  usually shorter).
+- only nodes that have the model on disk are eligible (a node whose list is not known yet may
+  have it), but not one where loading it may push out of memory a model that requests are
+  using (``estimate.evicts_busy``) until the request has waited ``routing.spill_after``;
+- among them the pool prefers the node of earliest expected finish (``estimate.py``: the wait
+  for a slot, a cold load, the generation), the conversation's own node (``preferred``) with
+  ``routing.affinity_margin`` seconds of credit; a free slot elsewhere is passed over for it
+  only when waiting saves more than ``routing.min_gain`` of that slot's time, and never past
+  ``routing.spill_after``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import logging
 from collections.abc import Iterable
 from typing import Literal
 
+from . import estimate
+from .config import RoutingConfig
 from .pool import Node, Pool, Want
 
 log = logging.getLogger("ollama_proxy.routing")
 
 RESIDENT, ON_DISK, UNKNOWN = 0, 1, 2
 Availability = Literal["up", "down", "unknown", "nowhere"]
+Reason = Literal["affinity", "fastest", "spill", "only_choice"]
+REASONS: tuple[Reason, ...] = ("affinity", "fastest", "spill", "only_choice")
+DEFAULTS = RoutingConfig(spill_after=10)
 
 
 def want_for(
@@ -33,14 +39,19 @@ def want_for(
     spill_after: float,
     exclude: Iterable[Node] = (),
     preferred: str | None = None,
+    *,
+    settings: RoutingConfig = DEFAULTS,
+    tokens: int | None = None,
 ) -> Want:
     """What a request for ``model`` (normalised; None: any node) may use; ``preferred`` names
-    the node its conversation was last served by (not used yet)."""
+    the node its conversation was last served by; ``tokens``, the completion length it asks
+    for at most, when it names one."""
     excluded = frozenset(exclude)
     if model is None:
         return Want(exclude=excluded, preferred=preferred)
     loop = asyncio.get_running_loop()
     spill_at = loop.time() + spill_after
+    expected = estimate.expected_tokens(pool.nodes.values(), model, tokens)
 
     def rank(node: Node) -> int:
         if node.models is None:
@@ -50,13 +61,47 @@ def want_for(
     def eligible(node: Node) -> bool:
         if not node.has_model(model):
             return False
-        if node.is_resident(model) or loop.time() >= spill_at:
-            return True
-        return not any(
-            n.is_resident(model) for n in pool.nodes.values() if n.takes_new and n not in excluded
+        return loop.time() >= spill_at or not estimate.evicts_busy(node, model, pool.clock())
+
+    def finish(node: Node, ahead: int) -> float:
+        peers = list(pool.nodes.values())
+        default_load = settings.default_load_seconds
+        return estimate.finish_seconds(
+            node, peers, model, expected, ahead, pool.clock(), default_load
         )
 
-    return Want(model, eligible, rank, excluded, recheck_at=spill_at, preferred=preferred)
+    def impatient() -> bool:
+        return loop.time() >= spill_at
+
+    return Want(
+        model,
+        eligible,
+        rank,
+        excluded,
+        recheck_at=spill_at,
+        preferred=preferred,
+        finish=finish,
+        credit=settings.affinity_margin,
+        min_gain=settings.min_gain,
+        impatient=impatient,
+        profile=(model, expected, excluded, preferred),
+    )
+
+
+def reason_of(pool: Pool, want: Want, node: Node) -> Reason:
+    """Why the request went to ``node`` (``ollama_proxy_routing_decisions_total``):
+    only_choice (no other candidate), affinity (its conversation's node), spill (the node must
+    load the model while another candidate holds it), else fastest."""
+    candidates = pool.candidates(want)
+    if len(candidates) <= 1:
+        return "only_choice"
+    if want.preferred is not None and node.name == want.preferred:
+        return "affinity"
+    model = want.model
+    cold = model is not None and not node.is_resident(model)
+    if cold and any(n.is_resident(model or "") for n in candidates if n is not node):
+        return "spill"
+    return "fastest"
 
 
 def availability(pool: Pool, model: str) -> Availability:
@@ -75,25 +120,34 @@ def availability(pool: Pool, model: str) -> Availability:
 
 
 def log_decision(pool: Pool, want: Want, node: Node, request_id: str, queue_wait: float) -> None:
-    """At debug level, one line per admitted request: where it went, why, and among what."""
+    """At debug level, one line per admitted request: where it went, why, among what, and
+    each candidate's expected finish now (seconds, for a request first in line)."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    candidates = [n.name for n in pool.candidates(want)]
+    candidates = pool.candidates(want)
     log.debug(
-        "route id=%s model=%s node=%s why=%s candidates=%s queue_s=%.4f",
+        "route id=%s model=%s node=%s why=%s reason=%s candidates=%s finish_s=%s queue_s=%.4f",
         request_id,
         want.model or "-",
         node.name,
         _why(pool, want, node),
-        ",".join(candidates) or "-",
+        reason_of(pool, want, node),
+        ",".join(n.name for n in candidates) or "-",
+        _finishes(want, candidates),
         queue_wait,
     )
 
 
+def _finishes(want: Want, candidates: list[Node]) -> str:
+    if want.finish is None:
+        return "-"
+    return ",".join(f"{n.name}:{want.finish(n, 0):.3f}" for n in candidates) or "-"
+
+
 def _why(pool: Pool, want: Want, node: Node) -> str:
-    """resident (holds the model), on_disk (none in service holds it), spill (others hold it,
-    but the request waited past routing.spill_after), unknown (its list is not known yet), or
-    any (no model)."""
+    """resident (holds the model), on_disk (none in service holds it), spill (others hold it:
+    loading it here finishes sooner, or the request waited past routing.spill_after), unknown
+    (its list is not known yet), or any (no model)."""
     model = want.model
     if model is None:
         return "any"

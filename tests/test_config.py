@@ -87,7 +87,8 @@ def test_all_errors_reported_at_once() -> None:
     assert errors == [
         "nodes[0].url: must start with http:// or https://",
         "nodes[1].speed: unknown key"
-        " (known: headers, max_concurrency, model_concurrency, name, url, weight)",
+        " (known: headers, max_concurrency, max_loaded_models, model_concurrency, name, url,"
+        " weight)",
         "health_check.rise: must be at least 1",
     ]
 

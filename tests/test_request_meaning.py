@@ -222,7 +222,7 @@ async def test_a_field_named_twice_is_400_on_a_path_the_proxy_does_not_know(
         ),
         # the dotless i folds to itself in Go, not to I; a hyphen is no underscore, a space counts
         (b'{"\xc4\xb1mages": ["x"], "keep-alive": 0, "model ": "m"}', {}),
-        (b'{"options": {"model": "m", "Model": "n"}}', {}),  # only top-level keys count
+        (b'{"format": {"model": "m", "Model": "n"}}', {}),  # only top-level keys count
         (b"{}", {}),
     ],
 )

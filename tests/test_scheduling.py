@@ -1,0 +1,306 @@
+"""Expected-finish scheduling: on plain pools with injected statistics and a clock the test
+holds, then through simulated nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import estimate
+from proxy.bodies import json_object
+from proxy.config import NodeConfig, QueueConfig, RoutingConfig
+from proxy.pool import Lease, Node, Pool, Want
+from proxy.routing import reason_of, want_for
+from proxy.telemetry import Usage
+from tests.conftest import Proxy, StartNodes, StartProxy, generations, metric, wait_until
+
+LLAMA, QWEN = "llama3.2:latest", "qwen2.5:0.5b"
+SETTINGS = RoutingConfig(spill_after=10, default_load_seconds=5, affinity_margin=2, min_gain=0.2)
+
+
+def make_pool(*names: str, **node: Any) -> Pool:
+    configs = [
+        NodeConfig(url=f"http://{n}:1", name=n, max_concurrency=1, weight=1.0, **node)
+        for n in names
+    ]
+    pool = Pool(configs, QueueConfig(max_size=10, timeout=5))
+    pool.clock = lambda: 100.0  # frozen: a lease's expected end stays where it was
+    return pool
+
+
+def learned(node: Node, speed: float, tokens: float = 100, load: float | None = None) -> None:
+    """As if the node had answered for LLAMA: its speed, the answers' length, a cold load."""
+    node.models = {LLAMA, QWEN}
+    node.tokens_per_second[LLAMA] = speed
+    node.eval_tokens[LLAMA] = tokens
+    if load is not None:
+        node.load_seconds[LLAMA] = load
+
+
+def resident(node: Node, *models: str) -> None:
+    node.resident = {m: 1e12 for m in models}
+
+
+def want(pool: Pool, **kwargs: Any) -> Want:
+    settings = kwargs.pop("settings", SETTINGS)
+    return want_for(pool, LLAMA, settings.spill_after, settings=settings, **kwargs)
+
+
+def take(pool: Pool, w: Want) -> Lease:
+    lease = pool.try_acquire(w)
+    assert lease is not None
+    return lease
+
+
+async def test_the_fast_node_wins_after_a_short_wait() -> None:
+    pool = make_pool("fast", "slow")
+    fast, slow = pool.nodes["fast"], pool.nodes["slow"]
+    learned(fast, speed=100)  # 1 s a request
+    learned(slow, speed=10)  # 10 s a request
+    resident(fast, LLAMA)
+    resident(slow, LLAMA)
+    first = take(pool, want(pool))
+    assert first.node is fast and first.expected == 1.0
+    waiting = asyncio.create_task(pool.acquire(want(pool)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and slow.in_flight == 0  # 1 s + 1 s beats a free 10 s
+    first.release()
+    second = await waiting
+    assert second.node is fast
+    second.release()
+
+
+async def test_a_queue_spreads_once_the_fast_node_is_spoken_for() -> None:
+    pool = make_pool("fast", "slow")
+    fast, slow = pool.nodes["fast"], pool.nodes["slow"]
+    learned(fast, speed=100)  # 1 s
+    learned(slow, speed=33)  # 3 s
+    resident(fast, LLAMA)
+    resident(slow, LLAMA)
+    held = take(pool, want(pool))
+    first = asyncio.create_task(pool.acquire(want(pool)))  # 2 s on fast beats 3 s
+    await asyncio.sleep(0)
+    second = asyncio.create_task(pool.acquire(want(pool)))  # behind it: 3 s, so slow
+    lease = await asyncio.wait_for(second, 1)
+    assert lease.node is slow and not first.done()
+    held.release()
+    assert (await first).node is fast
+    for done in (lease, first.result()):
+        done.release()
+
+
+async def test_a_cold_idle_node_is_used_when_the_wait_would_be_long() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)  # 10 s a request
+    learned(cold, speed=10, load=1)
+    resident(warm, LLAMA)
+    held = take(pool, want(pool))
+    assert held.node is warm
+    w = want(pool)
+    spilled = take(pool, w)  # 1 s load + 10 s beats 10 s wait + 10 s: at once, not at 10 s
+    assert spilled.node is cold and spilled.expected == 11.0
+    assert reason_of(pool, w, cold) == "spill"
+    spilled.release()
+    held.release()
+
+
+async def test_a_request_behind_a_load_waits_for_it_but_pays_it_once() -> None:
+    pool = make_pool("cold")
+    cold = pool.nodes["cold"]
+    cold.config = NodeConfig(url=cold.url, name="cold", max_concurrency=2, weight=1.0)
+    learned(cold, speed=10, load=4)
+    loading = take(pool, want(pool))  # 4 s load + 10 s
+    assert loading.expected == 14.0
+    w = want(pool)
+    assert w.finish is not None and w.finish(cold, 0) == 14.0  # a free slot, but the load first
+    loading.release()
+
+
+async def test_a_cold_node_is_not_used_when_loading_would_evict_a_busy_model() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)
+    learned(cold, speed=10, load=1)
+    resident(warm, LLAMA)
+    resident(cold, QWEN)
+    cold.config = NodeConfig(url=cold.url, name="cold", max_concurrency=2, weight=1.0)
+    qwen = take(pool, want_for(pool, QWEN, 10, settings=SETTINGS))  # QWEN in use on cold
+    assert qwen.node is cold and estimate.evicts_busy(cold, LLAMA, pool.clock())
+    held = take(pool, want(pool))
+    assert held.node is warm
+    waiting = asyncio.create_task(pool.acquire(want(pool)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and cold.model_in_flight.get(LLAMA, 0) == 0
+    held.release()
+    lease = await waiting
+    assert lease.node is warm
+    lease.release()
+    # Told it holds two models at once, the node may load LLAMA beside the busy QWEN.
+    cold.config = NodeConfig(
+        url=cold.url, name="cold", max_concurrency=2, weight=1.0, max_loaded_models=2
+    )
+    held = take(pool, want(pool))
+    assert take(pool, want(pool)).node is cold
+    held.release()
+    qwen.release()
+    for lease in list(cold.leases):
+        lease.release()
+
+
+async def test_a_model_used_a_moment_ago_is_in_use_though_idle() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)
+    learned(cold, speed=10, load=1)
+    resident(warm, LLAMA)
+    resident(cold, QWEN)
+    take(pool, want_for(pool, QWEN, 10, settings=SETTINGS)).release()  # served, now idle
+    held = take(pool, want(pool))
+    assert held.node is warm
+    assert pool.try_acquire(want(pool)) is None  # loading LLAMA would push QWEN out
+    pool.clock = lambda: 100.0 + estimate.IN_USE_SECONDS
+    spilled = take(pool, want(pool))  # a minute idle: no longer in use
+    assert spilled.node is cold
+    spilled.release()
+    held.release()
+
+
+async def test_the_conversations_node_wins_within_the_margin() -> None:
+    pool = make_pool("a", "b")
+    learned(pool.nodes["a"], speed=100)  # 1 s
+    learned(pool.nodes["b"], speed=50)  # 2 s: 1 s behind, within 2 s
+    resident(pool.nodes["a"], LLAMA)
+    resident(pool.nodes["b"], LLAMA)
+    w = want(pool, preferred="b")
+    lease = take(pool, w)
+    assert lease.node.name == "b" and reason_of(pool, w, lease.node) == "affinity"
+    lease.release()
+    assert take(pool, want(pool)).node.name == "a"  # without affinity: the faster
+
+
+async def test_affinity_yields_to_load_past_its_margin() -> None:
+    pool = make_pool("a", "b")
+    learned(pool.nodes["a"], speed=100)  # 1 s
+    learned(pool.nodes["b"], speed=100)
+    resident(pool.nodes["a"], LLAMA)
+    resident(pool.nodes["b"], LLAMA)
+    busy = take(pool, want(pool, tokens=500))  # 5 s on one of them
+    other = "a" if busy.node.name == "b" else "b"
+    lease = take(pool, want(pool, preferred=busy.node.name))  # 5 + 1 s vs 1 s: 4 s behind
+    assert lease.node.name == other
+    lease.release()
+    busy.release()
+
+
+async def test_a_node_with_no_statistics_gets_tried() -> None:
+    pool = make_pool("known", "new")
+    known, new = pool.nodes["known"], pool.nodes["new"]
+    learned(known, speed=100)
+    new.models = {LLAMA}
+    resident(known, LLAMA)
+    resident(new, LLAMA)
+    assert estimate.tokens_per_second(new, [known, new], LLAMA) == 100  # the others' mean
+    held = take(pool, want(pool))
+    assert held.node is known  # equal, and it was the less loaded or the turn's
+    tried = take(pool, want(pool))
+    assert tried.node is new
+    tried.release()
+    held.release()
+
+
+async def test_spill_after_still_bounds_the_wait() -> None:
+    pool = make_pool("fast", "slow")
+    fast, slow = pool.nodes["fast"], pool.nodes["slow"]
+    learned(fast, speed=100)
+    learned(slow, speed=1)  # 100 s: waiting for fast is always better
+    resident(fast, LLAMA)
+    resident(slow, LLAMA)
+    settings = RoutingConfig(spill_after=0.05)
+    held = take(pool, want(pool, settings=settings))
+    waiting = asyncio.create_task(pool.acquire(want(pool, settings=settings)))
+    lease = await asyncio.wait_for(waiting, 2)  # fast never frees: spill_after ends the wait
+    assert lease.node is slow
+    lease.release()
+    held.release()
+
+
+def test_a_node_learns_its_overhead_and_only_cold_loads() -> None:
+    node = make_pool("n").nodes["n"]
+    usage = Usage(prompt_tokens=5, completion_tokens=50, eval_seconds=0.5, load_seconds=0.002)
+    node.record_usage(LLAMA, usage, held=0.7)  # warm: its 2 ms load_duration is no load
+    assert node.load_seconds == {} and round(node.overhead_seconds[LLAMA], 6) == 0.2
+    cold = Usage(prompt_tokens=5, completion_tokens=50, eval_seconds=0.5, load_seconds=1.0)
+    node.record_usage(LLAMA, cold, cold=True, held=1.7)
+    assert node.load_seconds == {LLAMA: 1.0} and node.eval_tokens == {LLAMA: 50}
+    assert node.tokens_per_second == {LLAMA: 100}
+
+
+def test_expected_tokens_come_from_the_request_first() -> None:
+    assert estimate.requested_tokens({"options": {"num_predict": 64}}) == 64
+    body = b'{"model": "m", "options": {"num_predict": 8, "num_predict": 64}}'
+    assert estimate.requested_tokens(json_object(body, strict=True)) == 64  # as Go reads it
+    assert estimate.requested_tokens(json_object(b'{"max_tokens": 9}', strict=True)) == 9
+    assert estimate.requested_tokens({"max_tokens": 32}) == 32
+    assert estimate.requested_tokens({"max_completion_tokens": 16}) == 16
+    assert estimate.requested_tokens({"options": {"num_predict": -1}}) is None
+    assert estimate.requested_tokens({"max_tokens": True}) is None
+
+
+# -- through simulated nodes ----------------------------------------------------------------
+
+
+async def generate(proxy: Proxy, tokens: int) -> int:
+    body = {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": tokens}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=body) as resp:
+            await resp.read()
+            return resp.status
+
+
+async def test_sim_a_slow_nodes_free_slot_is_not_taken(
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ollama_proxy.routing")
+    (fast,) = await start_nodes(1, token_interval=0.002)
+    (slow,) = await start_nodes(1, token_interval=0.05)
+    proxy = await start_proxy([fast, slow], caps=[1, 1])
+    nodes = proxy.pool.nodes
+    await wait_until(lambda: all(n.is_resident(LLAMA) for n in nodes.values()))
+    nodes[fast.name].tokens_per_second[LLAMA] = 500.0  # as learned from earlier answers
+    nodes[slow.name].tokens_per_second[LLAMA] = 20.0
+    statuses = await asyncio.gather(*(generate(proxy, 20) for _ in range(3)))
+    assert statuses == [200, 200, 200]
+    assert len(generations(fast)) == 3 and generations(slow) == []  # 3 of 0.04 s before 1 of 1 s
+    text = await proxy.metrics_text()
+    assert metric(text, "ollama_proxy_routing_decisions_total", reason="fastest") == 3
+    line = next(r.message for r in caplog.records if r.name == "ollama_proxy.routing")
+    assert f"reason=fastest candidates={fast.name},{slow.name} finish_s={fast.name}:" in line
+
+
+async def test_sim_an_idle_node_loads_the_model_rather_than_wait(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (warm,) = await start_nodes(1, token_interval=0.05)
+    (cold,) = await start_nodes(1, resident=[], load_delay=0.05)
+    proxy = await start_proxy([warm, cold], caps=[1, 1], routing={"default_load_seconds": 0.1})
+    nodes = proxy.pool.nodes
+    await wait_until(lambda: nodes[warm.name].is_resident(LLAMA))
+    await wait_until(lambda: nodes[cold.name].models is not None)
+    statuses = await asyncio.gather(generate(proxy, 20), generate(proxy, 20))  # 1 s each
+    assert statuses == [200, 200]
+    assert cold.stats.cold_loads == 1  # at once, not after spill_after's 10 s
+    text = await proxy.metrics_text()
+    assert metric(text, "ollama_proxy_routing_decisions_total", reason="spill") == 1
+    assert metric(text, "ollama_proxy_node_expected_wait_seconds", node=cold.name) == 0
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/-/nodes") as resp:
+            shown = {n["name"]: n for n in (await resp.json())["nodes"]}
+    learned_there = shown[cold.name]  # from its cold answer: speed, load, length
+    assert learned_there["load_seconds"][LLAMA] > 0 and learned_there["eval_count"][LLAMA] == 20
+    assert learned_there["tokens_per_second"][LLAMA] > 0
+    assert shown[warm.name]["load_seconds"] == {}  # a warm answer's load_duration is no load
