@@ -97,7 +97,6 @@ async def test_each_turn_prefers_the_node_of_the_turn_before(
     assert counts["hit"] == sum(a == b for s in (otters, stars) for a, b in itertools.pairwise(s))
 
 
-@pytest.mark.xfail(strict=True, reason="until the scheduler honours Want.preferred")
 async def test_turn_n_plus_one_returns_to_turn_n_node(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
