@@ -294,10 +294,11 @@ async def _close_after_upgrade_request(request: web.Request, response: web.Strea
     The proxy upgrades nothing, and aiohttp's C parser (llhttp pauses on such a request)
     drops the bytes that came after it in the same read: requests pipelined behind it
     would never be answered, on a connection left open. Closed with ``Connection: close``,
-    the client knows to send them again on a new connection (RFC 9112 §9.3.2).
+    the client knows to send them again on a new connection (RFC 9112 §9.3.2). Any
+    ``Upgrade`` line is enough: llhttp also needs an ``upgrade`` token on some Connection
+    line, any of them, and closing without one costs a reconnect, not a hang.
     """
-    connection = request.headers.get("Connection", "").lower()
-    if "Upgrade" in request.headers and "upgrade" in connection:
+    if "Upgrade" in request.headers:
         response.force_close()
         response.headers["Connection"] = "close"
 
