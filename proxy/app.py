@@ -139,9 +139,10 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     app.on_response_prepare.append(_close_after_upgrade_request)
     app.on_response_prepare.append(tag_response)
     app.on_response_prepare.append(_cors_headers)
-    app.router.add_get("/", _root)  # also answers HEAD
-    app.router.add_get("/metrics", _metrics)
-    admin.add_routes(app.router, runtime)
+    # Every route gets expect_continue: aiohttp's own logs a client that left as an error.
+    app.router.add_get("/", _root, expect_handler=expect_continue)  # also answers HEAD
+    app.router.add_get("/metrics", _metrics, expect_handler=expect_continue)
+    admin.add_routes(app.router, runtime, expect_continue)
     runtime.fleet.add_routes(
         app.router, wrap=runtime.forwarder.observed, expect_handler=expect_continue
     )

@@ -974,6 +974,17 @@ FOUND = {
     "Expect: 100-continue from a client that left": alone(
         one("POST", "/", headers=(("Expect", "100-continue"),)), leave_after=0
     ),
+    **{
+        f"Expect: 100-continue from a client that left, on the proxy's own {method} {path}": alone(
+            one(method, path, b"", headers=(("Expect", "100-continue"),)), leave_after=0
+        )
+        for method, path in [
+            ("GET", "/"),
+            ("GET", "/metrics"),
+            ("GET", "/-/healthy"),
+            ("HEAD", "/api/tags"),
+        ]
+    },
 }
 
 
