@@ -793,6 +793,7 @@ def check_well_formed(node: RecordingNode, by_id: dict[str, ClientRequest]) -> N
         assert got.version == "1.1", where
         assert got.target.startswith(b"/") and b"#" not in got.target, f"target: {where}"
         streamed = got.target.startswith(BLOBS_PREFIX.encode()) and not got.values("content-length")
+        streamed &= bool(got.values("transfer-encoding"))  # a bodiless check or GET has neither
         if streamed:  # a blob of unknown length (sent chunked) can only go on so (fleet.py)
             assert got.values("transfer-encoding") == [b"chunked"], where
         else:
@@ -974,6 +975,8 @@ FOUND = {
     "Expect: 100-continue from a client that left": alone(
         one("POST", "/", headers=(("Expect", "100-continue"),)), leave_after=0
     ),
+    "a blob check with a body": alone(one("HEAD", BLOBS_PREFIX + DIGEST, GENERATION)),
+    "a GET under the blobs prefix": alone(one("GET", BLOBS_PREFIX, b"")),
     **{
         f"Expect: 100-continue from a client that left, on the proxy's own {method} {path}": alone(
             one(method, path, b"", headers=(("Expect", "100-continue"),)), leave_after=0
