@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -33,16 +34,20 @@ class Managed(Protocol):
     def reload(self) -> list[str]: ...
 
 
-def add_routes(router: web.UrlDispatcher, runtime: Managed) -> None:
+def add_routes(
+    router: web.UrlDispatcher,
+    runtime: Managed,
+    expect: Callable[[web.Request], Awaitable[None]],
+) -> None:
     admin = _Admin(runtime)
-    router.add_get("/-/healthy", admin.healthy)
-    router.add_get("/-/ready", admin.ready)
-    router.add_get("/-/nodes", admin.guarded(admin.nodes))
-    router.add_post("/-/reload", admin.guarded(admin.reload))
-    router.add_get("/-/usage", admin.guarded(admin.usage))
-    router.add_post("/-/nodes/{name}/drain", admin.guarded(admin.drain))
-    router.add_post("/-/nodes/{name}/ready", admin.guarded(admin.undrain))
-    router.add_route("*", "/-/{tail:.*}", admin.not_found)
+    router.add_get("/-/healthy", admin.healthy, expect_handler=expect)
+    router.add_get("/-/ready", admin.ready, expect_handler=expect)
+    router.add_get("/-/nodes", admin.guarded(admin.nodes), expect_handler=expect)
+    router.add_post("/-/reload", admin.guarded(admin.reload), expect_handler=expect)
+    router.add_get("/-/usage", admin.guarded(admin.usage), expect_handler=expect)
+    router.add_post("/-/nodes/{name}/drain", admin.guarded(admin.drain), expect_handler=expect)
+    router.add_post("/-/nodes/{name}/ready", admin.guarded(admin.undrain), expect_handler=expect)
+    router.add_route("*", "/-/{tail:.*}", admin.not_found, expect_handler=expect)
 
 
 class _Admin:

@@ -139,9 +139,10 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     app.on_response_prepare.append(_close_after_upgrade_request)
     app.on_response_prepare.append(tag_response)
     app.on_response_prepare.append(_cors_headers)
-    app.router.add_get("/", _root)  # also answers HEAD
-    app.router.add_get("/metrics", _metrics)
-    admin.add_routes(app.router, runtime)
+    # Every route gets expect_continue: aiohttp's own logs a client that left as an error.
+    app.router.add_get("/", _root, expect_handler=expect_continue)  # also answers HEAD
+    app.router.add_get("/metrics", _metrics, expect_handler=expect_continue)
+    admin.add_routes(app.router, runtime, expect_continue)
     runtime.fleet.add_routes(
         app.router, wrap=runtime.forwarder.observed, expect_handler=expect_continue
     )
@@ -294,10 +295,11 @@ async def _close_after_upgrade_request(request: web.Request, response: web.Strea
     The proxy upgrades nothing, and aiohttp's C parser (llhttp pauses on such a request)
     drops the bytes that came after it in the same read: requests pipelined behind it
     would never be answered, on a connection left open. Closed with ``Connection: close``,
-    the client knows to send them again on a new connection (RFC 9112 §9.3.2).
+    the client knows to send them again on a new connection (RFC 9112 §9.3.2). Any
+    ``Upgrade`` line is enough: llhttp also needs an ``upgrade`` token on some Connection
+    line, any of them, and closing without one costs a reconnect, not a hang.
     """
-    connection = request.headers.get("Connection", "").lower()
-    if "Upgrade" in request.headers and "upgrade" in connection:
+    if "Upgrade" in request.headers:
         response.force_close()
         response.headers["Connection"] = "close"
 

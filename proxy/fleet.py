@@ -177,7 +177,8 @@ class Fleet:
                 method, path, wrap(_answering_errors(handler)), expect_handler=expect_handler
             )
             if method == "GET":
-                router.add_route("HEAD", path, wrap(_answering_errors(handler)))
+                head = wrap(_answering_errors(handler))
+                router.add_route("HEAD", path, head, expect_handler=expect_handler)
 
     # -- merged listings --------------------------------------------------------------------
 

@@ -105,6 +105,29 @@ async def test_an_upgrade_request_does_not_leave_pipelined_requests_hanging(
     assert again.count(b"HTTP/1.1 200 OK\r\n") == 2 and again.endswith(b"Ollama is running")
 
 
+@pytest.mark.parametrize(
+    "asks",
+    [
+        b"Connection: keep-alive\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n",  # a second line
+        b"Connection: x-hop\r\nUpgrade: h2c\r\nconnection: TE, upgrade\r\n",
+    ],
+    ids=["keep-alive then upgrade", "upgrade among tokens on a later line"],
+)
+async def test_an_upgrade_asked_for_on_any_connection_line_closes_the_connection(
+    start_nodes: StartNodes, start_proxy: StartProxy, asks: bytes
+) -> None:
+    """llhttp reads every Connection line for the upgrade token, so the request behind is
+    dropped just the same (the fuzz found it on /v1/messages): the proxy closes here too."""
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    upgrade = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n%bContent-Length: 2\r\n\r\n{}"
+    pipelined = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    answer = await raw_exchange(proxy.url, upgrade % asks + pipelined)  # closed, not left open
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")  # no model: Anthropic's 400
+    assert b"\r\nConnection: close\r\n" in answer and answer.count(b"HTTP/1.1 ") == 1
+    assert generations(node) == []
+
+
 async def test_a_path_no_route_takes_gets_an_ollama_shaped_404(
     start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
