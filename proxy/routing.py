@@ -5,7 +5,8 @@ Read-only over node state; the pool applies the ``Want`` built here in one synch
 For a model-bound request:
 - only nodes that have the model on disk are eligible (a node whose list is not known yet may
   have it), but not one where loading it may push out of memory a model that requests are
-  using (``estimate.evicts_busy``) until the request has waited ``routing.spill_after``;
+  using (``estimate.evicts_busy``) while another node could serve it without, until the
+  request has waited ``routing.spill_after``;
 - among them the pool prefers the node of earliest expected finish (``estimate.py``: the wait
   for a slot, a cold load, the generation), the conversation's own node (``preferred``) with
   ``routing.affinity_margin`` seconds of credit; a free slot elsewhere is passed over for it
@@ -58,10 +59,18 @@ def want_for(
             return UNKNOWN
         return RESIDENT if node.is_resident(model) else ON_DISK
 
+    def fits(node: Node) -> bool:
+        """May serve it without pushing a model in use out of memory."""
+        return node.has_model(model) and not estimate.evicts_busy(node, model, pool.clock())
+
     def eligible(node: Node) -> bool:
         if not node.has_model(model):
             return False
-        return loop.time() >= spill_at or not estimate.evicts_busy(node, model, pool.clock())
+        if loop.time() >= spill_at or fits(node):
+            return True
+        # Held back for a node that fits; with none, holding back saves no load, only time.
+        others = (n for n in pool.nodes.values() if n is not node and n not in excluded)
+        return not any(n.takes_new and fits(n) for n in others)
 
     def finish(node: Node, ahead: int) -> float:
         peers = list(pool.nodes.values())

@@ -170,6 +170,34 @@ async def test_a_model_used_a_moment_ago_is_in_use_though_idle() -> None:
     held.release()
 
 
+async def test_the_only_node_loads_a_model_beside_one_in_use() -> None:
+    pool = make_pool("only")
+    only = pool.nodes["only"]
+    learned(only, speed=10, load=1)
+    resident(only, QWEN)
+    take(pool, want_for(pool, QWEN, 10, settings=SETTINGS)).release()  # served, now idle
+    assert estimate.evicts_busy(only, LLAMA, pool.clock())
+    # No node could take it without pushing a busy model out: holding it back saves no load.
+    lease = await asyncio.wait_for(pool.acquire(want(pool)), 1)
+    assert lease.node is only
+    lease.release()
+
+
+async def test_a_model_busy_everywhere_is_loaded_beside_one_in_use() -> None:
+    pool = make_pool("a", "b")
+    a, b = pool.nodes["a"], pool.nodes["b"]
+    for node in (a, b):
+        learned(node, speed=10, load=1)
+        resident(node, QWEN)
+        node.config = NodeConfig(url=node.url, name=node.name, max_concurrency=2, weight=1.0)
+    busy = [take(pool, want_for(pool, QWEN, 10, settings=SETTINGS)) for _ in range(2)]
+    assert {lease.node for lease in busy} == {a, b}
+    lease = await asyncio.wait_for(pool.acquire(want(pool)), 1)
+    assert lease.node in (a, b)
+    for held in (lease, *busy):
+        held.release()
+
+
 async def test_the_conversations_node_wins_within_the_margin() -> None:
     pool = make_pool("a", "b")
     learned(pool.nodes["a"], speed=100)  # 1 s
