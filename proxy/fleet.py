@@ -27,7 +27,7 @@ from .config import Config
 from .discovery import Discovery, entries
 from .errors import ProxyError, error_body, error_response, failure_text, go_quoted, shown
 from .exchange import EXCHANGE, REQUEST_ID_HEADER
-from .models import normalize_model
+from .models import INVALID_MODEL_NAME, normalize_model, refused_name
 from .pool import Node, Pool
 
 log = logging.getLogger("ollama_proxy.fleet")
@@ -247,8 +247,13 @@ class Fleet:
         return targets
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
-        body, model = await _model_body(request, self.max_body_size)
-        named = model_of(required_json_object(body)) or model  # as the client spelt it
+        body = await read_bounded(request, self.max_body_size)
+        named = model_of(required_json_object(body))  # as the client spelt it
+        if named is None:
+            raise ProxyError(400, "model is required")
+        if refused_name(named):
+            raise ProxyError(400, f"name {go_quoted(named)} is invalid")  # Ollama's words
+        model = normalize_model(named)
         missing = f"model '{shown(named)}' not found"  # Ollama's words for a delete
         holders = await self._holders(model)
         if not holders:
@@ -267,6 +272,9 @@ class Fleet:
         destination = payload.get("destination")
         if not isinstance(source, str) or not isinstance(destination, str):
             raise ProxyError(400, "source and destination are required")
+        for role, name in (("source", source), ("destination", destination)):
+            if refused_name(name):
+                raise ProxyError(400, f"{role} {go_quoted(name)} is invalid")  # Ollama's words
         missing = f"model {go_quoted(shown(source))} not found"  # Ollama's words for a copy
         holders = await self._holders(normalize_model(source))
         if not holders:
@@ -600,6 +608,8 @@ async def _model_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     model = model_of(required_json_object(body))
     if model is None:
         raise ProxyError(400, "model is required")
+    if refused_name(model):
+        raise ProxyError(400, INVALID_MODEL_NAME)
     return body, normalize_model(model)
 
 

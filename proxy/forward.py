@@ -66,7 +66,7 @@ from .http1 import (
     response_headers,
 )
 from .metrics import Metrics, endpoint_label
-from .models import is_unload_request, normalize_model
+from .models import INVALID_MODEL_NAME, is_unload_request, normalize_model, refused_name
 from .pool import Lease, Node, Pool
 from .quota import Quotas
 from .routing import availability, log_decision, reason_of, want_for
@@ -255,6 +255,8 @@ class Forwarder:
             or request.path.startswith(OPENAI_MODEL_PREFIX)
         ):
             ex.model_key = normalize_model(ex.model)
+            if request.path != "/api/push" and refused_name(ex.model):  # push: Ollama streams it
+                raise ProxyError(400, INVALID_MODEL_NAME)  # Ollama's, before it looks for one
         if ex.takes_slot and ex.model_key is not None and self.affinity.entries:
             session = request.headers.get(self.session_header) if self.session_header else None
             ex.conversation = conversation_of(request.path, payload, ex.model_key, session)

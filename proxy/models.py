@@ -57,6 +57,23 @@ def parse_name(name: str) -> ModelName | None:
     return ModelName(*parts)
 
 
+# Ollama's errtypes.InvalidModelNameErrMsg: its 400 for a name ParseName refuses (generate, chat,
+# embed, show, pull, create and the OpenAI paths; delete and copy say it in their own words).
+INVALID_MODEL_NAME = "invalid model name"
+
+
+def refused_name(name: str) -> bool:
+    """A name Ollama answers 400 for before it looks for the model. Not an empty one (its "model
+    is required" or 404 stays), nor one asking for ollama.com's copy (``:cloud``), which Ollama
+    takes off before it parses the rest."""
+    if not name.strip():
+        return False
+    base, colon, suffix = name.strip().rpartition(":")
+    if colon and suffix == "cloud" and parse_name(base) is not None:
+        return False
+    return parse_name(name) is None
+
+
 def _without_local_suffix(name: str) -> str:
     """Ollama reads a last ``:local`` as "this machine's copy" (``llama3.2:1b:local``), not as
     a tag. (``:cloud`` asks a node to send the request to ollama.com instead: another model.)"""

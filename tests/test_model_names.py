@@ -7,6 +7,8 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import ollama
+import openai
 import pytest
 
 from proxy.models import display_name, normalize_model, parse_name
@@ -113,12 +115,59 @@ async def test_the_listing_side_meets_the_request_side(
     assert len(names) == 1 and normalize_model(names[0]) == "hf.co/user/repo:q4_k_m"
 
 
-@pytest.mark.parametrize("name", ["llama3.2@sha256:" + "a" * 64, "llama3.2:", "a/b/c/d"])
-async def test_a_name_ollama_refuses_reaches_no_node(
+REFUSED = ["llama3.2@sha256:" + "a" * 64, "llama3.2:", "a/b/c/d", "x" * 81, "bad name"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+async def test_a_name_ollama_refuses_gets_its_400_and_reaches_no_node(
     start_nodes: StartNodes, start_proxy: StartProxy, name: str
+) -> None:
+    """Ollama's 400 "invalid model name", in each API family's shape, before any node."""
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/show"):
+        status, body = await post(proxy, path, {"model": name, "prompt": "x"})
+        assert (status, body) == (400, {"error": "invalid model name"}), path
+    async with ollama.AsyncClient(host=proxy.url) as client:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await client.chat(model=name, messages=[{"role": "user", "content": "x"}])
+    assert (refused.value.status_code, refused.value.error) == (400, "invalid model name")
+    oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await oai.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}])
+    await oai.close()
+    assert bad.value.status_code == 400 and "invalid model name" in str(bad.value)
+    assert generations(node) == []
+
+
+async def test_fleet_paths_refuse_such_names_in_ollamas_words(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(nodes)
+    name = REFUSED[0]
+    assert await post(proxy, "/api/pull", {"model": name}) == (
+        400,
+        {"error": "invalid model name"},
+    )
+    assert await post(proxy, "/api/create", {"model": name, "from": "llama3.2"}) == (
+        400,
+        {"error": "invalid model name"},
+    )
+    copied = await post(proxy, "/api/copy", {"source": "llama3.2", "destination": name})
+    assert copied == (400, {"error": f'destination "{name}" is invalid'})
+    copied = await post(proxy, "/api/copy", {"source": name, "destination": "x"})
+    assert copied == (400, {"error": f'source "{name}" is invalid'})
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(proxy.url + "/api/delete", json={"model": name}) as resp:
+            assert (resp.status, await resp.json()) == (400, {"error": f'name "{name}" is invalid'})
+    assert all(generations(node) == [] for node in nodes)
+
+
+async def test_a_cloud_name_is_not_refused(
+    start_nodes: StartNodes, start_proxy: StartProxy
 ) -> None:
     (node,) = await start_nodes(1)
     proxy = await start_proxy([node])
-    status, body = await post(proxy, "/api/generate", {"model": name, "prompt": "x"})
-    assert status == 404, body
-    assert generations(node) == []
+    status, body = await post(proxy, "/api/generate", {"model": "gpt-oss:20b:cloud"})
+    assert status == 404, body  # no node lists it: not Ollama's 400 for a name it refuses
