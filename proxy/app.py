@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from . import admin, cors
 from .accesslog import MALFORMED_REQUESTS
@@ -127,12 +128,16 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+CATCH_ALL = web.AppKey("catch_all", web.AbstractResource)  # its route sends the rest on
 
 
 def make_app(config: Config, config_path: Path | None = None) -> web.Application:
     """The proxy as an aiohttp application; serve it with ``handler_cancellation=True``."""
     # Bodies are read and limited by the forwarder itself (max_body_size, reloadable).
-    app = web.Application(client_max_size=2**62, middlewares=[_every_request_first, _browser_rules])
+    app = web.Application(
+        client_max_size=2**62,
+        middlewares=[_every_request_first, _browser_rules, _decoded_path_routes],
+    )
     logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
@@ -148,9 +153,11 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     )
     _route_ollama_paths(app.router, runtime)
     _other_methods_not_allowed(app.router, runtime)
-    app.router.add_route(
+    catch_all = app.router.add_route(
         "*", "/{tail:.*}", runtime.forwarder.handle, expect_handler=expect_continue
     )
+    assert catch_all.resource is not None  # a route added to a router has its resource
+    app[CATCH_ALL] = catch_all.resource
     return app
 
 
@@ -203,6 +210,28 @@ async def _every_request_first(request: web.Request, handler: Handler) -> web.St
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         family = family_of(request.path)
         return error_response(exc.status, exc.reason.lower(), headers=allow, family=family)
+
+
+@web.middleware
+async def _decoded_path_routes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Ollama's router (gin, UseRawPath false) matches the decoded path: ``/api%2Fpull`` is
+    ``/api/pull`` there, a pull on every node. aiohttp matches with ``%2F`` still escaped, so
+    such a request fell to the catch-all and went to one node. Here it goes to the decoded
+    path's handler; the request is the client's, so forwarded it keeps the client's escapes."""
+    if request.match_info.route.resource is not request.app[CATCH_ALL] or not (
+        request.path.startswith(("/api/", "/v1/")) and request.rel_url.path_safe != request.path
+    ):
+        return await handler(request)
+    decoded = request.clone(rel_url=URL.build(path=request.path, encoded=False))
+    match = await request.app.router.resolve(decoded)
+    if match.route.resource is request.app[CATCH_ALL]:
+        return await handler(request)
+    if dict(match) and match.handler != request.app[RUNTIME].forwarder.handle:
+        # A handler that reads a path parameter (a blob's digest) would read the catch-all's:
+        # aiohttp's public API sets no match_info on a request.
+        refusal = ProxyError(400, "an escaped slash is not taken in this path: send it as /")
+        return await request.app[RUNTIME].forwarder.observed(_raising(refusal))(request)
+    return await match.handler(request)
 
 
 @web.middleware

@@ -191,12 +191,17 @@ class NodeConnection:
 def from_the_fleet(got: NodeRequest) -> bool:
     """Sent by fleet.py's client session, not upstream.py's connections: a merged listing, a
     fan-out, a blob (its path built from a checked digest) or an unload. It carries the
-    client's request id too, so that the node's log names the request."""
+    client's request id too, so that the node's log names the request.
+
+    The fleet writes its own paths, unescaped: a forwarded request keeps the client's escapes,
+    so ``/api%2Fpull`` reaching a node as such was forwarded (the proxy routes it, as Ollama
+    does, as ``/api/pull``: a fan-out that sends ``/api/pull``)."""
+    own = got.path.decode("latin-1")
+    if own in LISTING_PATHS | FANOUT_PATHS:
+        return True
+    if own.startswith(BLOBS_PREFIX) and BLOB_DIGEST.fullmatch(own.removeprefix(BLOBS_PREFIX)):
+        return True
     path = unquote_to_bytes(got.path).decode("utf-8", "surrogateescape")
-    if path in LISTING_PATHS | FANOUT_PATHS:
-        return True
-    if path.startswith(BLOBS_PREFIX) and BLOB_DIGEST.fullmatch(path.removeprefix(BLOBS_PREFIX)):
-        return True
     return path in ("/api/generate", "/api/chat") and bool(ollama_unloads(got.path, got.body))
 
 

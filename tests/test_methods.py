@@ -8,6 +8,7 @@ import json
 
 import aiohttp
 import pytest
+import yarl
 
 from .conftest import StartNodes, StartProxy, generations
 
@@ -137,3 +138,29 @@ async def test_a_path_no_route_takes_gets_an_ollama_shaped_404(
         async with session.get(proxy.url + "/api/a%0Ab") as resp:  # a newline in the path
             assert resp.status == 404 and resp.content_type == "application/json"
             assert (await resp.json())["error"]
+
+
+async def test_an_escaped_slash_routes_as_ollama_routes_it(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    """Ollama's router matches the decoded path: ``/api%2Fpull`` is a pull on every node,
+    ``/api%2Ftags`` the merged listing, not one node's answer."""
+    (first,) = await start_nodes(1, models=["a:1"])
+    (second,) = await start_nodes(1, models=["b:2"])
+    proxy = await start_proxy([first, second])
+    async with aiohttp.ClientSession() as session:
+        at = yarl.URL(proxy.url + "/api%2Fpull", encoded=True)
+        async with session.post(at, json={"model": "c:3", "stream": False}) as resp:
+            assert resp.status == 200, await resp.text()
+        at = yarl.URL(proxy.url + "/api%2Ftags", encoded=True)
+        async with session.get(at) as resp:
+            names = sorted(m["name"] for m in (await resp.json())["models"])
+        at = yarl.URL(proxy.url + "/api%2Ftags", encoded=True)
+        async with session.post(at) as resp:
+            assert resp.status == 405  # the decoded path's methods, as Ollama's router
+        at = yarl.URL(proxy.url + "/api%2Fblobs%2Fsha256:" + "0" * 64, encoded=True)
+        async with session.head(at) as resp:
+            assert resp.status == 400  # a path parameter aiohttp cannot hand on: refused
+    for node in (first, second):
+        assert [r.path for r in generations(node)] == ["/api/pull"]
+    assert "a:1" in names and "b:2" in names and "c:3" in names
