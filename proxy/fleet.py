@@ -252,7 +252,7 @@ class Fleet:
         if named is None:
             raise ProxyError(400, "model is required")
         if refused_name(named):
-            raise ProxyError(400, f"name {go_quoted(named)} is invalid")  # Ollama's words
+            raise ProxyError(400, f"name {go_quoted(shown(named))} is invalid")  # Ollama's words
         model = normalize_model(named)
         missing = f"model '{shown(named)}' not found"  # Ollama's words for a delete
         holders = await self._holders(model)
@@ -274,7 +274,9 @@ class Fleet:
             raise ProxyError(400, "source and destination are required")
         for role, name in (("source", source), ("destination", destination)):
             if refused_name(name):
-                raise ProxyError(400, f"{role} {go_quoted(name)} is invalid")  # Ollama's words
+                raise ProxyError(
+                    400, f"{role} {go_quoted(shown(name))} is invalid"
+                )  # Ollama's words
         missing = f"model {go_quoted(shown(source))} not found"  # Ollama's words for a copy
         holders = await self._holders(normalize_model(source))
         if not holders:

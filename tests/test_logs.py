@@ -40,7 +40,7 @@ async def test_control_characters_in_a_model_name_stay_on_one_text_line(
     async with aiohttp.ClientSession() as session:
         body = {"model": FORGED_MODEL, "prompt": "hi"}
         async with session.post(proxy.url + "/api/generate", json=body) as resp:
-            assert resp.status == 404
+            assert resp.status == 400  # a name Ollama refuses: its "invalid model name"
     (line,) = access_lines(caplog)  # written before the answer left
     assert not any(c in line for c in "\n\r\x1b\x7f")
     assert 'model="llama9\\nid=forged\\rstatus=200\\u001b[2J\\u007f"' in line
@@ -73,17 +73,16 @@ async def test_a_huge_model_name_is_cut_in_the_log_and_in_the_error(
     async with aiohttp.ClientSession() as session:
         body = {"model": "a" * HUGE, "prompt": "hi"}
         async with session.post(proxy.url + "/api/generate", data=as_json(body)) as resp:
-            assert resp.status == 404
+            assert resp.status == 400  # too long a name for Ollama: its 400, no name in it
             answer = await resp.read()
         async with session.delete(
             proxy.url + "/api/delete", data=as_json({"model": "b" * HUGE})
         ) as resp:
-            assert resp.status == 404
+            assert resp.status == 400
             deleted = await resp.read()
     assert len(answer) < 1000 and len(deleted) < 1000
-    error = json.loads(answer)["error"]
-    assert error.startswith('model "aaaa') and f'…({HUGE} bytes)" not found' in error
-    assert f"…({HUGE} bytes)' not found" in json.loads(deleted)["error"]
+    assert json.loads(answer)["error"] == "invalid model name"
+    assert f'…({HUGE} bytes)" is invalid' in json.loads(deleted)["error"]
     lines = access_lines(caplog)
     assert len(lines) == 2 and all(len(line) < 1000 for line in lines)
     assert json.loads(lines[0])["model"].endswith(f"…({HUGE} bytes)")
