@@ -116,12 +116,11 @@ class Forwarder:
         """Take new settings (at start and on reload); requests under way keep theirs."""
         self.max_attempts = config.upstream.max_attempts
         self.spill_after = config.routing.spill_after
-        routing = config.routing
+        self.routing = routing = config.routing  # the scheduler's settings, and affinity's
         self.session_header = routing.session_header
         # A node that left the config, or whose name now has another URL, is forgotten.
         nodes = {n.name: n.url for n in config.nodes}
         self.affinity.configure(routing.affinity_entries, routing.affinity_ttl, nodes)
-        self.routing = config.routing
         self.max_body_size = config.max_body_size
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
