@@ -2,7 +2,7 @@
 
 A request's *expected finish* on a node, in seconds from now, is
 
-    wait for a slot  +  a cold load, if the node must load the model  +  overhead  +  generation
+    wait for a slot  +  a cold load, if the node must load the model  +  generation
 
 - **Wait.** Each slot frees when the request on it ends: a request admitted at ``started``
   with an expected duration ``expected`` ends at ``started + expected``; one that has run past
@@ -24,10 +24,9 @@ A request's *expected finish* on a node, in seconds from now, is
   nodes that were (a neutral prior: it is neither shunned nor favoured, so it gets tried), or
   ``DEFAULT_TOKENS_PER_SECOND`` when none was.
 
-- **Overhead.** What the node's requests for the model took beyond load and generation
-  (prompt evaluation, the first token, relaying, a node slower than it reports), a moving
-  average of each answer's time holding the slot less its ``load_duration`` (cold) and
-  ``eval_duration``; none until an answer was seen there.
+- **Overhead** (what a request held its slot beyond load and generation) is learned, shown in
+  /-/nodes, and left out: measured on the proxy's side it carries the proxy's own noise, and a
+  node it made look slower got no request to correct it (a restarted or added node starved).
 """
 
 from __future__ import annotations
@@ -118,8 +117,10 @@ def service_seconds(
 ) -> float:
     """A slot's time for this request once it starts: a cold load if any, then generating."""
     load = load_seconds(node, peers, model, default_load) if loading(node, model) else 0.0
-    overhead = node.overhead_seconds.get(model, 0.0)
-    return load + overhead + tokens / tokens_per_second(node, peers, model)
+    # The learned overhead (``Node.overhead_seconds``) is left out: measured on the proxy's
+    # side, it carries the proxy's own noise (a first connection, a loaded machine), and a
+    # node it makes look slower gets no request to correct it, so it would starve.
+    return load + tokens / tokens_per_second(node, peers, model)
 
 
 def slot_free_times(node: Node, model: str, now: float) -> list[float]:
