@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .pool import Pool
 from .quota import Quotas
 from .reload import FileWatch
+from .state import SharedState
 from .supervision import Tasks, every
 
 log = logging.getLogger("ollama_proxy")
@@ -42,7 +43,8 @@ class Runtime:
         self.config = config
         self.config_path = config_path
         self.pool = Pool(config.nodes, config.queue)
-        self.metrics = Metrics(self.pool)
+        self.state = SharedState(config.state)  # Redis shared with other replicas, if any
+        self.metrics = Metrics(self.pool, self.state)
         self.shutting_down = False
         self.cors = cors.Policy.of(config.cors.origins)
         # Listening on loopback guards Host against DNS rebinding; listen changes only at a
@@ -54,7 +56,7 @@ class Runtime:
         self.fleet = Fleet(self.pool, self._session, self.discovery, config)
         self.health = Health(self.pool, self._session, config.health_check, self.discovery)
         self.forwarder = Forwarder(
-            self.pool, self.health, self.metrics, self.discovery, self.fleet, config
+            self.pool, self.health, self.metrics, self.discovery, self.fleet, config, self.state
         )
 
     @property
@@ -87,6 +89,8 @@ class Runtime:
             self.config.listen_port,
         ):
             log.warning("listen changed in the config: it takes effect at the next restart")
+        if config.state != self.config.state:
+            log.warning("state changed in the config: it takes effect at the next restart")
         if self.auth.mode != mode_of(config):
             log.log(*startup_notice(config))
         self.config = config
@@ -100,6 +104,8 @@ class Runtime:
             self.tasks.spawn(self.health.check_nodes(added), name="checks of added nodes")
 
     def start_loops(self) -> None:
+        if self.state.configured:
+            self.tasks.spawn(self.state.run(), name="shared state")
         self.tasks.spawn(self.health.run(), name="health-checks")
         self.tasks.spawn(self.discovery.run(), name="discovery")
         if self.config_path is not None and self.config.reload.watch:
@@ -125,6 +131,7 @@ class Runtime:
         await self.tasks.aclose()  # first: checks and refreshes use the session
         self.forwarder.upstreams.close()
         await self._session.close()
+        await self.state.aclose()
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -335,6 +342,7 @@ async def _close_after_upgrade_request(request: web.Request, response: web.Strea
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
+    await runtime.state.start()
     await runtime.health.check_all()  # know who is up, and what they hold, before serving
     await runtime.discovery.refresh_all()
     runtime.start_loops()

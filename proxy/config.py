@@ -203,6 +203,24 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where replicas share state: Redis at ``redis_url``, or nothing (this process alone)."""
+
+    redis_url: str = ""  # redis://, rediss:// or unix://; empty: in this process, as one
+    lease_ttl: float = 10.0  # seconds a crashed replica's slots stay counted
+    # Before every key the proxy writes, so several fleets (or tests) can share one Redis.
+    key_prefix: str = "ollama-proxy"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The response cache of embedding answers."""
+
+    max_bytes: int = 256 * 1024 * 1024  # 0: off
+    ttl: float = 3600.0  # seconds an entry may be replayed
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -226,6 +244,8 @@ class Config:
     listen_reuse_port: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = TlsConfig()
+    state: StateConfig = StateConfig()
+    cache: CacheConfig = CacheConfig()
 
 
 DEFAULT_LISTEN = "0.0.0.0:11434"
@@ -699,6 +719,27 @@ def _auto_or_count(r: _Reader, value: object, path: str) -> int | None:
     return value
 
 
+def _state(r: _Reader, raw: dict[str, Any]) -> StateConfig:
+    r.no_unknown_keys(raw, "state", {"redis_url", "lease_ttl", "key_prefix"})
+    url = r.string(raw.get("redis_url", ""), "state.redis_url")
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        r.error("state.redis_url", "must start with redis://, rediss:// or unix://")
+    return StateConfig(
+        redis_url=url,
+        lease_ttl=r.number(raw.get("lease_ttl", 10), "state.lease_ttl", 1),
+        key_prefix=r.string(raw.get("key_prefix", "ollama-proxy"), "state.key_prefix"),
+    )
+
+
+def _cache(r: _Reader, raw: dict[str, Any]) -> CacheConfig:
+    r.no_unknown_keys(raw, "cache", {"max_bytes", "ttl"})
+    max_bytes = raw.get("max_bytes", CacheConfig.max_bytes)
+    return CacheConfig(
+        max_bytes=0 if max_bytes in (0, "0") else r.size(max_bytes, "cache.max_bytes"),
+        ttl=r.number(raw.get("ttl", 3600), "cache.ttl", 0),
+    )
+
+
 def _cors(r: _Reader, raw: dict[str, Any]) -> CorsConfig:
     r.no_unknown_keys(raw, "cors", {"origins"})
     value = raw.get("origins", [])
@@ -728,6 +769,8 @@ _SECTIONS: dict[str, Callable[[_Reader, dict[str, Any]], Any]] = {
     "limits": _limits,
     "cors": _cors,
     "tls": _tls,
+    "state": _state,
+    "cache": _cache,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.IGNORECASE)

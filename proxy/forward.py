@@ -70,6 +70,7 @@ from .models import INVALID_MODEL_NAME, is_unload_request, normalize_model, refu
 from .pool import Lease, Node, Pool
 from .quota import Quotas
 from .routing import availability, log_decision, reason_of, want_for
+from .state import SharedState
 from .telemetry import usage_from_tail
 from .upstream import Connection, Upstreams
 
@@ -96,8 +97,11 @@ class Forwarder:
         discovery: Discovery,
         fleet: Fleet,
         config: Config,
+        state: SharedState | None = None,
     ) -> None:
         self.pool = pool
+        # The Redis replicas share, when state.redis_url is set (else unused).
+        self.state = state or SharedState(config.state)
         self.discovery = discovery
         self.fleet = fleet
         self.upstreams = Upstreams(config.upstream.connect_timeout, config.upstream.idle_timeout)

@@ -26,6 +26,7 @@ from .errors import FailureKind, ProxyError, RetryReason, Unavailable
 from .exchange import Exchange
 from .pool import Node, Pool
 from .routing import REASONS as ROUTING_REASONS
+from .state import SharedState
 from .telemetry import Usage
 
 # The *_created series double the output and no dashboard here reads them.
@@ -93,7 +94,7 @@ def endpoint_label(path: str) -> str:
 
 
 class Metrics:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, state: SharedState | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -236,6 +237,7 @@ class Metrics:
             registry=r,
         )
         r.register(_PoolCollector(pool))
+        r.register(_StateCollector(state))
         # The per-request series, each child looked up once: prometheus-client's labels()
         # takes a lock and checks its arguments (about 2 µs a call, 0.4 µs for the update).
         self._requests_for = functools.cache(self.requests.labels)
@@ -322,6 +324,27 @@ class Metrics:
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
+
+
+class _StateCollector(Collector):
+    """Whether the state replicas share is where the config puts it, read at scrape time."""
+
+    def __init__(self, state: SharedState | None) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "ollama_proxy_state_backend_up",
+            'Where slots, key limits, affinity and the cache are kept: backend="redis" is 1 '
+            "while the configured Redis answers and 0 while the replica serves on local state "
+            'instead; backend="local" is 1 when no Redis is configured.',
+            labels=["backend"],
+        )
+        if self.state is not None and self.state.configured:
+            up.add_metric(["redis"], 1 if self.state.up else 0)
+        else:
+            up.add_metric(["local"], 1)
+        yield up
 
 
 class _PoolCollector(Collector):
