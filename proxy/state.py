@@ -16,6 +16,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from .config import StateConfig
 
@@ -34,6 +35,15 @@ CHECK_INTERVAL = 1.0  # between pings while it does, so an idle replica notices 
 def replica_name() -> str:
     """This process among the replicas: its host, its pid, and a random part for restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class SharedState:
@@ -82,10 +92,12 @@ class SharedState:
             socket_connect_timeout=COMMAND_TIMEOUT,
             health_check_interval=0,
         )
+        where = shown_url(self.config.redis_url)
         if await self._answers():
+            log.info("shared state: in Redis at %s, as replica %s", where, self.replica)
             self._set(True)
         else:
-            log.warning("shared state: Redis does not answer at start; serving on local state")
+            log.warning("shared state: Redis at %s does not answer; serving on local state", where)
 
     def failed(self, exc: BaseException) -> None:
         """A command failed: serve from local state until Redis answers again."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
+from proxy.state import shown_url
+
 from .conftest import RedisServer, StartNodes, StartProxy, metric, wait_until
 
 
@@ -53,3 +55,8 @@ async def test_redis_that_never_answered_is_retried(
     assert not state.up
     redis.start()
     await wait_until(lambda: state.up, timeout=5, what="the proxy to find Redis")
+
+
+def test_a_redis_password_is_never_logged() -> None:
+    assert shown_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
+    assert shown_url("redis://redis:6379/0") == "redis://redis:6379/0"
