@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import socket
@@ -125,6 +126,8 @@ class Runtime:
         await self.tasks.aclose()  # first: checks and refreshes use the session
         self.forwarder.upstreams.close()
         await self._session.close()
+        if self.forwarder.tracing is not None:  # the last spans exported, off the loop
+            await asyncio.to_thread(self.forwarder.tracing.shutdown)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
