@@ -37,7 +37,10 @@ OPERATIONS = {
 }
 PROVIDER = "ollama"
 TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
-_PROPAGATOR = TraceContextTextMapPropagator()  # W3C trace context, whatever OTEL_PROPAGATORS says
+_PROPAGATOR = TraceContextTextMapPropagator()  # W3C trace context only: OTEL_PROPAGATORS unread
+# Methods a span is named by; any other is "_OTHER" (a client may send any token as a method,
+# and names must stay few: the HTTP semantic conventions' rule).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"})
 _EXPORTERS_GROUP = "opentelemetry_traces_exporter"  # the entry points the exporter packages add
 _OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
 
@@ -45,27 +48,26 @@ _OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grp
 class Tracing:
     """The proxy's tracer; ``begin`` makes one request's span."""
 
-    def __init__(self, provider: trace.TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("ollama_proxy")
 
     def begin(self, method: str, path: str, headers: Mapping[str, str], request_id: str) -> Span:
         parent = _PROPAGATOR.extract(headers)  # the client's traceparent and tracestate
+        known = method if method in KNOWN_METHODS else "_OTHER"
         attributes = {
-            "http.request.method": method,
+            "http.request.method": known,
             "url.path": path,
             "ollama_proxy.request_id": request_id,
         }
         span = self.tracer.start_span(
-            method, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            known, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
-        return Span(span, method, OPERATIONS.get(path))
+        return Span(span, known if known != "_OTHER" else "HTTP", OPERATIONS.get(path))
 
     def shutdown(self) -> None:
         """Export what is still buffered (at the proxy's stop)."""
-        shutdown = getattr(self.provider, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.provider.shutdown()
 
 
 class Span:

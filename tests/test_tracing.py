@@ -3,6 +3,7 @@ context taken from the client and given to the node, and nothing at all when it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -80,7 +81,8 @@ def node_context(node: SimNode) -> tuple[str, str]:
 
 
 def node_traceparent(node: SimNode) -> str | None:
-    (seen,) = [r for r in node.stats.requests if r.path.startswith(("/api/", "/v1/"))][-1:]
+    """The traceparent of the last request a client sent (health checks and discovery GET)."""
+    seen = [r for r in node.stats.requests if r.method == "POST"][-1]
     headers = {k.lower(): v for k, v in seen.headers.items()}
     return headers.get("traceparent")
 
@@ -192,9 +194,12 @@ async def test_other_requests_are_named_by_method_and_route(
     await post(proxy.url + "/api/show", {"model": "llama3.2"})
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/api/tags") as resp:
         assert resp.status == 200
-    await wait_until(lambda: len(exporter.get_finished_spans()) == 2, what="two spans")
+    async with aiohttp.ClientSession() as session:
+        async with session.request("PROPFIND", proxy.url + "/pot") as resp:
+            assert resp.status == 404  # the node's answer to a path it does not know
+    await wait_until(lambda: len(exporter.get_finished_spans()) == 3, what="three spans")
     names = sorted(span.name for span in exporter.get_finished_spans())
-    assert names == ["GET /api/tags", "POST /api/show"]
+    assert names == ["GET /api/tags", "HTTP other", "POST /api/show"]  # names stay few
     assert all(
         "gen_ai.operation.name" not in (s.attributes or {}) for s in exporter.get_finished_spans()
     )
@@ -233,6 +238,32 @@ async def test_a_client_that_leaves_ends_the_span_in_error(
     assert (span.attributes or {})["error.type"] == "client_closed"
     assert "gen_ai.usage.output_tokens" not in (span.attributes or {})
     assert [e.name for e in span.events] == ["admitted", "first_byte", "end"]
+
+
+async def test_admission_tells_the_queue_wait_and_leaving_the_queue_is_an_error(
+    start_nodes: StartNodes, start_proxy: StartProxy, exporter: InMemorySpanExporter
+) -> None:
+    (node,) = await start_nodes(1, tokens=30, token_interval=0.01)
+    proxy = await start_proxy([node], caps=[1])
+    trace_to(proxy, exporter)
+    async with aiohttp.ClientSession() as session:
+        holder = await session.post(proxy.url + "/api/chat", json={**CHAT, "stream": True})
+        waiter = asyncio.create_task(post(proxy.url + "/api/chat", CHAT))
+        leaver = asyncio.create_task(session.post(proxy.url + "/api/chat", json=CHAT))
+        await wait_until(lambda: proxy.pool.queue_depth == 2, what="two queued")
+        leaver.cancel()
+        await wait_until(lambda: proxy.pool.queue_depth == 1, what="one left the queue")
+        await holder.read()
+        await waiter
+    await wait_until(lambda: len(exporter.get_finished_spans()) == 3, what="three spans")
+    left, held, waited = exporter.get_finished_spans()  # in the order they ended
+    assert [e.name for e in left.events] == ["end"]  # never admitted
+    assert (left.attributes or {})["error.type"] == "client_closed"
+    assert left.status.status_code is StatusCode.ERROR
+    admitted = {span: (span.events[0].attributes or {}) for span in (held, waited)}
+    assert admitted[held]["ollama_proxy.queue_wait"] < 0.1
+    assert admitted[waited]["ollama_proxy.queue_wait"] >= 0.2  # behind 30 tokens of 10 ms
+    assert waited.status.status_code is StatusCode.UNSET
 
 
 async def test_a_node_that_fails_mid_stream_ends_the_span_in_error(
