@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import socket
@@ -132,6 +133,8 @@ class Runtime:
         self.forwarder.upstreams.close()
         await self._session.close()
         await self.state.aclose()
+        if self.forwarder.tracing is not None:  # the last spans exported, off the loop
+            await asyncio.to_thread(self.forwarder.tracing.shutdown)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -12,6 +13,9 @@ from .auth import Key
 from .errors import RejectionReason
 from .pool import Node
 from .telemetry import Usage
+
+if TYPE_CHECKING:
+    from .spans import Span
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left before the answer ended
 # The proxy itself ended the request before its answer did (the drain's end at a stop): the
@@ -47,6 +51,7 @@ class Exchange:
     limit_headers: dict[str, str] = field(default_factory=dict)  # X-RateLimit-*, for answers
     conversation: Conversation | None = None  # a chat's keys in the affinity table
     affinity: Result | None = None  # whether it went back to its last turn's node
+    trace: Span | None = None  # its OpenTelemetry span, when tracing is on
 
     @property
     def reported_status(self) -> int:

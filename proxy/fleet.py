@@ -49,21 +49,23 @@ class _Caller:
     """Who a fleet request answers: the client's Origin, so that the nodes' own
     OLLAMA_ORIGINS still judge a browser's pull or delete; the request's id, so that every
     node's log names the request the proxy's does; and its key, whose globs limit what the
-    listings show."""
+    listings show. When tracing is on, the request's span is every node's parent."""
 
     origin: str | None = None
     request_id: str | None = None
     key: Key | None = None
+    trace: tuple[tuple[str, str], ...] = ()  # traceparent (and tracestate) of the proxy's span
 
     @classmethod
     def of(cls, request: web.Request) -> _Caller:
         ex = request.get(EXCHANGE)
         request_id = ex.request_id if ex else request.headers.get(REQUEST_ID_HEADER)
-        return cls(request.headers.get("Origin"), request_id, ex.key if ex else None)
+        trace = tuple(ex.trace.context_headers().items()) if ex and ex.trace else ()
+        return cls(request.headers.get("Origin"), request_id, ex.key if ex else None, trace)
 
     def headers(self) -> dict[str, str]:
         named = {"Origin": self.origin, REQUEST_ID_HEADER: self.request_id}
-        return {name: value for name, value in named.items() if value is not None}
+        return {name: value for name, value in [*named.items(), *self.trace] if value is not None}
 
 
 # Set for the length of one fleet request; the tasks it starts copy it.

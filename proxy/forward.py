@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion11, hdrs, web
 
@@ -72,7 +73,11 @@ from .quota import Quotas
 from .routing import availability, log_decision, reason_of, want_for
 from .state import SharedState
 from .telemetry import usage_from_tail
+from .tracing import from_environment
 from .upstream import Connection, Upstreams
+
+if TYPE_CHECKING:
+    from .spans import Span, Tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -114,6 +119,7 @@ class Forwarder:
         self.quotas = Quotas()  # each key's windows and totals, kept across reloads
         # Which node served each conversation's last turn; kept across reloads.
         self.affinity = Affinity(config.routing.affinity_entries, config.routing.affinity_ttl)
+        self.tracing: Tracing | None = from_environment()  # None: untraced, and it costs nothing
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -172,6 +178,10 @@ class Forwarder:
             request_id=request.headers.get(REQUEST_ID_HEADER) or _new_request_id(),
             client=request.remote or "",
         )
+        if self.tracing is not None:
+            ex.trace = self.tracing.begin(
+                request.method, request.path, request.headers, ex.request_id
+            )
         request[REQUEST_ID] = ex.request_id  # for the answer's head (tag_response)
         request[EXCHANGE] = ex  # for the fleet's handlers: the request's id and key
         self.active += 1
@@ -203,7 +213,10 @@ class Forwarder:
             ex.client_gone = ex.cut is None
             return web.Response()
         finally:
-            self.metrics.request_done(ex, endpoint_label(request.path))
+            endpoint = endpoint_label(request.path)
+            self.metrics.request_done(ex, endpoint)
+            if ex.trace is not None:
+                _end_trace(ex.trace, ex, endpoint)
             self._account_key(ex)
             self.access_log.record(ex)
             self.active -= 1
@@ -317,12 +330,16 @@ class Forwarder:
             ex.node = None  # the proxy's own shortage: no node answered, none is to blame
             raise
         except UpstreamError as err:
+            if ex.trace is not None:
+                ex.trace.failed(err.kind)
             self._node_failed(node, err.kind)
             tried.append(node)
             if err.may_retry and self._may_retry(ex, tried):
                 self.metrics.retry(err.kind)
                 return None
             raise _gateway_error(node, err) from None
+        if ex.trace is not None:
+            ex.trace.first_byte(upstream.head.status)
         if upstream.head.status == 503 and self._may_retry(ex, [*tried, node]):
             # Ollama's own queue is full: nothing was generated, another node may have room.
             upstream.conn.finish()
@@ -368,6 +385,8 @@ class Forwarder:
         if ex.conversation is not None:
             ex.affinity = result_of(known, lease.node.name)
         ex.admitted = time.monotonic()
+        if ex.trace is not None:
+            ex.trace.admitted(lease.node.name, lease.node.url, ex.queue_wait)
         if ex.takes_slot:
             self.metrics.routing_decision(reason_of(self.pool, want, lease.node))
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
@@ -399,13 +418,16 @@ class Forwarder:
     async def _send(self, request: web.Request, ex: Exchange, node: Node) -> Upstream:
         """Send the request and wait for the node's status and headers."""
         connections = self.upstreams.to(node.url)
+        headers = _with_request_id(request, ex, self.dropped_request_headers)
+        if ex.trace is not None:  # the proxy's span for the client's, as the node's parent
+            headers = ex.trace.outgoing(headers)
         raw = request_bytes(
             request.method,
             # Origin-form always, with the client's own escapes and no fragment (the target
             # of an absolute-form request names the proxy, not where the node should look).
             connections.base_path + request.rel_url.raw_path_qs,
             connections.host_header,
-            _with_node_headers(_with_request_id(request, ex, self.dropped_request_headers), node),
+            _with_node_headers(headers, node),
             ex.body,
         )
         while True:
@@ -452,6 +474,8 @@ class Forwarder:
                 await response.write(data)
             await response.write_eof()
         except UpstreamError as err:
+            if ex.trace is not None:
+                ex.trace.failed(err.kind)
             self._node_failed(node, err.kind)
             await _break_stream(request, response, head, node, err)
             return response
@@ -469,6 +493,8 @@ class Forwarder:
         try:
             body = await upstream.answer.read_all()
         except UpstreamError as err:
+            if ex.trace is not None:
+                ex.trace.failed(err.kind)
             self._node_failed(node, err.kind)
             raise _gateway_error(node, err) from None  # nothing was sent: a clean error
         head = upstream.head
@@ -522,6 +548,18 @@ async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -
     head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
     request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
     response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
+
+
+def _end_trace(span: Span, ex: Exchange, endpoint: str) -> None:
+    """The request's outcome on its span, which ends."""
+    usage = ex.usage
+    span.end(
+        model=ex.model,
+        endpoint=endpoint,
+        status=ex.status,
+        tokens=(usage.prompt_tokens, usage.completion_tokens) if usage is not None else None,
+        cut=ex.cut or ("client_closed" if ex.client_gone else None),
+    )
 
 
 def _with_request_id(request: web.Request, ex: Exchange, dropped: frozenset[bytes]) -> RawHeaders:
