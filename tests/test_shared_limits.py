@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,32 @@ async def test_without_redis_each_replica_holds_its_own_window(
     assert await statuses([b, a, b, a]) == [200, 200, 200, 429]
 
 
+async def test_a_redis_that_hangs_costs_a_request_half_a_second_at_most(
+    start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    """Redis stopped (SIGSTOP: connections open, no answer): the request that finds out waits
+    for the command's timeout, then is served from local state, as are the next ones."""
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(
+        nodes, state={"redis_url": redis.url}, auth=keys(requests_per_minute=100)
+    )
+    history: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
+    await turn(proxy, history, "before", headers=bearer("alice"))
+    assert redis.process is not None
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        history.append({"role": "user", "content": "and then?"})  # a lookup, and an admission
+        started = time.monotonic()
+        await turn(proxy, history, "during", headers=bearer("alice"))
+        # The one command timeout (0.5 s), the answer, and room for a loaded machine.
+        assert time.monotonic() - started < 2
+        assert not proxy.runtime.state.up
+        assert served_by(nodes, "during") == served_by(nodes, "before")  # the local table
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    await wait_until(lambda: proxy.runtime.state.up, timeout=5, what="Redis answering again")
+
+
 async def test_the_windows_in_redis_slide_as_the_local_ones(
     start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
 ) -> None:
@@ -186,11 +214,17 @@ async def test_the_windows_in_redis_slide_as_the_local_ones(
 # -- conversation affinity -----------------------------------------------------------------
 
 
-async def turn(proxy: Proxy, history: list[dict[str, Any]], request_id: str) -> None:
+async def turn(
+    proxy: Proxy,
+    history: list[dict[str, Any]],
+    request_id: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     body = {"model": "llama3.2", "messages": history, "stream": False}
+    headers = {"X-Request-Id": request_id, **(headers or {})}
     async with (
         aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/api/chat", json=body, headers={"X-Request-Id": request_id}) as r,
+        s.post(proxy.url + "/api/chat", json=body, headers=headers) as r,
     ):
         assert r.status == 200
         history.append((await r.json())["message"])
