@@ -21,9 +21,12 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .config import KeyConfig
 from .quota import DAY, MINUTE, Figures, KeyUsage, Quotas, headers_of, over_limit, report_of
 from .state import COMMAND_TIMEOUT, SharedState
 
@@ -222,6 +225,7 @@ class SharedQuotas:
         self._writes = writes
         writes.source(self._take_charges)
         self._script: AsyncScript | None = None  # registered once Redis is connected
+        self._refused: dict[str, Refusal] = {}  # keys found full, until their window has room
 
     def _admit(self) -> AsyncScript:
         if self._script is None:
@@ -238,6 +242,9 @@ class SharedQuotas:
         usage = self.quotas.keys.get(name)
         if usage is None or not usage.limited:
             return self.quotas.admit(name)
+        if (refused := self._refused.get(name)) is not None:
+            refused.check(usage.config)
+            del self._refused[name]
         limits = [-1 if limit is None else limit for _, _, limit in usage.limits()]
         args = [
             a
@@ -253,6 +260,9 @@ class SharedQuotas:
         figures = _figures(seen)
         if full:
             what = usage.limits()[int(full) - 1][0]
+            self._refused[name] = Refusal(
+                usage.config, what, float(wait), figures, time.monotonic()
+            )
             raise over_limit(usage.config, what, float(wait), figures)
         self.quotas.count(name)
         return headers_of(usage.config, figures)
@@ -301,6 +311,27 @@ class SharedQuotas:
         for usage in limited:
             pipe.eval(_PEEK, len(WINDOWS), *self._keys(usage.config.name), *args)
         return [_figures(seen) for seen in await pipe.execute()]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A key found over a window, refused here without asking Redis again until the window
+    has room: a refused request counts nothing, so only time (and more tokens charged) moves
+    that moment, and only later. Spares Redis the clients that retry before Retry-After."""
+
+    config: KeyConfig
+    what: str
+    wait: float
+    figures: list[Figures]
+    at: float
+
+    def check(self, config: KeyConfig) -> None:
+        """Raise the 429, as of now, while the window is full (and the key's limits are the
+        ones it was found over: a reload may have raised them)."""
+        elapsed = time.monotonic() - self.at
+        if config is self.config and elapsed < self.wait:
+            figures = [(used, max(0.0, reset - elapsed)) for used, reset in self.figures]
+            raise over_limit(config, self.what, self.wait - elapsed, figures)
 
 
 def taken(pending: dict[K, V], writes: WriteBehind) -> list[tuple[K, V]]:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from redis.asyncio import Redis
 
 from proxy.affinity import conversation_of
 from proxy.errors import RateLimited
@@ -76,6 +77,12 @@ async def statuses(order: list[Proxy]) -> list[int]:
     return [(await chat(proxy))[0] for proxy in order]
 
 
+async def admissions(client: Redis) -> int:
+    """The admission scripts Redis has run."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 def charged(proxy: Proxy, tokens: int) -> bool:
     """The replica has charged ``tokens`` to alice and sent them to Redis."""
     forwarder = proxy.runtime.forwarder
@@ -94,6 +101,11 @@ async def test_a_request_limit_holds_across_replicas(
     assert status == 429 and int(headers["Retry-After"]) >= 1
     assert await statuses([a]) == [429]
     assert len(generations(node)) == 3
+    # Found full, a replica refuses without asking Redis again until the window has room.
+    assert b.runtime.state.client is not None
+    asked = await admissions(b.runtime.state.client)
+    assert await statuses([b, b, a]) == [429] * 3
+    assert await admissions(b.runtime.state.client) == asked
     async with (
         aiohttp.ClientSession() as s,
         s.get(b.url + "/-/usage", headers=bearer("root")) as r,
@@ -102,7 +114,7 @@ async def test_a_request_limit_holds_across_replicas(
     assert usage["shared"] is True
     [alice] = [k for k in usage["keys"] if k["name"] == "alice"]
     assert alice["windows"]["requests_per_minute"]["used"] == 3  # the fleet's, not b's 1
-    assert alice["requests"] == {"200": 1, "429": 1}  # totals stay per replica
+    assert alice["requests"] == {"200": 1, "429": 3}  # totals stay per replica
 
 
 async def test_a_token_budget_holds_across_replicas(
@@ -198,6 +210,7 @@ async def test_the_windows_in_redis_slide_as_the_local_ones(
     for old, gone in ((seconds - 70, "1"), (seconds - 9000, "1")):  # stepped through; scanned
         buckets = {str(old): gone, str(seconds - 30): "2", str(seconds - 5): "1"}
         await state.client.delete(key)
+        quotas._refused.clear()  # found full before: refused without asking Redis
         await state.client.hset(key, mapping={**buckets, "sum": 4, "old": old, "new": seconds - 5})
         with pytest.raises(RateLimited) as refused:
             await quotas.admit("alice")
@@ -206,6 +219,7 @@ async def test_the_windows_in_redis_slide_as_the_local_ones(
         assert await state.client.hget(key, str(old)) is None
         assert await state.client.hget(key, "sum") == b"3"
     await state.client.hset(key, mapping={"sum": 2, str(seconds - 30): 1})  # room for one
+    quotas._refused.clear()
     headers = await quotas.admit("alice")
     assert headers["X-RateLimit-Remaining-Requests"] == "0"
     assert headers["X-RateLimit-Reset-Requests"] in ("1m0s", "1m1s")  # the new bucket's
