@@ -10,6 +10,9 @@ longer than the span).
 Requests are counted when admitted; tokens (prompt + completion) when the answer has ended,
 from its final chunk, so a stream is never cut for its tokens: the key's next request gets
 429 instead. State is kept by key name and survives reloads for keys that stay.
+
+These are this process's windows; with ``state.redis_url`` the fleet's are in Redis
+(``shared_limits``), and these count alongside and serve while Redis does not answer.
 """
 
 from __future__ import annotations
