@@ -13,7 +13,7 @@ from .auth import Auth, KeyRefused
 from .config import Config
 from .errors import error_response, shown
 from .pool import Node, Pool
-from .quota import Quotas
+from .shared_limits import SharedQuotas
 
 Handler = Any
 
@@ -29,7 +29,7 @@ class Managed(Protocol):
     def auth(self) -> Auth: ...
 
     @property
-    def quotas(self) -> Quotas: ...
+    def quotas(self) -> SharedQuotas: ...
 
     def reload(self) -> list[str]: ...
 
@@ -101,7 +101,7 @@ class _Admin:
 
     async def usage(self, request: web.Request) -> web.Response:
         """Each key's totals since the start and its rate windows now."""
-        return web.json_response(self.runtime.quotas.report())
+        return web.json_response(await self.runtime.quotas.report())
 
     async def drain(self, request: web.Request) -> web.Response:
         return self._set_draining(request, True)

@@ -69,10 +69,12 @@ Message = tuple[str, list[Any]]
 # Canonical JSON, in C (ASCII: a lone surrogate, which Python's decoder lets through, is
 # escaped rather than an error).
 _encode = json.JSONEncoder(check_circular=False, separators=(",", ":"), sort_keys=True).encode
-# Strings this long go into the JSON as their hash: JSON-escaping a long text costs several
-# times hashing it. ``hash`` (SipHash, in C, keyed per process) is enough: the table lives in
-# this process only, and a key is a routing hint, never a secret or an identity.
+# Strings this long go into the JSON as their digest: JSON-escaping a long text costs several
+# times hashing it. A digest rather than ``hash`` (keyed per process): replicas that share the
+# table in Redis must compute the same keys. SHA-256, as for the keys themselves. A key is a
+# routing hint, never a secret.
 _LONG = 64
+_TEXT_DIGEST = 8
 
 
 def _json(value: Any) -> bytes:
@@ -84,7 +86,10 @@ def _digest(data: bytes) -> bytes:
 
 
 def _text(text: str) -> str | int:
-    return text if len(text) < _LONG else hash(text)
+    if len(text) < _LONG:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:_TEXT_DIGEST]
+    return int.from_bytes(digest)  # a number: never equal to a short text
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -286,6 +291,10 @@ class Affinity:
 
     def __len__(self) -> int:
         return len(self._table)
+
+    def knows(self, node: str) -> bool:
+        """The node is in the config (a name another replica recorded may not be)."""
+        return node in self._nodes
 
     def lookup(self, key: bytes | None) -> str | None:
         """The node that served the conversation last, unless that was ``ttl`` ago."""

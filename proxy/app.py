@@ -26,8 +26,8 @@ from .forward import Forwarder, expect_continue, tag_response
 from .health import Health
 from .metrics import Metrics
 from .pool import Pool
-from .quota import Quotas
 from .reload import FileWatch
+from .shared_limits import SharedQuotas
 from .state import SharedState
 from .supervision import Tasks, every
 
@@ -65,8 +65,8 @@ class Runtime:
         return self.forwarder.auth
 
     @property
-    def quotas(self) -> Quotas:
-        return self.forwarder.quotas
+    def quotas(self) -> SharedQuotas:
+        return self.forwarder.shared_quotas
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
@@ -107,6 +107,7 @@ class Runtime:
     def start_loops(self) -> None:
         if self.state.configured:
             self.tasks.spawn(self.state.run(), name="shared state")
+            self.tasks.spawn(self.forwarder.writes.run(), name="shared state writes")
         self.tasks.spawn(self.health.run(), name="health-checks")
         self.tasks.spawn(self.discovery.run(), name="discovery")
         if self.config_path is not None and self.config.reload.watch:

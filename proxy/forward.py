@@ -71,6 +71,8 @@ from .models import INVALID_MODEL_NAME, is_unload_request, normalize_model, refu
 from .pool import Lease, Node, Pool
 from .quota import Quotas
 from .routing import availability, log_decision, reason_of, want_for
+from .shared_affinity import SharedAffinity
+from .shared_limits import SharedQuotas, WriteBehind
 from .state import SharedState
 from .telemetry import usage_from_tail
 from .tracing import from_environment
@@ -120,6 +122,10 @@ class Forwarder:
         # Which node served each conversation's last turn; kept across reloads.
         self.affinity = Affinity(config.routing.affinity_entries, config.routing.affinity_ttl)
         self.tracing: Tracing | None = from_environment()  # None: untraced, and it costs nothing
+        # Both kept for the fleet too while Redis answers, written behind by one task.
+        self.writes = WriteBehind(self.state)
+        self.shared_quotas = SharedQuotas(self.quotas, self.state, self.writes)
+        self.shared_affinity = SharedAffinity(self.affinity, self.state, self.writes)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -228,6 +234,11 @@ class Forwarder:
             raise BadRequest("invalid request target: a fragment is never sent to a server")
         await self._read(request, ex)
         self._check_key(ex)
+        if ex.takes_slot and ex.key is not None:  # the key's windows: the fleet's when shared
+            if self.state.shared:
+                ex.limit_headers = await self.shared_quotas.admit(ex.key.name)
+            else:
+                ex.limit_headers = self.quotas.admit(ex.key.name)
         if ex.unload and ex.model_key is not None:
             await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
@@ -280,15 +291,13 @@ class Forwarder:
     # -- the client's key -------------------------------------------------------------------
 
     def _check_key(self, ex: Exchange) -> None:
-        """The key may use the model it names, and has budget left for inference (429)."""
+        """The key may use the model it names (its budget for inference is checked next)."""
         if ex.key is None:
             return
         if ex.model is not None and ex.path.startswith(OPENAI_MODEL_PREFIX):
             self.auth.check_listed(ex.key, ex.model)
         elif ex.model is not None and not is_management(ex.path):
             self.auth.check_model(ex.key, normalize_model(ex.model))
-        if ex.takes_slot:
-            ex.limit_headers = self.quotas.admit(ex.key.name)
 
     def _account_key(self, ex: Exchange) -> None:
         """After the answer: its status, and its tokens from the final chunk, on the key."""
@@ -296,7 +305,8 @@ class Forwarder:
             return
         self.quotas.answered(ex.key.name, ex.reported_status, ex.rejection)
         if ex.usage is not None:
-            self.quotas.charge(ex.key.name, ex.usage.prompt_tokens, ex.usage.completion_tokens)
+            usage = ex.usage
+            self.shared_quotas.charge(ex.key.name, usage.prompt_tokens, usage.completion_tokens)
 
     # -- admit and attempt ------------------------------------------------------------------
 
@@ -361,7 +371,11 @@ class Forwarder:
         if ex.model_key is not None:
             await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
-        known = self.affinity.lookup(ex.conversation.lookup) if ex.conversation else None
+        key = ex.conversation.lookup if ex.conversation else None
+        if key is not None and self.state.shared:  # another replica may have served it
+            known = await self.shared_affinity.lookup(key)
+        else:
+            known = self.affinity.lookup(key)
         preferred = known if known is not None and self._takes_new(known) else None
         want = want_for(
             self.pool,
@@ -528,9 +542,9 @@ class Forwarder:
         """This turn's node, for the conversation's next turn: under its history's key and, on
         the Responses API, under the id of this answer (a next turn may name it previous)."""
         if ex.conversation is not None and ex.conversation.record is not None:
-            self.affinity.record(ex.conversation.record, node.name)
+            self.shared_affinity.record(ex.conversation.record, node.name)
         if ex.path == "/v1/responses" and (response_id := response_id_of(tail)):
-            self.affinity.record(response_key(model, response_id), node.name)
+            self.shared_affinity.record(response_key(model, response_id), node.name)
 
 
 REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head

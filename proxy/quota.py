@@ -10,6 +10,9 @@ longer than the span).
 Requests are counted when admitted; tokens (prompt + completion) when the answer has ended,
 from its final chunk, so a stream is never cut for its tokens: the key's next request gets
 429 instead. State is kept by key name and survives reloads for keys that stay.
+
+These are this process's windows; with ``state.redis_url`` the fleet's are in Redis
+(``shared_limits``), and these count alongside and serve while Redis does not answer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from .errors import RateLimited, RejectionReason
 
 MINUTE = 60.0
 DAY = 86400.0
+
+
+# A window as the answer's headers and /-/usage show it: what it holds, and the seconds until
+# it is empty; the same whether counted here or, for the fleet, in Redis. A plain tuple: this
+# is on the request path of every key with limits (a NamedTuple costs ten times as much).
+Figures = tuple[int, float]
 
 
 class Window:
@@ -66,6 +75,11 @@ class Window:
         self._expire(now)
         return self._end(self._buckets[-1][0]) - now if self._buckets else 0.0
 
+    def figures(self, now: float) -> Figures:
+        self._expire(now)
+        reset = self._end(self._buckets[-1][0]) - now if self._buckets else 0.0
+        return int(self._total), reset
+
     def _end(self, start: float) -> float:
         return start + self.step + self.span
 
@@ -94,6 +108,25 @@ class KeyUsage:
             ("tokens_per_day", self.tokens_day, c.tokens_per_day),
         ]
 
+    @property
+    def limited(self) -> bool:
+        """Some window of the key has a limit (a key with none has nothing to hold)."""
+        c = self.config
+        return not (c.requests_per_minute is c.tokens_per_minute is c.tokens_per_day is None)
+
+    def figures(self, now: float, limited: bool = False) -> list[Figures]:
+        """Each window's use and reset now, in the order of ``limits``; with ``limited``, the
+        windows with no limit as empty (the headers leave them out)."""
+        c, every = self.config, not limited
+        return [
+            self.requests.figures(now) if every or c.requests_per_minute else _EMPTY,
+            self.tokens_minute.figures(now) if every or c.tokens_per_minute else _EMPTY,
+            self.tokens_day.figures(now) if every or c.tokens_per_day else _EMPTY,
+        ]
+
+
+_EMPTY: Figures = (0, 0.0)
+
 
 class Quotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -115,16 +148,21 @@ class Quotas:
         if usage is None:
             return {}  # revoked while the request was read: its key is checked no more
         now = self.clock()
+        if not usage.limited:
+            usage.requests.add(now, 1)
+            return {}
         for what, window, limit in usage.limits():
             wait = window.wait(now, limit) if limit is not None else 0.0
             if wait > 0:
-                reason: RejectionReason = "rate" if what.startswith("requests") else "tokens"
-                message = f"key {name!r} is over its {what} ({limit}); retry in {wait:.0f} s"
-                retry = max(1, math.ceil(wait))
-                headers = _headers(usage, now)
-                raise RateLimited(message, reason=reason, retry_after=retry, headers=headers)
+                raise over_limit(usage.config, what, wait, usage.figures(now, limited=True))
         usage.requests.add(now, 1)
-        return _headers(usage, now)
+        return headers_of(usage.config, usage.figures(now, limited=True))
+
+    def count(self, name: str) -> None:
+        """One request admitted elsewhere (by the fleet's windows): counted here too, so that
+        this replica's windows are current should it have to fall back on them."""
+        if (usage := self.keys.get(name)) is not None:
+            usage.requests.add(self.clock(), 1)
 
     def charge(self, name: str, prompt: int, completion: int) -> None:
         usage = self.keys.get(name)
@@ -145,18 +183,30 @@ class Quotas:
     def report(self) -> dict[str, Any]:
         """GET /-/usage: each key's totals and its windows now."""
         now = self.clock()
-        return {"keys": [_report(usage, now) for usage in self.keys.values()]}
+        return {"keys": [report_of(u, u.figures(now)) for u in self.keys.values()]}
 
 
-def _report(usage: KeyUsage, now: float) -> dict[str, Any]:
+def over_limit(config: KeyConfig, what: str, wait: float, figures: list[Figures]) -> RateLimited:
+    """429 for a key over its ``what`` window, which has room again in ``wait`` seconds."""
+    limit = getattr(config, what)
+    reason: RejectionReason = "rate" if what.startswith("requests") else "tokens"
+    message = f"key {config.name!r} is over its {what} ({limit}); retry in {wait:.0f} s"
+    retry = max(1, math.ceil(wait))
+    return RateLimited(
+        message, reason=reason, retry_after=retry, headers=headers_of(config, figures)
+    )
+
+
+def report_of(usage: KeyUsage, figures: list[Figures]) -> dict[str, Any]:
+    """A key's entry in /-/usage: its totals here, and its windows' ``figures``."""
     windows = {
         what: {
             "limit": limit,
-            "used": window.used(now),
-            "remaining": None if limit is None else max(0, limit - window.used(now)),
-            "reset_seconds": round(window.reset(now), 3),
+            "used": used,
+            "remaining": None if limit is None else max(0, limit - used),
+            "reset_seconds": round(reset, 3),
         }
-        for what, window, limit in usage.limits()
+        for (what, _, limit), (used, reset) in zip(usage.limits(), figures, strict=True)
     }
     return {
         "name": usage.config.name,
@@ -167,28 +217,31 @@ def _report(usage: KeyUsage, now: float) -> dict[str, Any]:
     }
 
 
-def _headers(usage: KeyUsage, now: float) -> dict[str, str]:
+def headers_of(config: KeyConfig, figures: list[Figures]) -> dict[str, str]:
     """OpenAI's names: the requests window, and the tokens window closest to its limit."""
+    requests, *tokens = figures
     headers: dict[str, str] = {}
-    c = usage.config
-    if c.requests_per_minute is not None:
-        headers |= _window_headers("Requests", usage.requests, c.requests_per_minute, now)
+    if config.requests_per_minute is not None:
+        headers |= _window_headers("Requests", requests, config.requests_per_minute)
     token_windows = [
-        (limit - window.used(now), window, limit)
-        for _, window, limit in usage.limits()[1:]
+        (limit - seen[0], seen, limit)
+        for seen, limit in zip(
+            tokens, (config.tokens_per_minute, config.tokens_per_day), strict=True
+        )
         if limit is not None
     ]
     if token_windows:
-        _, window, limit = min(token_windows, key=lambda t: t[0])
-        headers |= _window_headers("Tokens", window, limit, now)
+        _, seen, limit = min(token_windows, key=lambda t: t[0])
+        headers |= _window_headers("Tokens", seen, limit)
     return headers
 
 
-def _window_headers(what: str, window: Window, limit: int, now: float) -> dict[str, str]:
+def _window_headers(what: str, seen: Figures, limit: int) -> dict[str, str]:
+    used, reset = seen
     return {
         f"X-RateLimit-Limit-{what}": str(limit),
-        f"X-RateLimit-Remaining-{what}": str(max(0, limit - window.used(now))),
-        f"X-RateLimit-Reset-{what}": duration(window.reset(now)),
+        f"X-RateLimit-Remaining-{what}": str(max(0, limit - used)),
+        f"X-RateLimit-Reset-{what}": duration(reset),
     }
 
 
