@@ -85,12 +85,17 @@ class SharedState:
         if not self.configured:
             return
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.client = Redis.from_url(
             self.config.redis_url,
             socket_timeout=COMMAND_TIMEOUT,
             socket_connect_timeout=COMMAND_TIMEOUT,
             health_check_interval=0,
+            # One retry, at once: a pooled connection Redis closed (a restart) is replaced;
+            # redis-py's default backs off up to a second through ten, which a request would wait.
+            retry=Retry(NoBackoff(), 1),
         )
         where = shown_url(self.config.redis_url)
         if await self._answers():
