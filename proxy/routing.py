@@ -35,6 +35,9 @@ Availability = Literal["up", "down", "unknown", "nowhere"]
 Reason = Literal["affinity", "fastest", "spill", "only_choice"]
 REASONS: tuple[Reason, ...] = ("affinity", "fastest", "spill", "only_choice")
 DEFAULTS = RoutingConfig(spill_after=10)
+# Shorter waits are no queue's: charged as rent, a million requests that found a slot free
+# would pay for a load none waited for.
+WAITED_SECONDS = 0.001
 
 
 def want_for(
@@ -118,7 +121,7 @@ def charge_wait(pool: Pool, want: Want, served: Node, waited: float) -> None:
     now = pool.clock()
     if not served.is_resident(model):
         served.rent.pop(model, None)
-    if waited <= 0:
+    if waited < WAITED_SECONDS:  # it found a slot free: a wait of the choosing step alone
         return
     for node in pool.candidates(want):
         if node is served or not estimate.loading(node, model) or not node.has_slot_for(model):

@@ -349,6 +349,9 @@ async def test_an_idle_node_loads_once_the_queue_has_waited_its_load() -> None:
     held = take(pool, want(pool))
     assert pool.try_acquire(want(pool)) is None
     served = want(pool)
+    for _ in range(1000):
+        charge_wait(pool, served, warm, 0.0001)  # requests that found a slot: no queue
+    assert cold.rent == {}
     charge_wait(pool, served, warm, 12.0)  # requests waited 12 s while cold could have loaded
     assert pool.try_acquire(want(pool)) is None  # 18 s of load left + 10 s: still later
     charge_wait(pool, served, warm, 10.0)  # 22 s: 8 s + 10 s beats 10 s + 10 s
