@@ -255,7 +255,8 @@ class _Walk:
         self._finish: dict[tuple[object, Node, int], float] = {}
 
     def nodes(self, want: Want, pool: Pool) -> tuple[list[Node], list[Node]]:
-        """The candidates, and those of them with a free slot for the request."""
+        """The candidates, and those of them with a free slot for the request that are not
+        held back (``Want.held``; never the only candidate, nor for an impatient request)."""
         impatient = want.impatient()
         key = (want.profile, impatient)  # past its wait, more nodes may be eligible
         found = self._nodes.get(key)
