@@ -20,9 +20,14 @@ A request's *expected finish* on a node, in seconds from now, is
 - **Generation.** The expected completion tokens (the request's ``num_predict``,
   ``max_tokens``, ``max_completion_tokens`` or ``max_output_tokens``; else the mean
   ``eval_count`` seen for the model; else ``DEFAULT_TOKENS``) over the node's observed tokens
-  per second for the model. A node never seen generating the model gets the mean speed of the
-  nodes that were (a neutral prior: it is neither shunned nor favoured, so it gets tried), or
-  ``DEFAULT_TOKENS_PER_SECOND`` when none was.
+  per second for the model (from final chunks, or before its first from a stream's progress).
+  A node never seen generating the model gets the median speed of the nodes that were (a
+  neutral prior: it is neither shunned nor favoured, so it gets tried, one probe at a time:
+  ``probing``), or ``DEFAULT_TOKENS_PER_SECOND`` when none was. A node's own speed is drawn
+  toward that prior as it goes unused (``SPEED_HALF_LIFE``), so a node slow once is tried
+  again.
+- **Rent.** A load's expected time, less what requests waited while the node could have
+  loaded it (``Node.rent``): once the queue has waited as long as the load takes, it is paid.
 
 - **Overhead** (what a request held its slot beyond load and generation) is learned, shown in
   /-/nodes, and left out: measured on the proxy's side it carries the proxy's own noise, and a
@@ -31,8 +36,9 @@ A request's *expected finish* on a node, in seconds from now, is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from statistics import fmean
+from statistics import fmean, median
 from typing import Any
 
 from .pool import Node
@@ -40,6 +46,9 @@ from .pool import Node
 DEFAULT_TOKENS = 256  # completion tokens expected of a model never seen answering
 DEFAULT_TOKENS_PER_SECOND = 30.0  # speed expected of a model never seen generating anywhere
 IN_USE_SECONDS = 60.0  # a model given a request this recently is in use, in flight or not
+PROBE_SECONDS = 1.0  # an unknown node's probe holds it back at most this long (``probing``)
+SPEED_HALF_LIFE = 300.0  # seconds unused over which a node's own speed weighs half
+RENT_HALF_LIFE = 60.0  # seconds over which a load's rent (``Node.rent``) halves
 OVERRUN_FLOOR = 0.1  # a request past its expected end still holds its slot this fraction longer
 # Fields that bound a generation's length, by API family: Ollama's options, OpenAI's chat
 # (old and new names), OpenAI's responses, Anthropic's messages (max_tokens too).
@@ -76,12 +85,60 @@ def expected_tokens(peers: Iterable[Node], model: str, requested: int | None) ->
     return fmean(seen) if seen else float(DEFAULT_TOKENS)
 
 
-def tokens_per_second(node: Node, peers: Iterable[Node], model: str) -> float:
+def tokens_per_second(
+    node: Node, peers: Iterable[Node], model: str, now: float | None = None
+) -> float:
+    """The node's speed for the model: its own, drawn toward the fleet's as it goes unused
+    (given ``now``); the fleet's (the other nodes' median) when it has none."""
     own = node.tokens_per_second.get(model)
-    if own:
+    prior = fleet_speed(node, peers, model)
+    if not own:
+        return prior if prior is not None else DEFAULT_TOKENS_PER_SECOND
+    last = node.last_used.get(model)
+    if prior is None or now is None or last is None or now <= last:
         return own
-    seen = [n.tokens_per_second[model] for n in peers if n.tokens_per_second.get(model)]
-    return fmean(seen) if seen else DEFAULT_TOKENS_PER_SECOND
+    kept = math.pow(0.5, (now - last) / SPEED_HALF_LIFE)  # seconds per token, blended
+    return 1.0 / (kept / own + (1.0 - kept) / prior)
+
+
+def fleet_speed(node: Node, peers: Iterable[Node], model: str) -> float | None:
+    """The median of the other nodes' speeds for the model, None when none has one."""
+    seen = [
+        n.tokens_per_second[model]
+        for n in peers
+        if n is not node and n.tokens_per_second.get(model)
+    ]
+    return median(seen) if seen else None
+
+
+def probing(node: Node, model: str, now: float) -> bool:
+    """The node holds the model and has a request of it under way, but has never shown its
+    speed for it (no final chunk, no stream's progress yet): that request is its probe, and
+    it takes no other of the model until the probe shows it, or for at most PROBE_SECONDS,
+    so an unknown node is neither flooded nor starved. A node that must load the model
+    first is not held: the requests behind a load wait for it, and the estimate counts that.
+    """
+    if model in node.tokens_per_second or model in node.answered or not node.is_resident(model):
+        return False
+    started = [lease.started for lease in node.leases if lease.model == model]
+    return bool(started) and now - min(started) < PROBE_SECONDS
+
+
+def rent_seconds(node: Node, model: str, now: float) -> float:
+    """The seconds requests for the model waited while this node could have loaded it
+    (``Node.rent``), halved every RENT_HALF_LIFE since last charged."""
+    seconds, at = node.rent.get(model, (0.0, now))
+    return seconds * math.pow(0.5, max(0.0, now - at) / RENT_HALF_LIFE)
+
+
+def charge_rent(node: Node, model: str, seconds: float, now: float) -> None:
+    node.rent[model] = (rent_seconds(node, model, now) + seconds, now)
+
+
+def revised_expected(started: float, now: float, done: float, total: float, speed: float) -> float:
+    """A request's expected hold of its slot, once its stream shows its speed: the time so
+    far and the tokens left at that speed."""
+    return (now - started) + max(0.0, total - done) / speed
 
 
 def loading(node: Node, model: str) -> bool:
@@ -113,14 +170,24 @@ def slowness(node: Node, other: Node) -> float:
 
 
 def service_seconds(
-    node: Node, peers: list[Node], model: str, tokens: float, default_load: float
+    node: Node,
+    peers: list[Node],
+    model: str,
+    tokens: float,
+    default_load: float,
+    now: float | None = None,
 ) -> float:
-    """A slot's time for this request once it starts: a cold load if any, then generating."""
-    load = load_seconds(node, peers, model, default_load) if loading(node, model) else 0.0
+    """A slot's time for this request once it starts: a cold load if any, less the rent the
+    queue paid for it (given ``now``), then generating."""
+    load = 0.0
+    if loading(node, model):
+        load = load_seconds(node, peers, model, default_load)
+        if now is not None:
+            load = max(0.0, load - rent_seconds(node, model, now))
     # The learned overhead (``Node.overhead_seconds``) is left out: measured on the proxy's
     # side, it carries the proxy's own noise (a first connection, a loaded machine), and a
     # node it makes look slower gets no request to correct it, so it would starve.
-    return load + tokens / tokens_per_second(node, peers, model)
+    return load + tokens / tokens_per_second(node, peers, model, now)
 
 
 def slot_free_times(node: Node, model: str, now: float) -> list[float]:
@@ -162,7 +229,7 @@ def finish_seconds(
 ) -> float:
     """Expected seconds from now until this request ends on ``node``, with ``ahead``
     requests to be served there before it."""
-    service = service_seconds(node, peers, model, tokens, default_load)
+    service = service_seconds(node, peers, model, tokens, default_load, now)
     wait = wait_seconds(slot_free_times(node, model, now), ahead, service)
     return max(wait, _load_left(node, peers, model, now, default_load)) + service
 

@@ -54,7 +54,7 @@ from .errors import (
     shown,
     stream_error,
 )
-from .estimate import requested_tokens
+from .estimate import expected_tokens, requested_tokens, revised_expected
 from .exchange import EXCHANGE, REQUEST_ID_HEADER, Exchange
 from .fleet import Fleet
 from .health import Health
@@ -70,11 +70,11 @@ from .metrics import Metrics, endpoint_label
 from .models import INVALID_MODEL_NAME, is_unload_request, normalize_model, refused_name
 from .pool import Lease, Node, Pool
 from .quota import Quotas
-from .routing import availability, log_decision, reason_of, want_for
+from .routing import availability, charge_wait, log_decision, reason_of, want_for
 from .shared_affinity import SharedAffinity
 from .shared_limits import SharedQuotas, WriteBehind
 from .state import SharedState
-from .telemetry import usage_from_tail
+from .telemetry import Progress, usage_from_tail
 from .tracing import from_environment
 from .upstream import Connection, Upstreams
 
@@ -319,7 +319,7 @@ class Forwarder:
                 if upstream is None:
                     continue  # retry on another node; the finally gives this slot back first
                 try:
-                    return await self._relay(request, ex, upstream)
+                    return await self._relay(request, ex, upstream, lease)
                 finally:
                     # Back to the pool if the node's answer ended cleanly; otherwise closed,
                     # which is also what makes the node stop generating for a client that left.
@@ -389,8 +389,10 @@ class Forwarder:
         if ex.takes_slot:
             queued_at = time.monotonic()
             lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
-            ex.queue_wait += time.monotonic() - queued_at
-            self.metrics.queue_wait(time.monotonic() - queued_at)
+            waited = time.monotonic() - queued_at
+            ex.queue_wait += waited
+            self.metrics.queue_wait(waited)
+            charge_wait(self.pool, want, lease.node, waited)  # the idle nodes' loads' rent
         else:
             lease = await self.pool.acquire(want, len(ex.body), slot=False)
         if ex.model_key is not None and ex.takes_slot and not lease.node.is_resident(ex.model_key):
@@ -467,9 +469,10 @@ class Forwarder:
     # -- relay ------------------------------------------------------------------------------
 
     async def _relay(
-        self, request: web.Request, ex: Exchange, upstream: Upstream
+        self, request: web.Request, ex: Exchange, upstream: Upstream, lease: Lease
     ) -> web.StreamResponse:
-        """Pass the node's response through, each piece as it arrives."""
+        """Pass the node's response through, each piece as it arrives; a generation's first
+        pieces also show the node's speed (``_progressed``)."""
         node, head = upstream.node, upstream.head
         ex.status = head.status
         if head.has_body and 0 < (head.content_length or 0) <= WHOLE_BODY_MAX:
@@ -482,10 +485,14 @@ class Forwarder:
         response.headers.update(ex.limit_headers)  # the key's budget left, as OpenAI sends it
         await response.prepare(request)  # the head goes out: the commit point, no retry after
         tail: deque[bytes] = deque(maxlen=TAIL_PIECES)
+        progress = self._progress_of(ex, head)
         try:
             while data := await upstream.answer.read():
                 tail.append(data)
                 await response.write(data)
+                if progress is not None and progress.feed(data, self.pool.clock()):
+                    self._progressed(ex, lease, progress)
+                    progress = None  # measured: the rest of the stream is only relayed
             await response.write_eof()
         except UpstreamError as err:
             if ex.trace is not None:
@@ -500,6 +507,21 @@ class Forwarder:
                 self.metrics.client_timeout()
         self._after_response(ex, node, head, tail)
         return response
+
+    def _progress_of(self, ex: Exchange, head: Head) -> Progress | None:
+        """A meter for a streamed generation's speed, None for anything else."""
+        if head.status != 200 or not ex.takes_slot or ex.model_key is None:
+            return None
+        return Progress(head.content_type) if ex.path in TELEMETRY_PATHS else None
+
+    def _progressed(self, ex: Exchange, lease: Lease, progress: Progress) -> None:
+        """The stream showed its speed: its slot's expected end moves to match, and a node
+        that never answered for the model has a speed now (waiters may now go there)."""
+        model, now, rate = ex.model_key or "", self.pool.clock(), progress.rate
+        total = expected_tokens(self.pool.nodes.values(), model, ex.predict)
+        lease.expected = revised_expected(lease.started, now, progress.events, total, rate)
+        if lease.node.record_progress(model, rate):
+            self.pool.changed()
 
     async def _relay_whole(self, ex: Exchange, upstream: Upstream) -> web.StreamResponse:
         """A short answer of known length: taken whole, then sent with its head at once."""
@@ -529,6 +551,7 @@ class Forwarder:
             ex.usage = usage_from_tail(tail, head.content_type)
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.discovery.served(node, ex.model_key)
+            node.answered.add(ex.model_key)  # its own figures from now on, if any came
             if ex.usage is not None:
                 node.record_usage(
                     ex.model_key, ex.usage, cold=ex.cold, held=time.monotonic() - ex.admitted

@@ -73,6 +73,12 @@ class Node:
     # when this node's slots free (``estimate.py``).
     leases: set[Lease] = field(default_factory=set)
     last_used: dict[str, float] = field(default_factory=dict)  # model → its last slot's start
+    # Models it has answered (a final chunk, or a 200 without one): its figures for them are
+    # its own; a speed from a stream's progress before that is provisional.
+    answered: set[str] = field(default_factory=set)
+    # Per model it must load: the seconds requests for it waited in the queue while this node
+    # could have loaded it, decayed, and when last charged (the load's "rent", estimate.py).
+    rent: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -127,7 +133,10 @@ class Node:
         a few milliseconds of load_duration on every answer, a load only on a cold one);
         ``held``: the seconds its request held the slot."""
         if usage.tokens_per_second is not None:
+            if model not in self.answered:  # the node's own report replaces a provisional one
+                self.tokens_per_second.pop(model, None)
             _smooth(self.tokens_per_second, model, usage.tokens_per_second)
+        self.answered.add(model)
         if usage.completion_tokens > 0:
             _smooth(self.eval_tokens, model, usage.completion_tokens)
         load = usage.load_seconds if cold and usage.load_seconds is not None else 0.0
@@ -135,6 +144,14 @@ class Node:
             _smooth(self.load_seconds, model, usage.load_seconds)
         if held is not None and usage.eval_seconds > 0:
             _smooth(self.overhead_seconds, model, max(0.0, held - load - usage.eval_seconds))
+
+    def record_progress(self, model: str, tokens_per_second: float) -> bool:
+        """A speed read from a stream under way; taken while the node has not answered
+        for the model yet (a final chunk's own figures are exact). True when taken."""
+        if model in self.answered or tokens_per_second <= 0:
+            return False
+        self.tokens_per_second[model] = tokens_per_second
+        return True
 
 
 def _smooth(averages: dict[str, float], model: str, value: float) -> None:
@@ -152,6 +169,10 @@ def _same_rank(node: Node) -> int:
 
 
 def _never() -> bool:
+    return False
+
+
+def _not_held(node: Node) -> bool:
     return False
 
 
@@ -174,6 +195,9 @@ class Want:
     credit: float = 0.0  # seconds taken off the preferred node's finish (affinity)
     min_gain: float = 0.0  # a free slot is passed over only to finish this fraction sooner
     impatient: Callable[[], bool] = _never  # waited long enough: the best free slot now
+    # A node that takes no more such requests for now though it has a free slot (its probe
+    # is under way, ``estimate.probing``); it stays a candidate, and one to wait for.
+    held: Callable[[Node], bool] = _not_held
     # Wants of equal profile see the same candidates (once equally impatient) and finishes at
     # one instant: eligibility and estimate depend on nothing else. None: none is equal.
     profile: object = None
@@ -231,14 +255,23 @@ class _Walk:
         self._finish: dict[tuple[object, Node, int], float] = {}
 
     def nodes(self, want: Want, pool: Pool) -> tuple[list[Node], list[Node]]:
-        """The candidates, and those of them with a free slot for the request."""
-        key = (want.profile, want.impatient())  # past its wait, more nodes may be eligible
+        """The candidates, and those of them with a free slot for the request that are not
+        held back (``Want.held``; never the only candidate, nor for an impatient request)."""
+        impatient = want.impatient()
+        key = (want.profile, impatient)  # past its wait, more nodes may be eligible
         found = self._nodes.get(key)
         if found is None or want.profile is None:
             nodes = pool.candidates(want)
-            found = nodes, [n for n in nodes if n.has_slot_for(want.model)]
-            self._nodes[key] = found
+            free = [n for n in nodes if n.has_slot_for(want.model)]
+            if len(nodes) > 1 and not impatient:  # with one node, holding back gains nothing
+                free = [n for n in free if not want.held(n)]
+            found = self._nodes[key] = nodes, free
         return found
+
+    def held(self, want: Want, pool: Pool) -> bool:
+        """Some candidate has a free slot for the request but is held back for now."""
+        nodes, free = self.nodes(want, pool)
+        return any(n not in free and n.has_slot_for(want.model) for n in nodes)
 
     def finish(self, want: Want, node: Node, ahead: int) -> float:
         assert want.finish is not None
@@ -332,6 +365,7 @@ class Pool:
         the node of lowest expected finish (the preferred node's less ``want.credit``) when it
         has a free slot; else the best free one, unless waiting for the best saves more than
         ``want.min_gain`` of the free one's time and the request is not ``want.impatient``.
+        A node ``want.held`` back (an unknown node's probe under way) counts as busy.
         ``walk``: what was worked out for waiters of the same ``Want.profile`` in this walk.
         """
         walk = walk if walk is not None and want.profile is not None else _Walk()
@@ -346,8 +380,8 @@ class Pool:
         if target is None or target in free:
             return _Choice(target, target)
         pick = self._lowest(free, want, cost)
-        if pick is None:
-            return _Choice(None, target)
+        if pick is None:  # held back nodes are looked at again, as their holds end with time
+            return _Choice(None, target, passed_over=walk.held(want, self))
         if want.impatient() or cost[pick] - cost[target] <= want.min_gain * finish[pick]:
             return _Choice(pick, target)
         return _Choice(None, target, passed_over=True)

@@ -11,7 +11,10 @@ For a model-bound request:
   for a slot, a cold load, the generation), the conversation's own node (``preferred``) with
   ``routing.affinity_margin`` seconds of credit; a free slot elsewhere is passed over for it
   only when waiting saves more than ``routing.min_gain`` of that slot's time, and never past
-  ``routing.spill_after``.
+  ``routing.spill_after``; a node whose speed for the model is unknown takes one request (a
+  probe) until it shows it (``estimate.probing``);
+- the time requests waited is charged to the idle nodes that could have loaded the model
+  meanwhile (``charge_wait``), as the rent that pays their load.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ Availability = Literal["up", "down", "unknown", "nowhere"]
 Reason = Literal["affinity", "fastest", "spill", "only_choice"]
 REASONS: tuple[Reason, ...] = ("affinity", "fastest", "spill", "only_choice")
 DEFAULTS = RoutingConfig(spill_after=10)
+# Shorter waits are no queue's: charged as rent, a million requests that found a slot free
+# would pay for a load none waited for.
+WAITED_SECONDS = 0.001
 
 
 def want_for(
@@ -82,6 +88,9 @@ def want_for(
     def impatient() -> bool:
         return loop.time() >= spill_at
 
+    def held(node: Node) -> bool:
+        return estimate.probing(node, model, pool.clock())
+
     return Want(
         model,
         eligible,
@@ -93,8 +102,32 @@ def want_for(
         credit=settings.affinity_margin,
         min_gain=settings.min_gain,
         impatient=impatient,
+        held=held,
         profile=(model, expected, excluded, preferred),
     )
+
+
+def charge_wait(pool: Pool, want: Want, served: Node, waited: float) -> None:
+    """A request waited ``waited`` seconds for a slot and is served on ``served``: each
+    other candidate that must load its model, with a slot free and nothing busy to push out,
+    could have loaded it meanwhile, and is charged that wait as the load's rent. Once the rent
+    covers the load (less the wait it saves), the load is paid (``estimate.service_seconds``):
+    waiting goes on no longer than loading would have taken, so a fleet under a queue that
+    lasts uses its idle nodes, and a short burst does not load them (ski rental's rule).
+    The node served, if it had to load the model, owes nothing now."""
+    model = want.model
+    if model is None:
+        return
+    now = pool.clock()
+    if not served.is_resident(model):
+        served.rent.pop(model, None)
+    if waited < WAITED_SECONDS:  # it found a slot free: a wait of the choosing step alone
+        return
+    for node in pool.candidates(want):
+        if node is served or not estimate.loading(node, model) or not node.has_slot_for(model):
+            continue
+        if not estimate.evicts_busy(node, model, now):
+            estimate.charge_rent(node, model, waited, now)
 
 
 def reason_of(pool: Pool, want: Want, node: Node) -> Reason:

@@ -145,3 +145,44 @@ def _object(data: bytes) -> dict[str, Any] | None:
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+PROGRESS_EVENTS = 8  # events after the first read over which a stream's speed is measured
+PROGRESS_SECONDS = 0.5  # or this long after the first read, with at least MIN_EVENTS seen
+MIN_EVENTS = 2
+
+
+class Progress:
+    """A stream's speed as it flows: events (NDJSON lines, or server-sent events) relayed
+    after its first read, over the time since that read. The first read is left out: it
+    carries the prompt's evaluation and, on the compatible APIs, the opening events. Fed
+    only until the speed is known (a few chunks), so the rest of the stream costs nothing."""
+
+    __slots__ = ("_ended_line", "_separator", "_since", "events", "rate")
+
+    def __init__(self, content_type: str) -> None:
+        self._separator = b"\n\n" if content_type == "text/event-stream" else b"\n"
+        self._since: float | None = None
+        self._ended_line = False  # the last piece ended with a newline (half of "\n\n")
+        self.events = 0  # after the first read
+        self.rate = 0.0  # events per second, once known
+
+    def feed(self, data: bytes, now: float) -> bool:
+        """Count the next piece relayed; True once the rate is known."""
+        if self._since is None:
+            self._since = now
+            return False
+        self.events += data.count(self._separator) + self._split_separator(data)
+        self._ended_line = data.endswith(b"\n")
+        elapsed = now - self._since
+        enough = self.events >= PROGRESS_EVENTS or (
+            self.events >= MIN_EVENTS and elapsed >= PROGRESS_SECONDS
+        )
+        if not enough or elapsed <= 0:
+            return False
+        self.rate = self.events / elapsed
+        return True
+
+    def _split_separator(self, data: bytes) -> int:
+        """1 when an event's blank line was split between the last piece and this one."""
+        return int(len(self._separator) == 2 and self._ended_line and data.startswith(b"\n"))

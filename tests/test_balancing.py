@@ -64,7 +64,8 @@ async def test_queue_favours_the_fast_node(
         )
     assert len(generations(fast)) > 2 * len(generations(slow))
     assert max(proxied) < max(round_robin)
-    assert [fast.stats.max_active, slow.stats.max_active] == [2, 2]
+    # The caps hold; the slow node may take fewer at once (once its probe showed it slow).
+    assert fast.stats.max_active == 2 and 1 <= slow.stats.max_active <= 2
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> str:

@@ -14,8 +14,8 @@ from proxy import estimate
 from proxy.bodies import json_object
 from proxy.config import NodeConfig, QueueConfig, RoutingConfig
 from proxy.pool import Lease, Node, Pool, Want
-from proxy.routing import reason_of, want_for
-from proxy.telemetry import Usage
+from proxy.routing import charge_wait, reason_of, want_for
+from proxy.telemetry import PROGRESS_EVENTS, Progress, Usage
 from tests.conftest import Proxy, StartNodes, StartProxy, generations, metric, wait_until
 
 LLAMA, QWEN = "llama3.2:latest", "qwen2.5:0.5b"
@@ -257,6 +257,152 @@ async def test_spill_after_still_bounds_the_wait() -> None:
     held.release()
 
 
+def resident_pool(*names: str, slots: int = 1) -> Pool:
+    """Nodes holding LLAMA, with ``slots`` each, nothing learned yet."""
+    pool = make_pool(*names)
+    for node in pool.nodes.values():
+        node.config = NodeConfig(url=node.url, name=node.name, max_concurrency=slots, weight=1.0)
+        node.models = {LLAMA}
+        resident(node, LLAMA)
+    return pool
+
+
+async def test_an_unmeasured_node_gets_one_probe_until_it_shows_its_speed() -> None:
+    pool = resident_pool("known", "new", slots=2)
+    known, new = pool.nodes["known"], pool.nodes["new"]
+    learned(known, speed=100)  # 1 s a request; new gets the fleet's speed as its prior
+    first = [take(pool, want(pool)) for _ in range(2)]
+    assert sorted(lease.node.name for lease in first) == ["known", "new"]  # its share: a probe
+    assert estimate.probing(new, LLAMA, pool.clock())
+    first.append(take(pool, want(pool)))
+    assert first[-1].node is known  # not new's free slot while its probe runs
+    waiting = asyncio.create_task(pool.acquire(want(pool)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and new.in_flight == 1  # nor now: it waits for the probe
+    assert new.record_progress(LLAMA, 100.0)  # the probe's stream shows its speed
+    pool.changed()
+    assert (await asyncio.wait_for(waiting, 1)).node is new
+    for lease in [*first, waiting.result()]:
+        lease.release()
+
+
+async def test_a_probe_holds_its_node_back_for_a_bounded_time() -> None:
+    pool = resident_pool("known", "new", slots=2)
+    known, new = pool.nodes["known"], pool.nodes["new"]
+    learned(known, speed=100)
+    held = [take(pool, want(pool)) for _ in range(3)]
+    assert estimate.probing(new, LLAMA, pool.clock()) and known.in_flight == 2
+    assert pool.try_acquire(want(pool)) is None
+    pool.clock = lambda: 100.0 + estimate.PROBE_SECONDS  # a probe that shows nothing (no stream)
+    assert not estimate.probing(new, LLAMA, pool.clock())
+    assert take(pool, want(pool)).node is new  # the node is not starved for it
+    for lease in [*held, *new.leases]:
+        lease.release()
+
+
+async def test_a_blind_fleet_probes_each_node_once_then_waits_for_the_first_speed() -> None:
+    pool = resident_pool("a", "b", "c", slots=4)
+    probes = [take(pool, want(pool)) for _ in range(3)]
+    assert {lease.node.name for lease in probes} == {"a", "b", "c"}
+    waiting = [asyncio.create_task(pool.acquire(want(pool))) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)  # no node is measured: none is flooded
+    pool.nodes["a"].record_progress(LLAMA, 500.0)  # a is fast; b and c take its speed as prior
+    pool.changed()
+    await asyncio.wait(waiting, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.sleep(0)
+    assert {task.result().node.name for task in waiting if task.done()} == {"a"}
+    assert len([task for task in waiting if task.done()]) == 3  # a's free slots
+    for task in waiting:
+        task.cancel()
+    for lease in probes + [t.result() for t in waiting if t.done() and not t.cancelled()]:
+        lease.release()
+
+
+async def test_a_once_slow_node_is_tried_again_after_going_unused() -> None:
+    pool = resident_pool("fast", "slow")
+    fast, slow = pool.nodes["fast"], pool.nodes["slow"]
+    learned(fast, speed=100)  # 1 s
+    learned(slow, speed=10)  # 10 s, when it was last measured
+    fast.last_used[LLAMA] = slow.last_used[LLAMA] = 100.0
+    held = take(pool, want(pool))
+    assert held.node is fast
+    assert pool.try_acquire(want(pool)) is None  # 1 s wait + 1 s beats 10 s
+    later = 100.0 + 10 * estimate.SPEED_HALF_LIFE  # slow unused all along: its figure decays
+    pool.clock = lambda: later
+    fast.last_used[LLAMA] = later  # fast is in use
+    assert estimate.tokens_per_second(slow, [fast, slow], LLAMA, later) > 90
+    tried = take(pool, want(pool))
+    assert tried.node is slow
+    slow.record_usage(LLAMA, Usage(1, 100, 10.0, None))  # still slow: its figure says so again
+    assert estimate.tokens_per_second(slow, [fast, slow], LLAMA, later) == pytest.approx(10)
+    tried.release()
+    held.release()
+
+
+async def test_an_idle_node_loads_once_the_queue_has_waited_its_load() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)  # 10 s a request
+    learned(cold, speed=10, load=30)  # 30 s + 10 s: never sooner than waiting for warm
+    resident(warm, LLAMA)
+    held = take(pool, want(pool))
+    assert pool.try_acquire(want(pool)) is None
+    served = want(pool)
+    for _ in range(1000):
+        charge_wait(pool, served, warm, 0.0001)  # requests that found a slot: no queue
+    assert cold.rent == {}
+    charge_wait(pool, served, warm, 12.0)  # requests waited 12 s while cold could have loaded
+    assert pool.try_acquire(want(pool)) is None  # 18 s of load left + 10 s: still later
+    charge_wait(pool, served, warm, 10.0)  # 22 s: 8 s + 10 s beats 10 s + 10 s
+    spilled = take(pool, want(pool))
+    assert spilled.node is cold
+    charge_wait(pool, served, cold, 0.0)  # the load is under way: its rent is paid
+    assert cold.rent == {}
+    spilled.release()
+    held.release()
+
+
+async def test_no_rent_is_charged_where_loading_would_evict_a_busy_model() -> None:
+    pool = make_pool("warm", "cold")
+    warm, cold = pool.nodes["warm"], pool.nodes["cold"]
+    learned(warm, speed=10)
+    learned(cold, speed=10, load=1)
+    resident(warm, LLAMA)
+    resident(cold, QWEN)
+    take(pool, want_for(pool, QWEN, 10, settings=SETTINGS)).release()  # QWEN in use there
+    held = take(pool, want(pool))
+    charge_wait(pool, want(pool), warm, 100.0)
+    assert cold.rent == {} and pool.try_acquire(want(pool)) is None
+    held.release()
+
+
+def test_a_stream_shows_its_speed_after_a_few_events() -> None:
+    progress = Progress("application/x-ndjson")
+    assert not progress.feed(b'{"response":"a"}\n', 10.0)  # the first read: prompt evaluation
+    for i in range(1, PROGRESS_EVENTS):
+        assert not progress.feed(b'{"response":"b"}\n', 10.0 + i * 0.01)
+    assert progress.feed(b'{"response":"c"}\n{"response":"d"}\n', 10.0 + PROGRESS_EVENTS * 0.01)
+    assert progress.rate == pytest.approx((PROGRESS_EVENTS + 1) / (PROGRESS_EVENTS * 0.01))
+    events = Progress("text/event-stream")
+    events.feed(b"data: {}\n\n", 0.0)
+    assert not events.feed(b"data: {}\n\n", 0.1)
+    assert events.feed(b"data: {}\n\n", 1.0) and events.rate == 2.0  # slow: by time
+
+
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "text/event-stream"])
+def test_a_streams_events_are_counted_wherever_its_reads_split(content_type: str) -> None:
+    event = b"data: {}\n\n" if content_type == "text/event-stream" else b'{"response":"a"}\n'
+    stream = event * 3
+    for cut in range(1, len(stream)):
+        for second in range(cut + 1, len(stream)):
+            progress = Progress(content_type)
+            progress.feed(b"first read", 0.0)
+            for piece in (stream[:cut], stream[cut:second], stream[second:]):
+                progress.feed(piece, 1.0)
+            assert progress.events == 3, (cut, second)
+
+
 def test_a_node_learns_its_overhead_and_only_cold_loads() -> None:
     node = make_pool("n").nodes["n"]
     usage = Usage(prompt_tokens=5, completion_tokens=50, eval_seconds=0.5, load_seconds=0.002)
@@ -332,3 +478,22 @@ async def test_sim_an_idle_node_loads_the_model_rather_than_wait(
     assert learned_there["load_seconds"][LLAMA] > 0 and learned_there["eval_count"][LLAMA] == 20
     assert learned_there["tokens_per_second"][LLAMA] > 0
     assert shown[warm.name]["load_seconds"] == {}  # a warm answer's load_duration is no load
+
+
+async def test_sim_a_nodes_speed_is_learned_from_its_stream_before_it_ends(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1, token_interval=0.02)
+    proxy = await start_proxy([node])
+    learned_node = proxy.pool.nodes[node.name]
+    await wait_until(lambda: learned_node.is_resident(LLAMA))
+    body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100}}  # 2 s
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/api/generate", json=body) as resp:
+            await wait_until(lambda: LLAMA in learned_node.tokens_per_second)
+            (lease,) = learned_node.leases  # still streaming: no final chunk yet
+            assert LLAMA not in learned_node.answered
+            assert 25 < learned_node.tokens_per_second[LLAMA] < 60  # 50 a second, roughly
+            assert 1.5 < lease.expected < 3  # its slot's end revised from that speed
+            await resp.read()
+    assert LLAMA in learned_node.answered

@@ -28,7 +28,7 @@ from .stacks import (
     start_sims,
 )
 
-COST_SCENARIOS = ("unequal", "idle", "chats", "chats-paused")
+COST_SCENARIOS = ("unequal", "unequal-light", "unequal-heavy", "idle", "chats", "chats-paused")
 Log = Callable[[str], None]
 
 
@@ -54,18 +54,29 @@ class Fleet:
     load: Callable[[Front], StreamLoad | ChatLoad] = field(compare=False)
 
 
-def unequal_fleet(scale: Scale) -> Fleet:
+def unequal_fleet(scale: Scale, clients: int | None = None) -> Fleet:
     """Three speeds, the model in memory on each: who takes a request a slow node would
-    finish later than a fast one after waiting for its slot?"""
+    finish later than a fast one after waiting for its slot? ``clients``: the closed loop's
+    size, ``scale.unequal_clients`` by default."""
     nodes = [
         SimNodeSpec(interval, scale.unequal_parallel, (CHAT_MODEL,))
         for interval in scale.unequal_intervals
     ]
+    size = clients or scale.unequal_clients
 
     def load(front: Front) -> StreamLoad:
-        return _streams(front, scale.unequal_clients, scale.unequal_requests, scale.unequal_tokens)
+        return _streams(front, size, scale.unequal_requests, scale.unequal_tokens)
 
-    return Fleet(nodes, scale.unequal_clients, load)
+    return Fleet(nodes, size, load)
+
+
+def unequal_clients(name: str, scale: Scale) -> int:
+    """The closed loop's size of each unequal-nodes scenario."""
+    sizes = {
+        "unequal-light": scale.unequal_light_clients,
+        "unequal-heavy": scale.unequal_heavy_clients,
+    }
+    return sizes.get(name, scale.unequal_clients)
 
 
 def idle_fleet(scale: Scale) -> Fleet:
@@ -111,6 +122,10 @@ def chat_fleet(scale: Scale, pause: float = 0.0) -> Fleet:
 
 FLEETS: dict[str, Callable[[Scale], Fleet]] = {
     "unequal": unequal_fleet,
+    # Fewer clients, and more, than the fast node's slots and a few: where both targets can
+    # hold, and where neither can (docs/performance.md, "After the scheduler").
+    "unequal-light": lambda scale: unequal_fleet(scale, unequal_clients("unequal-light", scale)),
+    "unequal-heavy": lambda scale: unequal_fleet(scale, unequal_clients("unequal-heavy", scale)),
     "idle": idle_fleet,
     "chats": chat_fleet,
     # With users' pauses between turns, others' turns arrive meanwhile: without them a

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from .costs import CostRow
+from .costs import CostRow, unequal_clients
 from .procstat import CLOCK_TICKS
 from .scale import CHAT_MODEL, OTHER_CHAT_MODEL, Scale
 from .scenarios import Column, Results, SchedulingRow
@@ -298,13 +298,13 @@ def _ratio_row(rows: dict[str, CostRow], front: str, width: int) -> list[str] | 
 def _cost_title(name: str, scale: Scale) -> str:
     if name.startswith("chats"):
         return _chats_title(scale, scale.chat_pause if name == "chats-paused" else 0.0)
-    if name == "unequal":
+    if name.startswith("unequal"):
         speeds = ", ".join(f"{interval * 1000:g}" for interval in scale.unequal_intervals)
         slots = scale.unequal_parallel * len(scale.unequal_intervals)
         return (
             f"Unequal nodes: {len(scale.unequal_intervals)} nodes at {speeds} ms per token, "
             f"{scale.unequal_parallel} parallel each, {CHAT_MODEL} in memory on all; "
-            f"{scale.unequal_clients} clients for their {slots} slots, "
+            f"{unequal_clients(name, scale)} clients for their {slots} slots, "
             f"{scale.unequal_requests} streams of {scale.unequal_tokens} tokens."
         )
     if name == "idle":

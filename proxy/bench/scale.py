@@ -52,6 +52,8 @@ class Scale:
     unequal_intervals: tuple[float, ...] = (0.002, 0.006, 0.025)
     unequal_parallel: int = 4
     unequal_clients: int = 9
+    unequal_light_clients: int = 6  # "unequal-light": half the slots
+    unequal_heavy_clients: int = 24  # "unequal-heavy": twice the slots
     unequal_requests: int = 300
     unequal_tokens: int = 40
     # Idle capacity: the first node holds the model, the others load it in idle_load_delay;
@@ -102,6 +104,8 @@ SMOKE = Scale(
     unequal_intervals=(0.001, 0.002, 0.005),
     unequal_parallel=2,
     unequal_clients=4,
+    unequal_light_clients=2,
+    unequal_heavy_clients=6,
     unequal_requests=12,
     unequal_tokens=5,
     idle_parallel=2,
