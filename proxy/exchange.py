@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .affinity import Conversation, Result
 from .auth import Key
+from .cache import Lookup
 from .errors import RejectionReason
 from .pool import Node
 from .telemetry import Usage
@@ -47,6 +48,7 @@ class Exchange:
     limit_headers: dict[str, str] = field(default_factory=dict)  # X-RateLimit-*, for answers
     conversation: Conversation | None = None  # a chat's keys in the affinity table
     affinity: Result | None = None  # whether it went back to its last turn's node
+    cache: Lookup | None = None  # what the response cache made of it (embeddings only)
 
     @property
     def reported_status(self) -> int:
