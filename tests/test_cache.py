@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from typing import Any
 
 import aiohttp
 import ollama
 import openai
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis.asyncio import Redis
 
@@ -47,8 +49,9 @@ async def cache_metric(proxy: Proxy, result: str) -> float:
 
 
 async def test_a_second_identical_request_is_replayed_without_a_node(
-    start_nodes: StartNodes, start_proxy: StartProxy
+    start_nodes: StartNodes, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="ollama_proxy.access")
     [node] = await start_nodes(1)
     proxy = await start_proxy([node])
     status, first, head = await post(proxy.url + "/api/embed", EMBED)
@@ -68,6 +71,9 @@ async def test_a_second_identical_request_is_replayed_without_a_node(
     held = metric(await proxy.metrics_text(), "ollama_proxy_cache_bytes")
     assert held == len(first)
     assert proxy.pool.nodes[node.name].in_flight == 0
+    logged = [r.getMessage() for r in caplog.records if r.name == "ollama_proxy.access"]
+    assert ["node=sim0" in line and "cache=miss" in line for line in logged] == [True, False]
+    assert "node=- " in logged[1] and "cache=hit" in logged[1]
 
 
 async def test_every_embedding_path_is_cached_and_generations_are_not(
