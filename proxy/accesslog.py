@@ -99,6 +99,7 @@ def access_fields(ex: Exchange) -> dict[str, Any]:
         "retries": max(0, ex.attempts - 1),
         "cut": ex.cut,
         "conv": ex.affinity,  # hit, moved or new: a chat's way back to its last turn's node
+        "cache": ex.cache.result if ex.cache is not None else None,  # embeddings only
     }
 
 

@@ -77,6 +77,11 @@ class Discovery:
         listed = self._listing(node, "/api/tags", tags)
         if listed is not None:
             node.models = {normalize_model(name) for name, _ in listed}
+            node.digests = {
+                normalize_model(name): digest
+                for name, entry in listed
+                if isinstance(digest := entry.get("digest"), str) and digest
+            }
 
     def learn_resident(self, node: Node, ps: Any) -> None:
         """Take what the node's ``/api/ps`` answer says is in its memory, and until when."""
@@ -185,6 +190,7 @@ class Discovery:
         """The proxy just put ``model`` on the node's disk (pull, create, copy)."""
         if node.models is not None:
             node.models.add(model)
+        node.digests.pop(model, None)  # it may be another model now: unknown until listed
         self.refresh_soon(node)
 
 

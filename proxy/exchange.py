@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .affinity import Conversation, Result
 from .auth import Key
+from .cache import Lookup
 from .errors import RejectionReason
 from .pool import Node
 from .telemetry import Usage
@@ -52,6 +53,7 @@ class Exchange:
     conversation: Conversation | None = None  # a chat's keys in the affinity table
     affinity: Result | None = None  # whether it went back to its last turn's node
     trace: Span | None = None  # its OpenTelemetry span, when tracing is on
+    cache: Lookup | None = None  # what the response cache made of it (embeddings only)
 
     @property
     def reported_status(self) -> int:

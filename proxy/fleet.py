@@ -285,8 +285,8 @@ class Fleet:
             return error_response(404, missing)
         outcomes = await self._send_all(holders, "POST", "/api/copy", body)
         for node, status, _ in outcomes:
-            if status == 200 and node.models is not None:
-                node.models.add(normalize_model(destination))
+            if status == 200:  # its digest too is unknown until the node lists it again
+                self.discovery.served_on_disk(node, normalize_model(destination))
         return _summarise(outcomes, "copy", ok=(200,), gone=404, missing=missing)
 
     async def _holders(self, model: str) -> list[Node]:

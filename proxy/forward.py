@@ -42,6 +42,7 @@ from .api import (
 )
 from .auth import Auth, is_management, model_not_found, rejection_reason, tenant_of
 from .bodies import model_of, read_bounded, request_fields
+from .cache import CACHED_PATHS, ResponseCache
 from .config import Config
 from .discovery import Discovery
 from .errors import (
@@ -126,6 +127,8 @@ class Forwarder:
         self.writes = WriteBehind(self.state)
         self.shared_quotas = SharedQuotas(self.quotas, self.state, self.writes)
         self.shared_affinity = SharedAffinity(self.affinity, self.state, self.writes)
+        self.cache = ResponseCache(config.cache, self.state, discovery.tasks)  # embeddings
+        metrics.watch_cache(self.cache.held_bytes)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -138,6 +141,7 @@ class Forwarder:
         nodes = {n.name: n.url for n in config.nodes}
         self.affinity.configure(routing.affinity_entries, routing.affinity_ttl, nodes)
         self.max_body_size = config.max_body_size
+        self.cache.configure(config.cache)
         # Generations last as long as they last: only silence (idle_timeout) is a failure.
         urls = frozenset(n.url for n in config.nodes)
         upstream = config.upstream
@@ -243,6 +247,10 @@ class Forwarder:
             await self._recheck_if_missing(ex.model_key)
             self._check_model_available(ex.model_key, ex.model or ex.model_key)
             return await self.fleet.unload(request, ex.body, ex.model_key)
+        if request.path in CACHED_PATHS and self.cache.on:
+            cached = await self._cached(request, ex)
+            if cached is not None:
+                return cached  # no slot, no node
         return await self._forward(request, ex)
 
     # -- read -------------------------------------------------------------------------------
@@ -307,6 +315,28 @@ class Forwarder:
         if ex.usage is not None:
             usage = ex.usage
             self.shared_quotas.charge(ex.key.name, usage.prompt_tokens, usage.completion_tokens)
+
+    # -- the response cache -----------------------------------------------------------------
+
+    async def _cached(self, request: web.Request, ex: Exchange) -> web.Response | None:
+        """The answer kept for the same request to the same model, replayed byte for byte;
+        None to ask a node. After the key's checks: a key reads only what it may ask for."""
+        if ex.model_key is None:
+            return None
+        nodes = self.pool.nodes.values()
+        ex.cache = await self.cache.lookup(
+            request.path, request.headers, ex.body, ex.model_key, nodes
+        )
+        if ex.cache is None:
+            return None
+        self.metrics.cache_result(ex.cache.result)
+        if (entry := ex.cache.entry) is None:
+            return None
+        ex.status = entry.status
+        response = web.Response(status=entry.status, body=entry.body)
+        response.headers[hdrs.CONTENT_TYPE] = entry.content_type
+        response.headers.update(ex.limit_headers)
+        return response
 
     # -- admit and attempt ------------------------------------------------------------------
 
@@ -484,7 +514,10 @@ class Forwarder:
             response.content_length = head.content_length
         response.headers.update(ex.limit_headers)  # the key's budget left, as OpenAI sends it
         await response.prepare(request)  # the head goes out: the commit point, no retry after
-        tail: deque[bytes] = deque(maxlen=TAIL_PIECES)
+        # An answer to keep is gathered whole as it passes (a node's JSON over 2 KiB comes
+        # chunked, Go's way); any other keeps its last pieces only.
+        gathered = self.cache.gathering(ex.cache, TAIL_PIECES)
+        tail = deque(maxlen=TAIL_PIECES) if gathered is None else gathered
         progress = self._progress_of(ex, head)
         try:
             while data := await upstream.answer.read():
@@ -549,6 +582,8 @@ class Forwarder:
             self.health.passive_success(node)
         if head.status == 200 and ex.path in TELEMETRY_PATHS:
             ex.usage = usage_from_tail(tail, head.content_type)
+        if ex.cache is not None:
+            self.cache.store(ex.cache, node, head, tail)
         if head.status == 200 and ex.model_key is not None and ex.takes_slot:
             self.discovery.served(node, ex.model_key)
             node.answered.add(ex.model_key)  # its own figures from now on, if any came
@@ -585,6 +620,8 @@ async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -
     head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
     request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
     response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
+    if (ex := request.get(EXCHANGE)) is not None and ex.cache is not None:
+        response.headers["X-Cache"] = ex.cache.header
 
 
 def _end_trace(span: Span, ex: Exchange, endpoint: str) -> None:

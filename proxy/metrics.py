@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from . import estimate
 from .api import BLOBS_PREFIX, KNOWN_PATHS, OPENAI_MODEL_PREFIX
+from .cache import RESULTS as CACHE_RESULTS
 from .errors import FailureKind, ProxyError, RetryReason, Unavailable
 from .exchange import Exchange
 from .pool import Node, Pool
@@ -236,6 +238,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.cache_requests = Counter(
+            "ollama_proxy_cache_requests",
+            "Embedding requests asked of the response cache, by result: hit (replayed, no "
+            "node), miss, bypass (the client's Cache-Control: no-cache or no-store), "
+            "no_digest (the model's nodes do not agree on its digest: not cached).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "ollama_proxy_cache_bytes",
+            "Bytes of answers the response cache holds in this process, or (with Redis) "
+            "that this replica stored there and have not expired.",
+            registry=r,
+        )
         r.register(_PoolCollector(pool))
         r.register(_StateCollector(state))
         # The per-request series, each child looked up once: prometheus-client's labels()
@@ -260,6 +276,8 @@ class Metrics:
             self.affinity.labels(result)
         for reason in ROUTING_REASONS:
             self.routing_decisions.labels(reason)
+        for result in CACHE_RESULTS:
+            self.cache_requests.labels(result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -297,6 +315,12 @@ class Metrics:
             self._generation_seconds_for(node, model).inc(usage.eval_seconds)
         if usage.load_seconds is not None:
             self._model_load_for(node, model).observe(usage.load_seconds)
+
+    def watch_cache(self, held_bytes: Callable[[], float]) -> None:
+        self.cache_bytes.set_function(held_bytes)
+
+    def cache_result(self, result: str) -> None:
+        self.cache_requests.labels(result).inc()
 
     def routing_decision(self, reason: str) -> None:
         self.routing_decisions.labels(reason).inc()

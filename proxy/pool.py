@@ -60,6 +60,9 @@ class Node:
     # with the wall-clock time they expire (from /api/ps, and from its own answers).
     models: set[str] | None = None
     resident: dict[str, float] = field(default_factory=dict)
+    # Each listed model's digest (from /api/tags): the response cache's key names it, so a
+    # model re-pulled or re-created there replays none of its old answers.
+    digests: dict[str, str] = field(default_factory=dict)
     version: str | None = None
     # Per model, from the final chunks of its answers: generation speed (a moving average of
     # tokens per second) and the last model load time.

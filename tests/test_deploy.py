@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -36,6 +37,7 @@ from .conftest import StartNodes, StartProxy, free_port, pool_is_idle, wait_unti
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+AUTOSCALING = K8S / "autoscaling"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 UNIT = DEPLOY / "systemd" / "ollama-proxy.service"
@@ -51,6 +53,7 @@ REQUIRED_ALERTS = {
     "OllamaProxyHigh503Rate",
     "OllamaProxyUpstreamErrors",
     "OllamaProxyTimeToFirstByteHigh",
+    "OllamaProxyStateBackendDown",
 }
 PROMTOOL_MISSING = (
     "promtool not found: install Debian's prometheus package (apt-get install prometheus)"
@@ -205,13 +208,22 @@ def test_json_file_parses(path: Path) -> None:
 # -- Kubernetes ------------------------------------------------------------------------------
 
 
-def k8s_objects() -> dict[str, dict[str, Any]]:
+def k8s_manifests(directory: Path = K8S) -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(directory.glob("*.yaml"))
+        for doc in load_yaml_all(path)
+        if doc.get("kind") != "Kustomization"
+    ]
+
+
+def k8s_objects(name: str = "ollama-proxy") -> dict[str, dict[str, Any]]:
+    """The objects of one name (the proxy's, or its Redis's), by kind."""
     objects: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in load_yaml_all(path):
-            if doc.get("kind") != "Kustomization":
-                assert doc["kind"] not in objects, f"two {doc['kind']} objects"
-                objects[doc["kind"]] = doc
+    for doc in k8s_manifests():
+        if doc["metadata"]["name"] == name:
+            assert doc["kind"] not in objects, f"two {doc['kind']} objects named {name}"
+            objects[doc["kind"]] = doc
     return objects
 
 
@@ -237,9 +249,66 @@ def configmap_config(objects: dict[str, dict[str, Any]], tmp_path: Path) -> Conf
 def test_kubernetes_has_every_object_and_kustomize_lists_them() -> None:
     objects = k8s_objects()
     assert set(objects) == {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
-    (kustomization,) = load_yaml_all(K8S / "kustomization.yaml")
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests
+    assert set(k8s_objects("ollama-proxy-redis")) == {"Deployment", "Service"}
+    for directory in (K8S, AUTOSCALING):
+        (kustomization,) = load_yaml_all(directory / "kustomization.yaml")
+        manifests = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+        assert set(kustomization["resources"]) == manifests
+
+
+def test_kubernetes_replicas_share_the_redis_of_the_manifests(tmp_path: Path) -> None:
+    """state.redis_url names the Redis Service and its port; the proxy's selectors never pick
+    Redis's pods, nor Redis's the proxy's."""
+    proxy, redis = k8s_objects(), k8s_objects("ollama-proxy-redis")
+    url = urlsplit(configmap_config(proxy, tmp_path).state.redis_url)
+    (port,) = redis["Service"]["spec"]["ports"]
+    assert (url.scheme, url.hostname, url.port) == ("redis", "ollama-proxy-redis", port["port"])
+    (container,) = redis["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container_port(container, port["targetPort"]) == 6379
+    redis_pods = redis["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    proxy_pods = proxy["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert redis["Service"]["spec"]["selector"].items() <= redis_pods.items()
+    assert redis["Deployment"]["spec"]["selector"]["matchLabels"].items() <= redis_pods.items()
+    assert not proxy["Service"]["spec"]["selector"].items() <= redis_pods.items()
+    assert not redis["Service"]["spec"]["selector"].items() <= proxy_pods.items()
+    assert proxy["Deployment"]["spec"]["replicas"] >= 2
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"  # see operations.md
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    (configmap,) = load_yaml_all(AUTOSCALING / "prometheus-adapter.yaml")
+    return list(yaml.safe_load(configmap["data"]["config.yaml"])["rules"])
+
+
+def test_the_autoscaler_scales_the_deployment_on_the_adapter_s_metric(tmp_path: Path) -> None:
+    (hpa,) = load_yaml_all(AUTOSCALING / "hpa.yaml")
+    deployment, pdb = (k8s_objects()[k] for k in ("Deployment", "PodDisruptionBudget"))
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    served = {rule["name"]["as"]: rule for rule in adapter_rules()}
+    pod_metrics = [
+        m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"
+    ]
+    assert pod_metrics == ["ollama_proxy_queue_depth"]
+    rule = served["ollama_proxy_queue_depth"]
+    assert re.match(rule["name"]["matches"], "ollama_proxy_queue_depth")
+    assert rule["seriesQuery"].startswith("ollama_proxy_queue_depth{")
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    # The adapter's query, its template filled in as the adapter fills it, is PromQL.
+    query = rule["metricsQuery"]
+    for template, value in (
+        ("<<.Series>>", "ollama_proxy_queue_depth"),
+        ("<<.LabelMatchers>>", 'namespace="default",pod=~"ollama-proxy-.*"'),
+        ("<<.GroupBy>>", "pod"),
+    ):
+        query = query.replace(template, value)
+    assert "<<" not in query
+    check_promql([query, rule["seriesQuery"]], tmp_path)
 
 
 def test_kubernetes_objects_agree_with_each_other(tmp_path: Path) -> None:
@@ -503,10 +572,28 @@ def test_compose_proxy_fronts_the_ollama_services(tmp_path: Path) -> None:
         assert node.url == f"http://{node.name}:11434"
         parallel = int(services[node.name]["environment"]["OLLAMA_NUM_PARALLEL"])
         assert node.max_concurrency == parallel, f"{node.name}: cap != OLLAMA_NUM_PARALLEL"
-    assert set(proxy["depends_on"]) == ollamas
-    assert f"{config.listen_port}:{config.listen_port}" in proxy["ports"]
+    assert set(proxy["depends_on"]) == ollamas | {"redis"}
+    replicas = proxy["deploy"]["replicas"]
+    assert replicas >= 2
+    # One host port per replica, each onto the port the config listens on.
+    (ports,) = proxy["ports"]
+    hosts, container = ports.split(":")
+    first, last = (int(p) for p in hosts.split("-"))
+    assert (last - first + 1, int(container)) == (replicas, config.listen_port)
+    assert first == config.listen_port
     grace = proxy["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > config.shutdown.drain_timeout
+
+
+def test_compose_replicas_share_the_compose_redis(tmp_path: Path) -> None:
+    config, _ = compose_proxy_config(tmp_path)
+    redis = compose()["services"]["redis"]
+    assert redis["image"].startswith("redis:")
+    url = urlsplit(config.state.redis_url)
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    command = redis["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert "ports" not in redis  # reached by the replicas only
 
 
 def test_compose_prometheus_scrapes_the_proxy_and_loads_the_alerts(tmp_path: Path) -> None:
@@ -519,7 +606,9 @@ def test_compose_prometheus_scrapes_the_proxy_and_loads_the_alerts(tmp_path: Pat
     (scrape,) = load_yaml_all(PROMETHEUS / in_container.name)
     (job,) = scrape["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"proxy:{config.listen_port}"]
+    # Each replica of the service is a target of its own, found by the service's DNS name.
+    (dns,) = job["dns_sd_configs"]
+    assert (dns["names"], dns["type"], dns["port"]) == (["proxy"], "A", config.listen_port)
     assert scrape["rule_files"] == ["alerts.yml"]  # relative: read beside prometheus.yml
     alerts = load_yaml_all(PROMETHEUS / "alerts.yml")[0]
     jobs = {

@@ -16,6 +16,11 @@ def digest(name: str) -> str:
     return hashlib.sha256(normalize_model(name).encode()).hexdigest()
 
 
+def listed_digest(name: str, revision: int = 0) -> str:
+    """The digest a listing shows: another one each time the model is created anew."""
+    return digest(name) if revision == 0 else digest(f"{normalize_model(name)}#{revision}")
+
+
 def model_size(name: str) -> int:
     return 1_000_000_000 + int(digest(name)[:6], 16) * 100  # 1 to 2.7 GB, stable per name
 
@@ -51,7 +56,7 @@ def capabilities(name: str) -> list[str]:
 # --------------------------------------------------------------------------- listings
 
 
-def model_entry(name: str, modified_at: str) -> dict[str, Any]:
+def model_entry(name: str, modified_at: str, revision: int = 0) -> dict[str, Any]:
     """One model of /api/tags."""
     canonical = display_name(name)
     return {
@@ -59,19 +64,19 @@ def model_entry(name: str, modified_at: str) -> dict[str, Any]:
         "model": canonical,
         "modified_at": modified_at,
         "size": model_size(name),
-        "digest": digest(name),
+        "digest": listed_digest(name, revision),
         "details": details(name),
     }
 
 
-def resident_entry(name: str, expires_at: str) -> dict[str, Any]:
+def resident_entry(name: str, expires_at: str, revision: int = 0) -> dict[str, Any]:
     """One model of /api/ps."""
     canonical = display_name(name)
     return {
         "name": canonical,
         "model": canonical,
         "size": model_size(name),
-        "digest": digest(name),
+        "digest": listed_digest(name, revision),
         "details": details(name),
         "expires_at": expires_at,
         "size_vram": model_size(name),

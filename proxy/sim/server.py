@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..models import display_name
+from ..models import display_name, normalize_model
 from .catalog import (
     create_steps,
     model_entry,
@@ -244,12 +244,20 @@ class SimNode:
 
     async def _tags(self, _request: web.Request) -> web.StreamResponse:
         modified_at = iso(self._started_at)
-        models = [model_entry(name, modified_at) for name in self.settings.models]
+        revisions = self.settings.revisions
+        models = [
+            model_entry(name, modified_at, revisions.get(normalize_model(name), 0))
+            for name in self.settings.models
+        ]
         return json_response({"models": models})
 
     async def _ps(self, _request: web.Request) -> web.StreamResponse:
         expires_at = iso(datetime.now(UTC) + KEEP_ALIVE)
-        models = [resident_entry(name, expires_at) for name in self.settings.resident]
+        revisions = self.settings.revisions
+        models = [
+            resident_entry(name, expires_at, revisions.get(normalize_model(name), 0))
+            for name in self.settings.resident
+        ]
         return json_response({"models": models})
 
     async def _show(self, request: web.Request) -> web.StreamResponse:
@@ -309,6 +317,8 @@ class SimNode:
         body = await json_object(request)
         name = model_field(body, "model", "name")
         self._memory.add(name)
+        key = normalize_model(name)  # a new manifest, so a new digest (Ollama's is its hash)
+        self.settings.revisions[key] = self.settings.revisions.get(key, 0) + 1
         return await self._progress(request, body, create_steps())
 
     async def _copy(self, request: web.Request) -> web.StreamResponse:

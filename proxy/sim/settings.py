@@ -18,6 +18,8 @@ class SimSettings:
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))  # on disk
     resident: list[str] = field(default_factory=list)  # in memory; others pay load_delay
+    # Times each model (by its normalised name) was created anew: its listed digest changes.
+    revisions: dict[str, int] = field(default_factory=dict)
     num_parallel: int = 4  # generations at once, node-wide (like OLLAMA_NUM_PARALLEL)
     max_queue: int = 512  # requests waiting for a slot; more get 503 busy
     tokens: int = 8  # tokens per generation unless the request asks for a number
