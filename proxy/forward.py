@@ -504,6 +504,7 @@ class Forwarder:
 
 
 REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head
+NODE_HEADER = "X-Ollama-Proxy-Node"  # the node's name, on answers a node gave
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
 _request_numbers = itertools.count(1)
 
@@ -518,6 +519,9 @@ async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -
     head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
     request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
     response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
+    ex = request.get(EXCHANGE)
+    if ex is not None and ex.node is not None:  # which node answered (or failed) it
+        response.headers[NODE_HEADER] = ex.node.name
 
 
 def _with_request_id(request: web.Request, ex: Exchange, dropped: frozenset[bytes]) -> RawHeaders:
