@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, hdrs, web
 
-from .accesslog import AccessLog
+from .accesslog import AccessLog, Recent
 from .affinity import Affinity, conversation_of, response_id_of, response_key, result_of
 from .answer import Answer
 from .api import (
@@ -108,6 +108,7 @@ class Forwarder:
         self.idle.set()
         self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
         self.quotas = Quotas()  # each key's windows and totals, kept across reloads
+        self.recent = Recent()  # the last requests that ended, for the dashboard
         # Which node served each conversation's last turn; kept across reloads.
         self.affinity = Affinity(config.routing.affinity_entries, config.routing.affinity_ttl)
         self.configure(config)
@@ -202,6 +203,7 @@ class Forwarder:
             self.metrics.request_done(ex, endpoint_label(request.path))
             self._account_key(ex)
             self.access_log.record(ex)
+            self.recent.record(ex)
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
