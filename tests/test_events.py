@@ -19,7 +19,14 @@ from proxy.accesslog import Recent
 from proxy.events import RECENT_SHOWN
 from proxy.exchange import Exchange
 
-from .conftest import StartNodes, StartProxy, generations, proxy_config_data, proxy_subprocess
+from .conftest import (
+    StartNodes,
+    StartProxy,
+    generations,
+    proxy_config_data,
+    proxy_subprocess,
+    wait_until,
+)
 
 TOKEN = "admin-secret"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -191,3 +198,39 @@ async def test_the_page_is_served_from_the_package_with_a_strict_policy(
         async with session.get(proxy.url + "/-/ui/missing.js") as r:
             assert r.status == 404 and "error" in await r.json()
     assert generations(node) == []  # the page's paths never reach a node
+
+
+async def test_in_protected_mode_loopback_needs_no_token(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    (node,) = await start_nodes(1)
+    proxy = await start_proxy([node])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/-/access") as r:
+            assert await r.json() == {"admin": True}
+        async with session.get(proxy.url + "/-/events") as r:
+            snapshot = await first_snapshot(r)
+    assert snapshot["proxy"]["auth"] == "protected"
+    assert [n["name"] for n in snapshot["nodes"]] == [node.name]
+
+
+async def test_the_queue_is_shown_by_key(start_nodes: StartNodes, start_proxy: StartProxy) -> None:
+    (node,) = await start_nodes(1, tokens=50, token_interval=0.02)  # 1 s each
+    keys = [key_entry("ops", "ops-secret", admin=True), key_entry("alice", "alice-secret")]
+    proxy = await start_proxy([node], caps=[1], auth={"keys": keys})
+    alice = {"Authorization": "Bearer alice-secret"}
+    async with aiohttp.ClientSession() as session:
+
+        async def generate() -> int:
+            async with session.post(proxy.url + "/api/generate", json=GENERATE, headers=alice) as r:
+                await r.read()
+                return r.status
+
+        running = [asyncio.create_task(generate()) for _ in range(3)]
+        await wait_until(lambda: proxy.pool.queue_depth == 2, what="two waiting")
+        ops = {"Authorization": "Bearer ops-secret"}
+        async with session.get(proxy.url + "/-/events", headers=ops) as r:
+            snapshot = await first_snapshot(r)
+        assert await asyncio.gather(*running) == [200] * 3
+    assert snapshot["queue"]["by_key"] == {"alice": {"holding": 1, "waiting": 2}}
+    assert snapshot["nodes"][0]["in_flight"] == 1 and snapshot["nodes"][0]["queued_for_it"] == 2

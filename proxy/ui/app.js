@@ -460,6 +460,7 @@ async function answer(model) {
   const turn = el("li", { class: "turn assistant" }, text, meta);
   $("transcript").append(turn);
   const control = new AbortController();
+  const history = state.chat; // "New chat" meanwhile starts another: this answer stays here
   generating(control);
   const started = performance.now();
   const run = { node: "–", first: null, tokens: 0, final: null, content: "" };
@@ -467,7 +468,7 @@ async function answer(model) {
     const response = await fetch("/api/chat", {
       method: "POST",
       headers: chatHeaders(),
-      body: JSON.stringify({ model, messages: state.chat, stream: true }),
+      body: JSON.stringify({ model, messages: history, stream: true }),
       signal: control.signal,
     });
     run.node = response.headers.get(NODE_HEADER) || "–";
@@ -482,8 +483,8 @@ async function answer(model) {
   } finally {
     generating(null);
   }
-  if (run.content) state.chat.push({ role: "assistant", content: run.content });
-  else state.chat.pop(); // no answer: the question goes, so the next turn is not two in a row
+  if (run.content) history.push({ role: "assistant", content: run.content });
+  else history.pop(); // no answer: the question goes, so the next turn is not two in a row
   $("chat-stats").textContent = meta.textContent;
   text.scrollIntoView({ block: "nearest" });
 }
