@@ -47,7 +47,8 @@ def add_routes(
     expect: Callable[[web.Request], Awaitable[None]],
 ) -> None:
     """Before the admin paths' own: their catch-all answers every other ``/-/`` path 404."""
-    router.add_get("/-/events", guarded(runtime, events.stream), expect_handler=expect)
+    stream = guarded(runtime, events.stream)  # no HEAD: its answer would never end
+    router.add_get("/-/events", stream, allow_head=False, expect_handler=expect)
     router.add_get("/-/access", _Access(runtime).answer, expect_handler=expect)
     router.add_get("/-/ui", _to_page, expect_handler=expect)
     router.add_get("/-/ui/{name:[^/]*}", _Files(UI_DIR).serve, expect_handler=expect)

@@ -74,6 +74,8 @@ async def test_the_stream_needs_the_admin_token_and_sends_the_nodes(
         async with session.get(proxy.url + "/-/events", headers=BEARER) as r:
             assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
             snapshot = await first_snapshot(r)
+        async with session.head(proxy.url + "/-/events", headers=BEARER) as r:
+            assert r.status == 405  # a HEAD's answer would never end
     by_name = {n["name"]: n for n in snapshot["nodes"]}
     assert sorted(by_name) == ["sim0", "sim1"]
     for node in by_name.values():
