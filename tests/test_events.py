@@ -236,3 +236,26 @@ async def test_the_queue_is_shown_by_key(start_nodes: StartNodes, start_proxy: S
         assert await asyncio.gather(*running) == [200] * 3
     assert snapshot["queue"]["by_key"] == {"alice": {"holding": 1, "waiting": 2}}
     assert snapshot["nodes"][0]["in_flight"] == 1 and snapshot["nodes"][0]["queued_for_it"] == 2
+
+
+async def test_a_node_that_goes_down_is_sent_at_once_with_its_last_error(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(nodes, admin={"token": TOKEN})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/-/events", headers=BEARER) as r:
+            stream = snapshots(r)
+            await anext(stream)
+            await nodes[1].refuse()
+            await wait_until(lambda: not proxy.pool.nodes["sim1"].up, what="sim1 down")
+            went_down = time.monotonic()
+            async with asyncio.timeout(3):
+                async for snapshot in stream:
+                    if not snapshot["nodes"][1]["up"]:
+                        break
+            took = time.monotonic() - went_down
+            await stream.aclose()
+    down = snapshot["nodes"][1]
+    assert down["name"] == "sim1" and down["recent_errors"][-1]["error"]
+    assert took < 0.6  # not the next tick's
