@@ -11,6 +11,7 @@ through the guarded stream and the admin paths; it loads nothing from elsewhere,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -79,12 +80,17 @@ class _Access:
         self.runtime = runtime
 
     async def answer(self, request: web.Request) -> web.Response:
-        """Whether the request's credentials open the admin paths, and if not, why."""
+        """Whether the request's credentials open the admin paths (and if not, why), and the
+        name of the client key they are, if one (the playground then chats with it)."""
+        auth = self.runtime.auth
         try:
-            self.runtime.auth.check_admin(request.headers, request.remote)
+            auth.check_admin(request.headers, request.remote)
         except KeyRefused as refused:
             return web.json_response({"admin": False, "message": refused.message})
-        return web.json_response({"admin": True})
+        key = None
+        with contextlib.suppress(KeyRefused):  # admin.token, or no credentials: no key
+            key = auth.identify(request.method, request.headers)
+        return web.json_response({"admin": True, "key": key.name if key else None})
 
 
 async def _to_page(request: web.Request) -> web.Response:

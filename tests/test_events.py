@@ -67,7 +67,7 @@ async def test_the_stream_needs_the_admin_token_and_sends_the_nodes(
         async with session.get(proxy.url + "/-/access") as r:
             assert r.status == 200 and (await r.json())["admin"] is False
         async with session.get(proxy.url + "/-/access", headers=BEARER) as r:
-            assert await r.json() == {"admin": True}
+            assert await r.json() == {"admin": True, "key": None}  # admin.token is no key
         async with session.post(proxy.url + "/api/generate", json=GENERATE) as r:
             assert r.status == 200
             answered_by = r.headers["X-Ollama-Proxy-Node"]
@@ -113,6 +113,10 @@ async def test_in_keys_mode_only_a_key_with_admin_opens_it(
         async with session.post(proxy.url + "/api/generate", json=GENERATE, headers=alice) as r:
             assert r.status == 200
         ops = {"Authorization": "Bearer ops-secret"}
+        async with session.get(proxy.url + "/-/access", headers=ops) as r:
+            assert await r.json() == {"admin": True, "key": "ops"}
+        async with session.get(proxy.url + "/-/access", headers=alice) as r:
+            assert (await r.json())["admin"] is False
         async with session.get(proxy.url + "/-/events", headers=ops) as r:
             snapshot = await first_snapshot(r)
     usage = {k["name"]: k for k in snapshot["usage"]}
@@ -209,7 +213,7 @@ async def test_in_protected_mode_loopback_needs_no_token(
     proxy = await start_proxy([node])
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.url + "/-/access") as r:
-            assert await r.json() == {"admin": True}
+            assert await r.json() == {"admin": True, "key": None}
         async with session.get(proxy.url + "/-/events") as r:
             snapshot = await first_snapshot(r)
     assert snapshot["proxy"]["auth"] == "protected"

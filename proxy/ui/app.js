@@ -16,6 +16,7 @@ const state = {
   chat: [], // the playground's messages, sent whole each turn
   generation: null, // the AbortController of the chat answer under way
   firstSnapshot: true, // the playground is set up on the first snapshot after signing in
+  isKey: false, // the token signed in with is a client key
 };
 
 const $ = (id) => document.getElementById(id);
@@ -48,6 +49,7 @@ async function checkAccess() {
     return;
   }
   if (answer.admin) {
+    state.isKey = !!answer.key;
     showDashboard();
   } else {
     showLogin(state.token ? "That token does not open the admin paths." : answer.message || "");
@@ -72,11 +74,11 @@ function showDashboard() {
   connect();
 }
 
-// With keys configured, the playground chats with the token signed in with (a key with
-// `admin`) unless told otherwise. Without keys it sends no key: a token given to the proxy
-// alone would go on to the node.
-function playgroundReady(mode) {
-  if (mode === "keys" && !$("key").value) $("key").value = state.token;
+// Signed in with a client key (one with `admin`), the playground chats with it unless told
+// otherwise. Signed in with admin.token it sends no key: that token is for the proxy alone,
+// and without keys configured it would go on to the node.
+function playgroundReady() {
+  if (state.isKey && !$("key").value) $("key").value = state.token;
   if (!$("model").options.length) refreshModels();
 }
 
@@ -160,7 +162,7 @@ async function readEvents(body, control) {
 function render(snapshot) {
   if (state.firstSnapshot) {
     state.firstSnapshot = false;
-    playgroundReady(snapshot.proxy.auth);
+    playgroundReady();
   }
   if (snapshot.proxy.shutting_down) setStatus("live; the proxy is stopping");
   renderNodes(snapshot.nodes);
