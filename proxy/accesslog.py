@@ -11,12 +11,13 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 from .config import AccessLogConfig
-from .errors import shown
+from .errors import SHOWN_MAX, shown
 from .exchange import Exchange
 
 log = logging.getLogger("ollama_proxy.access")
@@ -44,6 +45,58 @@ class AccessLog:
             log.info(json.dumps(fields, separators=(",", ":")).replace("\x7f", "\\u007f"))
         else:
             log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
+
+
+class Finished(NamedTuple):
+    """One ended request as the dashboard lists it: what its access log line says, held in
+    memory (a tuple: the request path pays one small allocation for it)."""
+
+    at: float  # wall-clock time it ended
+    method: str
+    path: str
+    model: str | None
+    key: str | None
+    node: str | None
+    status: int
+    takes_slot: bool
+    queue_s: float
+    ttfb_s: float | None
+    duration_s: float
+    tokens_in: int | None
+    tokens_out: int | None
+
+
+class Recent:
+    """The last requests that ended, newest last: a bounded ring, fed where the access log
+    line is written, read by the dashboard's snapshots (``events.py``)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.entries: deque[Finished] = deque(maxlen=size)
+
+    def record(self, ex: Exchange) -> None:
+        usage = ex.usage
+        fields = (
+            time.time(),
+            ex.method,
+            _bounded(ex.path),  # the client's to shape (a model name, megabytes long)
+            _bounded(ex.model) if ex.model is not None else None,
+            ex.key.name if ex.key is not None else None,
+            ex.node.name if ex.node is not None else None,
+            ex.reported_status,
+            ex.takes_slot,
+            ex.queue_wait,
+            ex.first_byte - ex.started if ex.first_byte else None,
+            time.monotonic() - ex.started,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
+        # tuple.__new__ skips NamedTuple's own __new__ and its keyword handling: a third of
+        # the cost (performance.md).
+        self.entries.append(tuple.__new__(Finished, fields))
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= SHOWN_MAX else shown(text)
 
 
 class MalformedRequests(logging.Filter):

@@ -55,17 +55,7 @@ class _Admin:
         self.runtime = runtime
 
     def guarded(self, handler: Handler) -> Handler:
-        """Require admin.token or a key with ``admin`` (auth.Auth.check_admin says when)."""
-
-        async def check(request: web.Request) -> web.StreamResponse:
-            try:
-                self.runtime.auth.check_admin(request.headers, request.remote)
-            except KeyRefused as refused:
-                return refused.response(request.path)
-            response: web.StreamResponse = await handler(request)
-            return response
-
-        return check
+        return guarded(self.runtime, handler)
 
     async def healthy(self, request: web.Request) -> web.Response:
         """The process is alive and serving HTTP (liveness)."""
@@ -79,16 +69,7 @@ class _Admin:
         return web.json_response(body, status=200 if ready else 503)
 
     async def nodes(self, request: web.Request) -> web.Response:
-        pool = self.runtime.pool
-        return web.json_response(
-            {
-                "queue_depth": pool.queue_depth,
-                "nodes": [
-                    {**node_state(n), "queued_for_it": pool.waiting_for(n)}
-                    for n in pool.all_nodes()
-                ],
-            }
-        )
+        return web.json_response(fleet_state(self.runtime.pool))
 
     async def reload(self, request: web.Request) -> web.Response:
         errors = self.runtime.reload()
@@ -119,6 +100,30 @@ class _Admin:
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"no admin path {shown(request.path)}")
+
+
+def guarded(runtime: Managed, handler: Handler) -> Handler:
+    """Require admin.token or a key with ``admin`` (auth.Auth.check_admin says when)."""
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        try:
+            runtime.auth.check_admin(request.headers, request.remote)
+        except KeyRefused as refused:
+            return refused.response(request.path)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
+def fleet_state(pool: Pool) -> dict[str, Any]:
+    """``GET /-/nodes``: the queue's depth and each node's state."""
+    return {
+        "queue_depth": pool.queue_depth,
+        "nodes": [
+            {**node_state(n), "queued_for_it": pool.waiting_for(n)} for n in pool.all_nodes()
+        ],
+    }
 
 
 def node_state(node: Node) -> dict[str, Any]:

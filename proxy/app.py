@@ -14,13 +14,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from . import admin, cors
-from .accesslog import MALFORMED_REQUESTS
+from . import admin, cors, dashboard
+from .accesslog import MALFORMED_REQUESTS, Recent
 from .api import FORWARDED_ROUTES
 from .auth import Auth, mode_of, startup_notice
 from .config import Config, ConfigError, load_config
 from .discovery import Discovery
 from .errors import ProxyError, error_response, family_of, shown
+from .events import Events
 from .fleet import Fleet
 from .forward import Forwarder, expect_continue, tag_response
 from .health import Health
@@ -59,6 +60,7 @@ class Runtime:
         self.forwarder = Forwarder(
             self.pool, self.health, self.metrics, self.discovery, self.fleet, config, self.state
         )
+        self.events = Events(self)  # the dashboard's stream; builds nothing until subscribed
 
     @property
     def auth(self) -> Auth:
@@ -67,6 +69,10 @@ class Runtime:
     @property
     def quotas(self) -> SharedQuotas:
         return self.forwarder.shared_quotas
+
+    @property
+    def recent(self) -> Recent:
+        return self.forwarder.recent
 
     def reload(self) -> list[str]:
         """Read the config file again; apply it only if all of it is valid. Returns errors."""
@@ -152,12 +158,14 @@ def make_app(config: Config, config_path: Path | None = None) -> web.Application
     logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)
     runtime = app[RUNTIME] = Runtime(config, config_path)
     app.cleanup_ctx.append(_lifetime)
+    app.on_shutdown.append(_end_event_streams)
     app.on_response_prepare.append(_close_after_upgrade_request)
     app.on_response_prepare.append(tag_response)
     app.on_response_prepare.append(_cors_headers)
     # Every route gets expect_continue: aiohttp's own logs a client that left as an error.
     app.router.add_get("/", _root, expect_handler=expect_continue)  # also answers HEAD
     app.router.add_get("/metrics", _metrics, expect_handler=expect_continue)
+    dashboard.add_routes(app.router, runtime, runtime.events, expect_continue)
     admin.add_routes(app.router, runtime, expect_continue)
     runtime.fleet.add_routes(
         app.router, wrap=runtime.forwarder.observed, expect_handler=expect_continue
@@ -352,6 +360,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime.start_loops()
     yield
     await runtime.aclose()
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    """aiohttp's shutdown runs this before it waits for handlers: the dashboard's streams,
+    which would never end by themselves, end now."""
+    app[RUNTIME].events.close()
 
 
 def _upstream_session() -> aiohttp.ClientSession:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion11, hdrs, web
 
-from .accesslog import AccessLog
+from .accesslog import AccessLog, Recent
 from .affinity import Affinity, conversation_of, response_id_of, response_key, result_of
 from .answer import Answer
 from .api import (
@@ -120,6 +120,7 @@ class Forwarder:
         self.idle.set()
         self.cut_reason: str | None = None  # set when the proxy ends what still runs ("drain")
         self.quotas = Quotas()  # each key's windows and totals, kept across reloads
+        self.recent = Recent()  # the last requests that ended, for the dashboard
         # Which node served each conversation's last turn; kept across reloads.
         self.affinity = Affinity(config.routing.affinity_entries, config.routing.affinity_ttl)
         self.tracing: Tracing | None = from_environment()  # None: untraced, and it costs nothing
@@ -229,6 +230,7 @@ class Forwarder:
                 _end_trace(ex.trace, ex, endpoint)
             self._account_key(ex)
             self.access_log.record(ex)
+            self.recent.record(ex)
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
@@ -606,6 +608,7 @@ class Forwarder:
 
 
 REQUEST_ID = web.RequestKey("request_id", str)  # the id, for the answer's head
+NODE_HEADER = "X-Ollama-Proxy-Node"  # the node's name, on answers a node gave
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # tells this process's ids from another replica's
 _request_numbers = itertools.count(1)
 
@@ -620,8 +623,11 @@ async def tag_response(request: web.BaseRequest, response: web.StreamResponse) -
     head goes out (aiohttp's ``on_response_prepare``), since a stream's goes out mid-request."""
     request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER)
     response.headers[REQUEST_ID_HEADER] = request_id or _new_request_id()
-    if (ex := request.get(EXCHANGE)) is not None and ex.cache is not None:
+    ex = request.get(EXCHANGE)
+    if ex is not None and ex.cache is not None:
         response.headers["X-Cache"] = ex.cache.header
+    if ex is not None and ex.node is not None:  # which node answered (or failed) it
+        response.headers[NODE_HEADER] = ex.node.name
 
 
 def _end_trace(span: Span, ex: Exchange, endpoint: str) -> None:

@@ -309,6 +309,7 @@ class Pool:
         self._turn = itertools.count()  # rotates among equally loaded nodes
         self.clock: Callable[[], float] = time.monotonic  # for leases' ages and estimates
         self._recheck: asyncio.TimerHandle | None = None  # passed-over slots looked at again
+        self.on_change: list[Callable[[], None]] = []  # told of each changed() (the dashboard)
 
     def all_nodes(self) -> list[Node]:
         return [*self.nodes.values(), *self.retiring]
@@ -612,6 +613,8 @@ class Pool:
         """Call after health, drain or config changes: waiters may now be served or failed."""
         self._fail_unservable()
         self._dispatch()
+        for listener in self.on_change:
+            listener()
 
     def reconfigure(self, configs: Iterable[NodeConfig], queue: QueueConfig) -> list[Node]:
         """Swap in a new node list; return the added nodes (down until their first check).

@@ -148,3 +148,26 @@ async def test_a_node_never_reached_is_not_said_to_have_the_model(
     for error in node["recent_errors"]:  # an http:// node: nothing about SSL
         assert "ssl" not in error["error"].lower(), error
     assert "Connection refused" in node["recent_errors"][-1]["error"]
+
+
+async def test_each_answer_names_the_node_that_gave_it(
+    start_nodes: StartNodes, start_proxy: StartProxy
+) -> None:
+    nodes = await start_nodes(2)
+    proxy = await start_proxy(nodes)
+    named = {}
+    async with aiohttp.ClientSession() as session:
+        for number in range(4):
+            headers = {"X-Request-Id": f"r{number}"}
+            body = {**GENERATE, "stream": number % 2 == 0}  # a stream's head, and a whole answer
+            async with session.post(proxy.url + "/api/generate", json=body, headers=headers) as r:
+                await r.read()
+                named[f"r{number}"] = r.headers["X-Ollama-Proxy-Node"]
+        async with session.get(proxy.url + "/api/tags") as r:
+            assert "X-Ollama-Proxy-Node" not in r.headers  # the whole fleet's answer
+    saw = {request_id(r.headers): n.name for n in nodes for r in generations(n)}
+    assert named == saw and len(set(saw.values())) == 2
+
+
+def request_id(headers: dict[str, str]) -> str:
+    return next(v for k, v in headers.items() if k.lower() == "x-request-id")
