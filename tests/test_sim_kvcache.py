@@ -181,7 +181,9 @@ async def test_final_chunks_report_the_nodes_load_time_and_speed() -> None:
         await sim.stop()
     cold, warm = replies
     assert cold["load_duration"] >= 50_000_000 and warm["load_duration"] == 0
-    assert cold["eval_duration"] == warm["eval_duration"] == 15_000_000  # 5 tokens at 3 ms
+    # 5 tokens at 3 ms (or the time they took), a cold load or not
+    assert min(cold["eval_duration"], warm["eval_duration"]) >= 15_000_000
+    assert abs(cold["eval_duration"] - warm["eval_duration"]) < 15_000_000
 
 
 def test_choosing_among_many_slots_compares_each_cached_text_once(

@@ -152,18 +152,29 @@ class Generation:
             await strike(fault, request, ticket)
 
     def _usage(
-        self, plan: Plan, tokens: int, started_ns: int, load_ns: int, prefill: float = 0.0
+        self,
+        plan: Plan,
+        tokens: int,
+        started_ns: int,
+        load_ns: int,
+        prefill: float = 0.0,
+        eval_started_ns: int | None = None,
     ) -> Usage:
         """prompt_eval_duration is the prompt's evaluation (first_token_delay) and the prefill
-        of its uncached part only, as Ollama reports it; prompt_eval_count the whole prompt."""
+        of its uncached part only, as Ollama reports it; prompt_eval_count the whole prompt.
+        eval_duration is the time the tokens took (from ``eval_started_ns``), as Ollama
+        measures it, never less than token_interval each: on a busy machine the sleeps between
+        tokens overrun, and a node must not claim a speed it did not deliver."""
         settings = self._node.settings
+        nominal = seconds_to_ns(tokens * settings.token_interval)
+        took = 0 if eval_started_ns is None else time.monotonic_ns() - eval_started_ns
         return Usage(
             prompt_tokens=plan.prompt_tokens,
             eval_count=tokens,
             total_duration=max(1, time.monotonic_ns() - started_ns),
             load_duration=load_ns,
             prompt_eval_duration=max(1, seconds_to_ns(settings.first_token_delay + prefill)),
-            eval_duration=max(1, seconds_to_ns(tokens * settings.token_interval)),
+            eval_duration=max(1, nominal, took),
         )
 
     @contextlib.contextmanager
@@ -204,14 +215,16 @@ class Generation:
                     stream = LazyStream(request, fmt.content_type)
                     frames = token_frames(fmt, script)
                     send = stream.send
+                    eval_ns = time.monotonic_ns()
                     await self._run_tokens(request, frames, script.tokens, ticket, fault, send)
-                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill)
+                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill, eval_ns)
                     last = fmt.final_frames(Reply(tool_calls=script.tool_calls), usage)
                     response: web.StreamResponse = await stream.finish(last)
                 else:
                     quiet = itertools.repeat(_silent, script.tokens)  # the time, not the frames
+                    eval_ns = time.monotonic_ns()
                     await self._run_tokens(request, quiet, script.tokens, ticket, fault, _discard)
-                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill)
+                    usage = self._usage(plan, script.tokens, started_ns, load_ns, prefill, eval_ns)
                     response = json_response(fmt.whole_body(script.whole(), usage))
                 held.slot.cached = plan.cached_after(lambda: script.whole().text)
             self._count_completed(usage)
