@@ -72,6 +72,10 @@ class Node:
     # Slot leases held now, with when each started and how long it was expected to take:
     # when this node's slots free (``estimate.py``).
     leases: set[Lease] = field(default_factory=set)
+    # Slots counted as the other replicas' (``leases.py``; 0 without Redis): the whole cap
+    # while Redis last said the node is full fleet-wide, their shares while it does not answer.
+    elsewhere: int = 0
+    model_elsewhere: dict[str, int] = field(default_factory=dict)  # the same, per model
     last_used: dict[str, float] = field(default_factory=dict)  # model → its last slot's start
 
     @property
@@ -96,10 +100,13 @@ class Node:
         return self.in_flight / (self.config.max_concurrency * self.config.weight)
 
     def has_slot_for(self, model: str | None) -> bool:
-        if self.in_flight >= self.config.max_concurrency:
+        if self.in_flight + self.elsewhere >= self.config.max_concurrency:
             return False
         cap = self.config.model_concurrency.get(model) if model else None
-        return cap is None or self.model_in_flight.get(model or "", 0) < cap
+        if cap is None:
+            return True
+        model = model or ""
+        return self.model_in_flight.get(model, 0) + self.model_elsewhere.get(model, 0) < cap
 
     def has_model(self, model: str) -> bool:
         """On disk here, or not yet known (a node not listed yet may have anything)."""
@@ -273,6 +280,7 @@ class Pool:
         self._turn = itertools.count()  # rotates among equally loaded nodes
         self.clock: Callable[[], float] = time.monotonic  # for leases' ages and estimates
         self._recheck: asyncio.TimerHandle | None = None  # passed-over slots looked at again
+        self.replicas = 1  # each cap divided among so many replicas (Redis down: leases.py)
 
     def all_nodes(self) -> list[Node]:
         return [*self.nodes.values(), *self.retiring]
@@ -600,5 +608,52 @@ class Pool:
                 if node.busy:
                     self.retiring.append(node)
         self.nodes = kept
+        if self.replicas > 1:  # the new caps divided as the old ones were
+            for node in kept.values():
+                _divide(node, self.replicas)
         self.changed()
         return added
+
+    # -- other replicas (``leases.py``) -----------------------------------------------------
+
+    def full_elsewhere(
+        self, node: Node, model: str | None = None, tenant: Tenant | None = None
+    ) -> None:
+        """Redis refused a slot: the node (its model, when given, or the tenant) is full
+        fleet-wide. Its waiters keep waiting until ``forget_elsewhere``."""
+        if tenant is not None:
+            self._waiters.elsewhere[tenant.name] = tenant.max_concurrency or 0
+        elif model is not None:
+            node.model_elsewhere[model] = node.config.model_concurrency.get(model, 0)
+        else:
+            node.elsewhere = node.config.max_concurrency
+
+    def forget_elsewhere(self) -> None:
+        """A slot freed somewhere in the fleet: what was full may not be; waiters try again
+        (within this replica's share of each cap, while caps are divided)."""
+        for node in self.all_nodes():
+            _divide(node, self.replicas)
+        self._waiters.elsewhere.clear()
+        self.changed()
+
+    def divide(self, replicas: int) -> None:
+        """Serve on this replica's share of every cap (node, model, tenant): the cap divided
+        by ``replicas``, rounded down, at least 1; 1: whole caps again, no marks."""
+        self.replicas = self._waiters.replicas = replicas
+        self._waiters.elsewhere.clear()
+        for node in self.all_nodes():
+            _divide(node, replicas)
+        self.changed()
+
+
+def _others_share(cap: int, replicas: int) -> int:
+    """Of ``cap``, the slots left to the other replicas: this one keeps cap // replicas, at
+    least 1 (so every replica serves, and the fleet stays under the cap whenever it is at
+    least the number of replicas)."""
+    return cap - max(1, cap // replicas) if replicas > 1 else 0
+
+
+def _divide(node: Node, replicas: int) -> None:
+    node.elsewhere = _others_share(node.config.max_concurrency, replicas)
+    caps = node.config.model_concurrency.items()
+    node.model_elsewhere = {m: _others_share(cap, replicas) for m, cap in caps if replicas > 1}
