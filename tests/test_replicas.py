@@ -293,3 +293,35 @@ def taken(pool: Pool, name: str) -> list[Lease]:
     while (lease := pool.try_acquire(only)) is not None:
         leases.append(lease)
     return leases
+
+
+async def test_a_model_cap_holds_across_replicas(
+    start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    [node] = await start_nodes(1, num_parallel=100, token_interval=0.005)
+    caps = {"model_concurrency": {"llama3.2": 1}}
+    proxies = await replicas(start_proxy, node, 2, redis, caps=[10], node_extra=caps)
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(stream(s, url) for url in spread(proxies, 10)))
+    assert node.stats.completed == 10
+    assert node.stats.max_active == 1
+
+
+async def test_a_replica_that_starts_without_redis_divides_by_state_replicas(
+    start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    [node] = await start_nodes(1, num_parallel=100, token_interval=0.005)
+    redis.stop()
+    state = {"redis_url": redis.url, "lease_ttl": 1, "replicas": 3}
+    proxy = await start_proxy([node], caps=[7], state=state)
+    slots = proxy.runtime.forwarder.slots
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(stream(s, proxy.url) for _ in range(8)))
+        assert node.stats.max_active == 2  # 7 // 3
+        redis.start()  # only this replica comes: whole caps once lease_ttl has passed
+        await wait_until(lambda: slots.shared, timeout=5, what="shared")
+        assert slots.divided == 3
+        await wait_until(lambda: slots.divided == 1, timeout=3, what="whole caps")
+        node.reset_stats()
+        await asyncio.gather(*(stream(s, proxy.url) for _ in range(14)))
+    assert 2 < node.stats.max_active <= 7  # no longer divided
