@@ -383,9 +383,12 @@ class Forwarder:
         """With Redis: the slot counted fleet-wide too; refused (the fleet is at a cap), the
         request waits in the queue again, until the queue's timeout from its arrival."""
         while not await self.slots.take(lease):
-            if time.monotonic() - queued_at >= self.pool.queue_config.timeout:
+            timeout = self.pool.queue_config.timeout
+            if time.monotonic() - queued_at >= timeout:
                 raise Unavailable(
-                    "timed out waiting for a free node, please try again", reason="timeout"
+                    "timed out waiting for a free node, please try again",
+                    retry_after=max(1, round(timeout / 10)),  # as the pool's own timeout
+                    reason="timeout",
                 )
             lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
         return lease

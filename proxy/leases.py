@@ -311,7 +311,10 @@ class Slots:
         while True:
             await asyncio.sleep(self._ttl / 3)
             if self.shared:
-                await self._renew()
+                try:
+                    await self._renew()
+                except Exception:  # nor leases left to expire under running requests
+                    log.exception("slots: renewing leases failed")
 
     async def _listening(self) -> None:
         while True:
@@ -322,6 +325,9 @@ class Slots:
                 await self._listen()
             except _redis_errors() as exc:
                 self.state.failed(exc)
+            except Exception:  # a bug must not leave waiters unwoken for good
+                log.exception("slots: listening for freed slots failed; listening again")
+                await asyncio.sleep(RETRY_INTERVAL)
 
     async def _listen(self) -> None:
         """Until Redis fails: each message on ``prefix:freed``, and every ``recheck`` seconds
