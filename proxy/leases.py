@@ -170,7 +170,7 @@ class Slots:
         del self.held[lease]
         if freed == self._freed:  # else a slot freed meanwhile: try again at once
             self._mark(lease, held.kinds[int(full) - 1])
-        lease.release()
+        self.pool.refused(lease)
         return False
 
     def give_back(self, lease: Lease) -> None:

@@ -196,7 +196,17 @@ class Lease:
     """A place on a node, held by one request: a slot, or for a request that takes none one
     of the node's places for those (``slot`` False); ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "expected", "model", "node", "released", "slot", "started", "tenant")
+    __slots__ = (
+        "_pool",
+        "charged",
+        "expected",
+        "model",
+        "node",
+        "released",
+        "slot",
+        "started",
+        "tenant",
+    )
 
     def __init__(
         self,
@@ -213,6 +223,7 @@ class Lease:
         self.slot = slot
         self.tenant = tenant
         self.released = False
+        self.charged = False  # its tenant's fair-share tag was moved on for it (it waited)
         self.started = pool.clock()
         self.expected = expected
 
@@ -514,6 +525,7 @@ class Pool:
             return False
         waiter, lease = granted
         lease.tenant = waiter.tenant
+        lease.charged = True
         self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
         self._leave(waiter)
         waiter.future.set_result(lease)
@@ -627,6 +639,13 @@ class Pool:
             node.model_elsewhere[model] = node.config.model_concurrency.get(model, 0)
         else:
             node.elsewhere = node.config.max_concurrency
+
+    def refused(self, lease: Lease) -> None:
+        """Redis refused the slot fleet-wide: given back, its tenant not charged for it (its
+        request waits again, its key's turn not spent)."""
+        if lease.charged and lease.tenant is not None:
+            self._waiters.refund(lease.tenant)
+        lease.release()
 
     def forget_elsewhere(self) -> None:
         """A slot freed somewhere in the fleet: what was full may not be; waiters try again

@@ -18,6 +18,7 @@ import yaml
 from redis.asyncio import Redis
 
 from proxy.config import parse_config
+from proxy.fairshare import Tenant
 from proxy.leases import RELEASE, RENEW, TAKE
 from proxy.pool import Lease, Pool, Want
 from proxy.sim import SimNode
@@ -325,3 +326,29 @@ async def test_a_replica_that_starts_without_redis_divides_by_state_replicas(
         node.reset_stats()
         await asyncio.gather(*(stream(s, proxy.url) for _ in range(14)))
     assert 2 < node.stats.max_active <= 7  # no longer divided
+
+
+async def test_a_slot_refused_fleet_wide_does_not_spend_its_keys_turn() -> None:
+    config = parse_config(
+        {"listen": "127.0.0.1:0", "nodes": [{"url": "http://127.0.0.1:1", "name": "a"}]}
+    )
+    pool = Pool(config.nodes, config.queue)
+    holder = pool.try_acquire()
+    assert holder is not None
+    alice, bob = Tenant("alice"), Tenant("bob")
+    first, second = (asyncio.create_task(pool.acquire(tenant=alice)) for _ in range(2))
+    await wait_until(lambda: pool.queue_depth == 2)
+    bobs = asyncio.create_task(pool.acquire(tenant=bob))
+    await wait_until(lambda: pool.queue_depth == 3)
+    holder.release()
+    lease = await first  # alice's turn: Redis says another replica holds the node's slot
+    pool.full_elsewhere(lease.node)
+    pool.refused(lease)
+    again = asyncio.create_task(pool.acquire(tenant=alice))  # her request waits again
+    await wait_until(lambda: pool.queue_depth == 3)
+    pool.forget_elsewhere()  # freed elsewhere: alice's turn was not spent, hers comes first
+    await wait_until(lambda: second.done() or bobs.done())
+    assert second.done() and not bobs.done()
+    (await second).release()
+    (await bobs).release()
+    (await again).release()
