@@ -352,3 +352,22 @@ async def test_a_slot_refused_fleet_wide_does_not_spend_its_keys_turn() -> None:
     (await second).release()
     (await bobs).release()
     (await again).release()
+
+
+async def test_a_redis_that_hangs_costs_a_request_half_a_second_at_most(
+    start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    [node] = await start_nodes(1, token_interval=0.001)
+    [proxy] = await replicas(start_proxy, node, 1, redis, caps=[4])
+    assert redis.process is not None
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            await asyncio.gather(*(stream(s, proxy.url) for _ in range(3)))
+            assert time.monotonic() - started < 1.0
+        assert not proxy.runtime.forwarder.slots.shared  # served on local state meanwhile
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    slots = proxy.runtime.forwarder.slots
+    await wait_until(lambda: slots.shared and slots.divided == 1, timeout=5, what="shared")
