@@ -114,6 +114,7 @@ class Runtime:
         if self.state.configured:
             self.tasks.spawn(self.state.run(), name="shared state")
             self.tasks.spawn(self.forwarder.writes.run(), name="shared state writes")
+            self.tasks.spawn(self.forwarder.slots.run(), name="slot leases")
         self.tasks.spawn(self.health.run(), name="health-checks")
         self.tasks.spawn(self.discovery.run(), name="discovery")
         if self.config_path is not None and self.config.reload.watch:
@@ -139,6 +140,7 @@ class Runtime:
         await self.tasks.aclose()  # first: checks and refreshes use the session
         self.forwarder.upstreams.close()
         await self._session.close()
+        await self.forwarder.slots.aclose()
         await self.state.aclose()
         if self.forwarder.tracing is not None:  # the last spans exported, off the loop
             await asyncio.to_thread(self.forwarder.tracing.shutdown)

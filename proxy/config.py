@@ -210,6 +210,9 @@ class StateConfig:
     lease_ttl: float = 10.0  # seconds a crashed replica's slots stay counted
     # Before every key the proxy writes, so several fleets (or tests) can share one Redis.
     key_prefix: str = "ollama-proxy"
+    # Replicas each divides the caps among while Redis has not answered since it started
+    # (after that: as many as it last saw registered).
+    replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -720,7 +723,7 @@ def _auto_or_count(r: _Reader, value: object, path: str) -> int | None:
 
 
 def _state(r: _Reader, raw: dict[str, Any]) -> StateConfig:
-    r.no_unknown_keys(raw, "state", {"redis_url", "lease_ttl", "key_prefix"})
+    r.no_unknown_keys(raw, "state", {"redis_url", "lease_ttl", "key_prefix", "replicas"})
     url = r.string(raw.get("redis_url", ""), "state.redis_url")
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         r.error("state.redis_url", "must start with redis://, rediss:// or unix://")
@@ -728,6 +731,7 @@ def _state(r: _Reader, raw: dict[str, Any]) -> StateConfig:
         redis_url=url,
         lease_ttl=r.number(raw.get("lease_ttl", 10), "state.lease_ttl", 1),
         key_prefix=r.string(raw.get("key_prefix", "ollama-proxy"), "state.key_prefix"),
+        replicas=r.integer(raw.get("replicas", 1), "state.replicas", 1),
     )
 
 

@@ -51,11 +51,6 @@ class _Share(Generic[W]):
     waiting: deque[tuple[int, W]] = field(default_factory=deque)  # (arrival number, waiter)
     in_flight: int = 0  # slots its requests hold now
 
-    @property
-    def at_cap(self) -> bool:
-        cap = self.tenant.max_concurrency
-        return cap is not None and self.in_flight >= cap
-
 
 class FairQueue(Generic[W]):
     """Waiters by tenant, first come first served within one, weighted fair between them."""
@@ -65,6 +60,11 @@ class FairQueue(Generic[W]):
         self._virtual_time = 0.0  # the start tag of the last request served
         self._arrivals = itertools.count()
         self._waiting = 0
+        # With several replicas (``leases.py``): tenant name → slots counted as the other
+        # replicas' (the whole cap while Redis last said it holds them all), and the replicas
+        # each cap is divided among while Redis does not answer.
+        self.elsewhere: dict[str, int] = {}
+        self.replicas = 1
 
     def __len__(self) -> int:
         return self._waiting
@@ -84,10 +84,18 @@ class FairQueue(Generic[W]):
 
     def may_hold(self, tenant: Tenant) -> bool:
         """Below its own cap of slots (the cap its newest request gave)."""
+        if tenant.max_concurrency is None:
+            return True
         share = self._shares.get(tenant.name)
-        in_flight = share.in_flight if share is not None else 0
+        return not self._at_cap(tenant, share.in_flight if share is not None else 0)
+
+    def _at_cap(self, tenant: Tenant, in_flight: int) -> bool:
         cap = tenant.max_concurrency
-        return cap is None or in_flight < cap
+        if cap is None:
+            return False
+        if self.replicas > 1:  # never 0: every replica keeps serving the key
+            cap = max(1, cap // self.replicas)
+        return in_flight + self.elsewhere.get(tenant.name, 0) >= cap
 
     def push(self, tenant: Tenant, waiter: W) -> None:
         share = self._share(tenant)
@@ -109,7 +117,11 @@ class FairQueue(Generic[W]):
         """Waiters in the order they are to be served: of tenants below their cap, by start
         tag (then by arrival), each tenant's first come first. Lazy, over the live queues:
         push, remove or serve none while it runs (serving one changes the order anyway)."""
-        shares = [s for s in self._shares.values() if s.waiting and not s.at_cap]
+        shares = [
+            s
+            for s in self._shares.values()
+            if s.waiting and not self._at_cap(s.tenant, s.in_flight)
+        ]
         shares.sort(key=lambda s: (s.start, s.waiting[0][0]))
         for share in shares:
             for _, waiter in share.waiting:

@@ -67,9 +67,10 @@ from .http1 import (
     request_bytes,
     response_headers,
 )
+from .leases import Slots
 from .metrics import Metrics, endpoint_label
 from .models import INVALID_MODEL_NAME, is_unload_request, normalize_model, refused_name
-from .pool import Lease, Node, Pool
+from .pool import Lease, Node, Pool, Want
 from .quota import Quotas
 from .routing import availability, charge_wait, log_decision, reason_of, want_for
 from .shared_affinity import SharedAffinity
@@ -110,6 +111,7 @@ class Forwarder:
         self.pool = pool
         # The Redis replicas share, when state.redis_url is set (else unused).
         self.state = state or SharedState(config.state)
+        self.slots = Slots(pool, self.state, config.state)  # leases fleet-wide, with Redis
         self.discovery = discovery
         self.fleet = fleet
         self.upstreams = Upstreams(config.upstream.connect_timeout, config.upstream.idle_timeout)
@@ -358,6 +360,8 @@ class Forwarder:
                     upstream.conn.finish()
             finally:
                 lease.release()
+                if self.slots.configured:
+                    self.slots.give_back(lease)
 
     async def _attempt(
         self, request: web.Request, ex: Exchange, node: Node, tried: list[Node]
@@ -421,6 +425,8 @@ class Forwarder:
         if ex.takes_slot:
             queued_at = time.monotonic()
             lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
+            if self.slots.configured:
+                lease = await self._leased(lease, want, ex, queued_at)
             waited = time.monotonic() - queued_at
             ex.queue_wait += waited
             self.metrics.queue_wait(waited)
@@ -438,6 +444,20 @@ class Forwarder:
         if ex.takes_slot:
             self.metrics.routing_decision(reason_of(self.pool, want, lease.node))
         log_decision(self.pool, want, lease.node, ex.request_id, ex.queue_wait)
+        return lease
+
+    async def _leased(self, lease: Lease, want: Want, ex: Exchange, queued_at: float) -> Lease:
+        """With Redis: the slot counted fleet-wide too; refused (the fleet is at a cap), the
+        request waits in the queue again, until the queue's timeout from its arrival."""
+        while not await self.slots.take(lease):
+            timeout = self.pool.queue_config.timeout
+            if time.monotonic() - queued_at >= timeout:
+                raise Unavailable(
+                    "timed out waiting for a free node, please try again",
+                    retry_after=max(1, round(timeout / 10)),  # as the pool's own timeout
+                    reason="timeout",
+                )
+            lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
         return lease
 
     async def _recheck_if_missing(self, model_key: str) -> None:

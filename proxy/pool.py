@@ -75,6 +75,10 @@ class Node:
     # Slot leases held now, with when each started and how long it was expected to take:
     # when this node's slots free (``estimate.py``).
     leases: set[Lease] = field(default_factory=set)
+    # Slots counted as the other replicas' (``leases.py``; 0 without Redis): the whole cap
+    # while Redis last said the node is full fleet-wide, their shares while it does not answer.
+    elsewhere: int = 0
+    model_elsewhere: dict[str, int] = field(default_factory=dict)  # the same, per model
     last_used: dict[str, float] = field(default_factory=dict)  # model → its last slot's start
     # Models it has answered (a final chunk, or a 200 without one): its figures for them are
     # its own; a speed from a stream's progress before that is provisional.
@@ -105,10 +109,13 @@ class Node:
         return self.in_flight / (self.config.max_concurrency * self.config.weight)
 
     def has_slot_for(self, model: str | None) -> bool:
-        if self.in_flight >= self.config.max_concurrency:
+        if self.in_flight + self.elsewhere >= self.config.max_concurrency:
             return False
         cap = self.config.model_concurrency.get(model) if model else None
-        return cap is None or self.model_in_flight.get(model or "", 0) < cap
+        if cap is None:
+            return True
+        model = model or ""
+        return self.model_in_flight.get(model, 0) + self.model_elsewhere.get(model, 0) < cap
 
     def has_model(self, model: str) -> bool:
         """On disk here, or not yet known (a node not listed yet may have anything)."""
@@ -216,7 +223,17 @@ class Lease:
     """A place on a node, held by one request: a slot, or for a request that takes none one
     of the node's places for those (``slot`` False); ``release`` is idempotent."""
 
-    __slots__ = ("_pool", "expected", "model", "node", "released", "slot", "started", "tenant")
+    __slots__ = (
+        "_pool",
+        "charged",
+        "expected",
+        "model",
+        "node",
+        "released",
+        "slot",
+        "started",
+        "tenant",
+    )
 
     def __init__(
         self,
@@ -233,6 +250,7 @@ class Lease:
         self.slot = slot
         self.tenant = tenant
         self.released = False
+        self.charged = False  # its tenant's fair-share tag was moved on for it (it waited)
         self.started = pool.clock()
         self.expected = expected
 
@@ -310,6 +328,7 @@ class Pool:
         self.clock: Callable[[], float] = time.monotonic  # for leases' ages and estimates
         self._recheck: asyncio.TimerHandle | None = None  # passed-over slots looked at again
         self.on_change: list[Callable[[], None]] = []  # told of each changed() (the dashboard)
+        self.replicas = 1  # each cap divided among so many replicas (Redis down: leases.py)
 
     def all_nodes(self) -> list[Node]:
         return [*self.nodes.values(), *self.retiring]
@@ -544,6 +563,7 @@ class Pool:
             return False
         waiter, lease = granted
         lease.tenant = waiter.tenant
+        lease.charged = True
         self._waiters.served(waiter.tenant)  # first: its share is kept while it holds one
         self._leave(waiter)
         waiter.future.set_result(lease)
@@ -640,5 +660,59 @@ class Pool:
                 if node.busy:
                     self.retiring.append(node)
         self.nodes = kept
+        if self.replicas > 1:  # the new caps divided as the old ones were
+            for node in kept.values():
+                _divide(node, self.replicas)
         self.changed()
         return added
+
+    # -- other replicas (``leases.py``) -----------------------------------------------------
+
+    def full_elsewhere(
+        self, node: Node, model: str | None = None, tenant: Tenant | None = None
+    ) -> None:
+        """Redis refused a slot: the node (its model, when given, or the tenant) is full
+        fleet-wide. Its waiters keep waiting until ``forget_elsewhere``."""
+        if tenant is not None:
+            self._waiters.elsewhere[tenant.name] = tenant.max_concurrency or 0
+        elif model is not None:
+            node.model_elsewhere[model] = node.config.model_concurrency.get(model, 0)
+        else:
+            node.elsewhere = node.config.max_concurrency
+
+    def refused(self, lease: Lease) -> None:
+        """Redis refused the slot fleet-wide: given back, its tenant not charged for it (its
+        request waits again, its key's turn not spent)."""
+        if lease.charged and lease.tenant is not None:
+            self._waiters.refund(lease.tenant)
+        lease.release()
+
+    def forget_elsewhere(self) -> None:
+        """A slot freed somewhere in the fleet: what was full may not be; waiters try again
+        (within this replica's share of each cap, while caps are divided)."""
+        for node in self.all_nodes():
+            _divide(node, self.replicas)
+        self._waiters.elsewhere.clear()
+        self.changed()
+
+    def divide(self, replicas: int) -> None:
+        """Serve on this replica's share of every cap (node, model, tenant): the cap divided
+        by ``replicas``, rounded down, at least 1; 1: whole caps again, no marks."""
+        self.replicas = self._waiters.replicas = replicas
+        self._waiters.elsewhere.clear()
+        for node in self.all_nodes():
+            _divide(node, replicas)
+        self.changed()
+
+
+def _others_share(cap: int, replicas: int) -> int:
+    """Of ``cap``, the slots left to the other replicas: this one keeps cap // replicas, at
+    least 1 (so every replica serves, and the fleet stays under the cap whenever it is at
+    least the number of replicas)."""
+    return cap - max(1, cap // replicas) if replicas > 1 else 0
+
+
+def _divide(node: Node, replicas: int) -> None:
+    node.elsewhere = _others_share(node.config.max_concurrency, replicas)
+    caps = node.config.model_concurrency.items()
+    node.model_elsewhere = {m: _others_share(cap, replicas) for m, cap in caps if replicas > 1}

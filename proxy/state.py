@@ -93,8 +93,8 @@ class SharedState:
             socket_timeout=COMMAND_TIMEOUT,
             socket_connect_timeout=COMMAND_TIMEOUT,
             health_check_interval=0,
-            # One retry, at once: a pooled connection Redis closed (a restart) is replaced;
-            # redis-py's default backs off up to a second through ten, which a request would wait.
+            # One retry at once, on a new connection (one kept from before a restart of Redis
+            # fails once); redis-py's default retries ten times with backoff, seconds in all.
             retry=Retry(NoBackoff(), 1),
         )
         where = shown_url(self.config.redis_url)
@@ -122,6 +122,9 @@ class SharedState:
             await asyncio.sleep(RETRY_INTERVAL)
             if await self._answers():
                 log.info("shared state: Redis answers again; state is shared")
+                # Idle connections from before would each fail once, each a false alarm.
+                assert self.client is not None
+                await self.client.connection_pool.disconnect(inuse_connections=False)
                 self._set(True)
 
     async def aclose(self) -> None:
