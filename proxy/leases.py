@@ -248,7 +248,7 @@ class Slots:
                 return
         self.divided = 1
         self.pool.divide(1)
-        log.info("slots: shared in Redis again, among %d replicas", self.replicas)
+        log.info("slots: whole caps shared in Redis (%d replicas seen)", self.replicas)
 
     def _register_scripts(self) -> tuple[AsyncScript, AsyncScript, AsyncScript]:
         if self._scripts is None:
