@@ -140,7 +140,9 @@ async function connect() {
   if (state.stream === control) scheduleRetry(checkAccess, 1000);
 }
 
-async function readEvents(body, control) {
+// The pieces of a streamed body between separators, as they complete, until it ends or
+// the control is aborted (a piece may arrive split over several reads).
+async function* pieces(body, separator, control) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   while (!control.signal.aborted) {
@@ -148,12 +150,17 @@ async function readEvents(body, control) {
     if (done) return;
     buffer += value;
     let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6));
-      if (data.length) render(JSON.parse(data.join("\n")));
+    while ((end = buffer.indexOf(separator)) >= 0) {
+      yield buffer.slice(0, end);
+      buffer = buffer.slice(end + separator.length);
     }
+  }
+}
+
+async function readEvents(body, control) {
+  for await (const block of pieces(body, "\n\n", control)) {
+    const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6));
+    if (data.length) render(JSON.parse(data.join("\n")));
   }
 }
 
@@ -492,18 +499,9 @@ async function answer(model) {
 }
 
 async function readAnswer(body, run, text, started, control) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  while (!control.signal.aborted) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    let end;
-    while ((end = buffer.indexOf("\n")) >= 0) {
-      const line = buffer.slice(0, end).trim();
-      buffer = buffer.slice(end + 1);
-      if (line) take(JSON.parse(line), run, text, started);
-    }
+  for await (const piece of pieces(body, "\n", control)) {
+    const line = piece.trim();
+    if (line) take(JSON.parse(line), run, text, started);
   }
 }
 
