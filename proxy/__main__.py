@@ -148,6 +148,8 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
         stack.push_async_callback(serving.close)
         _tune_garbage_collector()
         where = shown_address(config.listen_host, serving.port)
+        # Before "listening on": whoever waits for that line reads the start-up whole.
+        log.log(*startup_notice(config))  # open, protected or keys; a warning when open
         log.info(
             "listening on %s://%s, %d nodes: %s",
             "https" if config.tls.context else "http",
@@ -155,7 +157,6 @@ async def _serve(config: Config, config_path: Path | None, *, demo: bool) -> Non
             len(config.nodes),
             ", ".join(f"{n.name}={n.url}" for n in config.nodes),
         )
-        log.log(*startup_notice(config))  # open, protected or keys; a warning when open
         await signals.stop.wait()
         await _drain(runtime, serving, signals.now)
 
