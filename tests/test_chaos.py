@@ -29,6 +29,16 @@ async def one_client(session: aiohttp.ClientSession, url: str, rng: random.Rando
         return "left"
 
 
+async def leaves_mid_stream(session: aiohttp.ClientSession, url: str) -> str:
+    """A client that leaves once its stream has begun on a node: a cancellation that must
+    reach the node, whatever the timing of the random ones."""
+    async with session.post(url + "/api/generate", json=GENERATE) as resp:
+        if resp.status != 200:
+            return f"status {resp.status}"
+        await resp.content.readline()
+    return "left"
+
+
 async def _complete(session: aiohttp.ClientSession, url: str, body: dict[str, object]) -> str:
     lines = []
     async with session.post(url + "/api/generate", json=body) as resp:
@@ -52,7 +62,9 @@ async def test_random_departures_and_failures_leave_nothing_behind(
     nodes[2].settings.fault_after_tokens = 3
     proxy = await start_proxy(nodes, caps=[2, 3, 2], queue={"max_size": 200, "timeout": 30})
     async with aiohttp.ClientSession() as session:
-        outcomes = await asyncio.gather(*(one_client(session, proxy.url, rng) for _ in range(100)))
+        clients = [one_client(session, proxy.url, rng) for _ in range(100)]
+        clients += [leaves_mid_stream(session, proxy.url) for _ in range(5)]
+        outcomes = await asyncio.gather(*clients)
     await wait_until(lambda: pool_is_idle(proxy.pool), what="every slot back, queue empty")
     await asyncio.gather(*(n.wait_for(lambda s: s.active == 0 and s.queued == 0) for n in nodes))
     # Caps held at every moment, whatever left or failed.
