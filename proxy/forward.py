@@ -450,6 +450,7 @@ class Forwarder:
         """With Redis: the slot counted fleet-wide too; refused (the fleet is at a cap), the
         request waits in the queue again, until the queue's timeout from its arrival."""
         while not await self.slots.take(lease):
+            self.metrics.lease_refused(lease.node)
             timeout = self.pool.queue_config.timeout
             if time.monotonic() - queued_at >= timeout:
                 raise Unavailable(

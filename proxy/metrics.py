@@ -190,6 +190,13 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.lease_refusals = Counter(
+            "ollama_proxy_lease_refusals",
+            "Slots this replica chose that Redis refused, the node (or the model, or the key) "
+            "being at its cap across the replicas; the request waited in the queue again.",
+            ["node"],
+            registry=r,
+        )
         self.cold_loads = Counter(
             "ollama_proxy_cold_loads",
             "Requests sent to a node that did not hold their model "
@@ -348,6 +355,9 @@ class Metrics:
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
+
+    def lease_refused(self, node: Node) -> None:
+        self.lease_refusals.labels(node.name).inc()
 
 
 class _StateCollector(Collector):

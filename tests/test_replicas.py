@@ -28,6 +28,7 @@ from .conftest import (
     RedisServer,
     StartNodes,
     StartProxy,
+    metric,
     proxy_config_data,
     proxy_subprocess,
     wait_until,
@@ -149,6 +150,11 @@ async def test_three_replicas_hold_one_nodes_cap(
     assert len(answers) == 60
     assert node.stats.completed == 60
     assert node.stats.max_active == 3  # never more, and the fleet's three were used
+    refused = [
+        metric(await p.metrics_text(), "ollama_proxy_lease_refusals_total", node=node.name)
+        for p in proxies
+    ]
+    assert sum(refused) > 0  # the replicas' own caps let more through: Redis held them back
 
 
 async def test_a_keys_cap_holds_across_replicas(
