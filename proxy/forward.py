@@ -449,16 +449,18 @@ class Forwarder:
     async def _leased(self, lease: Lease, want: Want, ex: Exchange, queued_at: float) -> Lease:
         """With Redis: the slot counted fleet-wide too; refused (the fleet is at a cap), the
         request waits in the queue again, until the queue's timeout from its arrival."""
+        timeout = self.pool.queue_config.timeout
         while not await self.slots.take(lease):
             self.metrics.lease_refused(lease.node)
-            timeout = self.pool.queue_config.timeout
-            if time.monotonic() - queued_at >= timeout:
+            try:  # the queue's timeout counts from the arrival, not from each refusal
+                async with asyncio.timeout(queued_at + timeout - time.monotonic()):
+                    lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
+            except TimeoutError:
                 raise Unavailable(
                     "timed out waiting for a free node, please try again",
                     retry_after=max(1, round(timeout / 10)),  # as the pool's own timeout
                     reason="timeout",
-                )
-            lease = await self.pool.acquire(want, len(ex.body), tenant=tenant_of(ex.key))
+                ) from None
         return lease
 
     async def _recheck_if_missing(self, model_key: str) -> None:

@@ -192,6 +192,31 @@ async def test_a_running_request_keeps_its_lease_past_the_ttl(
     assert node.stats.max_active == 1
 
 
+async def test_a_lease_wait_ends_at_the_queues_timeout_from_arrival(
+    start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    """However late Redis refuses, the request waits queue.timeout in all, not that again."""
+    [node] = await start_nodes(1, num_parallel=100, token_interval=0.1)
+    queue = {"timeout": 0.6}
+    first, second = await replicas(start_proxy, node, 2, redis, caps=[1], queue=queue)
+    slots = second.runtime.forwarder.slots
+    take = slots.take
+
+    async def late_take(lease: Any) -> bool:  # a slow round trip, then (the node full) no
+        await asyncio.sleep(0.4)
+        return await take(lease)
+
+    slots.take = late_take  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as s:
+        long = asyncio.create_task(stream(s, first.url, tokens=20))  # 2 s on the one slot
+        await node.wait_for(lambda stats: stats.active == 1)
+        started = time.monotonic()
+        async with s.post(second.url + "/api/generate", json=generation(1)) as r:
+            assert r.status == 503 and "Retry-After" in r.headers
+        assert time.monotonic() - started < 0.9
+        await long
+
+
 async def test_a_killed_replicas_slots_return_within_the_lease_ttl(
     start_nodes: StartNodes, start_proxy: StartProxy, redis: RedisServer, tmp_path: Path
 ) -> None:
