@@ -31,6 +31,8 @@ from .telemetry import Usage
 
 SPEED_SMOOTHING = 0.2  # weight of the newest answer in the moving averages
 RECHECK_SECONDS = 0.1  # while a free slot is passed over, how often waiters look again
+# Expected finishes within this fraction of the best are equal (the least loaded goes first).
+EQUAL_COST = 0.1
 PLAN_LIMIT = 64  # waiters one dispatch walk plans onto busy nodes before it stops
 
 
@@ -348,10 +350,13 @@ class Pool:
         return self._lowest(nodes, want, {})
 
     def _lowest(self, nodes: list[Node], want: Want, cost: dict[Node, float]) -> Node | None:
-        """The lowest cost, then rank, then load; ties rotate."""
+        """The lowest cost, then rank, then load; ties rotate. Costs within EQUAL_COST of the
+        lowest are ties: learned speeds carry noise, and equal nodes must share the work
+        rather than one of them take all that its slots hold."""
         if cost and len(nodes) > 1:
-            lowest_cost = min(round(cost[n], 6) for n in nodes)
-            nodes = [n for n in nodes if round(cost[n], 6) == lowest_cost]
+            lowest_cost = min(cost[n] for n in nodes)
+            bound = lowest_cost + EQUAL_COST * max(lowest_cost, 0.0) + 1e-6
+            nodes = [n for n in nodes if cost[n] <= bound]
         if len(nodes) <= 1:
             return nodes[0] if nodes else None
         keys = [(want.rank(n), n.load) for n in nodes]

@@ -74,6 +74,27 @@ async def test_the_fast_node_wins_after_a_short_wait() -> None:
     second.release()
 
 
+async def test_nodes_within_a_tenth_of_each_other_share_the_work() -> None:
+    """Learned speeds carry noise: a node measured 5 % faster must not take every request
+    its slots hold while an equal one idles; one twice as fast does."""
+    configs = [NodeConfig(url=f"http://{n}:1", name=n, max_concurrency=4, weight=1.0) for n in "ab"]
+    pool = Pool(configs, QueueConfig(max_size=10, timeout=5))
+    pool.clock = lambda: 100.0
+    a, b = pool.nodes["a"], pool.nodes["b"]
+    for node, speed in ((a, 100.0), (b, 95.0)):
+        learned(node, speed)
+        resident(node, LLAMA)
+    leases = [take(pool, want(pool)) for _ in range(4)]
+    assert (a.in_flight, b.in_flight) == (2, 2)
+    for lease in leases:
+        lease.release()
+    learned(b, 50.0)
+    leases = [take(pool, want(pool)) for _ in range(4)]
+    assert (a.in_flight, b.in_flight) == (4, 0)
+    for lease in leases:
+        lease.release()
+
+
 async def test_a_queue_spreads_once_the_fast_node_is_spoken_for() -> None:
     pool = make_pool("fast", "slow")
     fast, slow = pool.nodes["fast"], pool.nodes["slow"]
