@@ -15,13 +15,20 @@ import pytest
 
 from proxy.bench import cores, fairness
 from proxy.bench.costs import CostRow, changed_turns, cost_row
-from proxy.bench.loadgen import run_chats, user_message
+from proxy.bench.loadgen import run_chats, run_streams, user_message
 from proxy.bench.profiling import hotspots
 from proxy.bench.rawhttp import CHUNKED_END, _Framing
 from proxy.bench.report import costs_tables, percentile, relay_table, render
 from proxy.bench.scale import SMOKE, Scale
 from proxy.bench.scenarios import Column, Results, _latency_load, _shares, _stream_load
-from proxy.bench.specs import ChatLoad, ChatOutcome, EmbedOutcome, StreamOutcome, pooled
+from proxy.bench.specs import (
+    ChatLoad,
+    ChatOutcome,
+    EmbedOutcome,
+    StreamLoad,
+    StreamOutcome,
+    pooled,
+)
 from proxy.bench.stacks import Front
 from proxy.sim import SimNode, SimSettings
 
@@ -195,13 +202,14 @@ async def test_fairness_run_on_real_timers_puts_b_ahead_of_the_backlog() -> None
 
 @pytest.mark.timeout(SMOKE_SECONDS + 15)
 def test_smoke_run_of_the_cost_scenarios_prints_their_tables() -> None:
-    out = smoke_run("--only", "unequal,idle,chats,chats-paused")
-    for title in ("Unequal nodes:", "Idle capacity:", "Conversations:", "after a user's pause"):
+    out = smoke_run("--only", "unequal,unequal-open,idle,chats,chats-paused")
+    titles = ("Unequal nodes:", "Poisson arrivals", "Idle capacity:", "Conversations:")
+    for title in (*titles, "after a user's pause"):
         assert title in out, out
-    assert out.count("TTFT p99 (s)") == 4, out
+    assert out.count("TTFT p99 (s)") == 5, out
     assert out.count("changed node") == 2, out
     if "nginx least_conn" in out:  # nginx installed: each table compares the proxy with it
-        assert out.count("proxy / least_conn") == 4, out
+        assert out.count("proxy / least_conn") == 5, out
 
 
 def test_changed_turns_follow_each_conversation_across_nodes() -> None:
@@ -272,3 +280,34 @@ async def test_chats_resend_their_history_and_hit_the_slots_cache() -> None:
     first_turns = 2 * len(f"<user>{user_message(0, 0, 80)}\n")
     assert node.stats.prompt_computed_total < first_turns + 4 * 100
     assert node.stats.prompt_cached_total > node.stats.prompt_computed_total
+
+
+async def _open_loop_latencies(concurrency: int) -> list[float]:
+    """Four streams of about 50 ms arriving within a few ms, through an open loop of at most
+    ``concurrency`` connections, to a node with a slot for each."""
+    settings = SimSettings(token_interval=0.01, num_parallel=4, resident=["llama3.2:latest"])
+    node = SimNode(settings)
+    await node.start()
+    try:
+        load = StreamLoad(
+            [node.url], concurrency, requests=4, tokens=5, models=["llama3.2:latest"],
+            watch_pids=[], warmup=False, rate=1000.0,
+        )  # fmt: skip
+        outcome = await run_streams(load)
+    finally:
+        await node.stop()
+    assert (outcome.requests, outcome.errors) == (4, 0)
+    return sorted(outcome.latency)
+
+
+async def test_an_open_loop_sends_each_stream_when_it_arrives() -> None:
+    """Whatever is in flight: the four run at once, each in about one stream's time."""
+    latency = await _open_loop_latencies(concurrency=4)
+    assert latency[-1] < 1.8 * latency[0], latency
+
+
+async def test_an_open_loop_times_a_stream_from_its_arrival() -> None:
+    """With one connection the four go one after another, and the last one's wait counts: no
+    coordinated omission, which would time each from when it was sent (one stream each)."""
+    latency = await _open_loop_latencies(concurrency=1)
+    assert latency[-1] > 3 * latency[0], latency

@@ -45,6 +45,8 @@ slot's KV cache may hold; back to back, and with users' pauses between turns): l
 and p99, time to first token mean and p99, cold loads per node, errors, and for the chats the
 share of prompt characters served from a slot's cache and the follow-up turns that changed
 node (from the nodes' records). Each ends with the proxy's figures ÷ nginx least_conn's.
+``--only unequal-open`` adds the unequal nodes under an open loop: Poisson arrivals at a fixed
+rate whatever the fronts' latency, each stream timed from its arrival.
 
 See docs/performance.md for figures and how to read them.
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .compare import compare
 from .cores import choose
-from .costs import COST_SCENARIOS
+from .costs import COST_SCENARIOS, ON_REQUEST
 from .processes import BenchError, raise_fd_limit
 from .profiling import profile_streaming
 from .report import costs_tables, error_count, machine_summary, relay_table, scheduling_table
@@ -22,6 +22,7 @@ from .scenarios import Others, Results, log_progress, measure_all
 from .stacks import nginx_version
 
 SCENARIOS = ("stream", "embed", "hold", "sched", *COST_SCENARIOS)
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in ON_REQUEST)
 EXIT_INTERRUPTED = 130
 
 
@@ -53,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--only",
-        default=",".join(SCENARIOS),
-        help="comma-separated scenarios to run, of: %(default)s",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated scenarios to run, of: {','.join(SCENARIOS)} "
+        f"(default: all but {','.join(ON_REQUEST)})",
     )
     p.add_argument("--streams", type=int, help="concurrent streams (default 100)")
     p.add_argument("--requests", type=int, help="streams measured per front (default 2000)")
@@ -80,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-streams", type=int, help="streams held at once (default 5000)")
     p.add_argument("--embed-requests", type=int, help="embed requests per front (default 10000)")
     p.add_argument(
+        "--open-rate",
+        type=float,
+        help="unequal-open: streams arriving a second (Poisson; default 36)",
+    )
+    p.add_argument(
         "--chat-pause",
         type=float,
         help="chats-paused: a user's pause before each next turn, at most (seconds, drawn "
@@ -102,6 +109,7 @@ def _scale(args: argparse.Namespace) -> Scale:
         "hold_streams": args.hold_streams,
         "embed_requests": args.embed_requests,
         "chat_pause": args.chat_pause,
+        "unequal_open_rate": args.open_rate,
     }
     return dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,17 @@ from .stacks import (
     start_sims,
 )
 
-COST_SCENARIOS = ("unequal", "unequal-light", "unequal-heavy", "idle", "chats", "chats-paused")
+COST_SCENARIOS = (
+    "unequal",
+    "unequal-light",
+    "unequal-heavy",
+    "unequal-open",
+    "idle",
+    "chats",
+    "chats-paused",
+)
+# Left out of a run unless asked for by name: its three fronts take half a minute more.
+ON_REQUEST = ("unequal-open",)
 Log = Callable[[str], None]
 
 
@@ -68,6 +78,21 @@ def unequal_fleet(scale: Scale, clients: int | None = None) -> Fleet:
         return _streams(front, size, scale.unequal_requests, scale.unequal_tokens)
 
     return Fleet(nodes, size, load)
+
+
+def unequal_open_fleet(scale: Scale) -> Fleet:
+    """The same nodes and streams, sent at a fixed rate whatever the front's latency (an open
+    loop): there latency is not tied to throughput as in a closed loop, by Little's law."""
+    fleet = unequal_fleet(scale, scale.unequal_open_in_flight)
+
+    def load(front: Front) -> StreamLoad:
+        return replace(
+            _streams(front, fleet.clients, scale.unequal_requests, scale.unequal_tokens),
+            rate=scale.unequal_open_rate,
+            time_limit=scale.load_timeout / 2,  # within run_load's limit: the late ones fail
+        )
+
+    return Fleet(fleet.nodes, fleet.clients, load)
 
 
 def unequal_clients(name: str, scale: Scale) -> int:
@@ -126,6 +151,7 @@ FLEETS: dict[str, Callable[[Scale], Fleet]] = {
     # hold, and where neither can (docs/performance.md, "After the scheduler").
     "unequal-light": lambda scale: unequal_fleet(scale, unequal_clients("unequal-light", scale)),
     "unequal-heavy": lambda scale: unequal_fleet(scale, unequal_clients("unequal-heavy", scale)),
+    "unequal-open": unequal_open_fleet,
     "idle": idle_fleet,
     "chats": chat_fleet,
     # With users' pauses between turns, others' turns arrive meanwhile: without them a

@@ -10,6 +10,7 @@ JSON); only held streams, which are many but slow, use aiohttp.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -49,7 +50,7 @@ def generate_body(model: str, tokens: int) -> bytes:
     return json.dumps({"model": model, "prompt": "hello", "options": options}).encode()
 
 
-# --------------------------------------------------------------------------- closed loops
+# --------------------------------------------------------------------------- closed and open loops
 
 
 @dataclass
@@ -60,15 +61,21 @@ class _Sample:
     latency: float = 0.0
 
 
-async def _post(client: Client, path: str, body: bytes, expected_lines: int | None) -> _Sample:
+async def _post(
+    client: Client, path: str, body: bytes, expected_lines: int | None, due: float = 0.0
+) -> _Sample:
+    """One request, timed from when it was written, or from ``due`` (a perf_counter time)."""
     try:
         response = await client.post(path, body)
     except (ConnectionError, OSError):
         return _Sample(ok=False, lines=0)
     complete = expected_lines is None or response.lines == expected_lines
-    ttfb = response.first_byte - response.started
+    since = due or response.started
     return _Sample(
-        response.status == 200 and complete, response.lines, ttfb, response.ended - response.started
+        response.status == 200 and complete,
+        response.lines,
+        response.first_byte - since,
+        response.ended - since,
     )
 
 
@@ -96,6 +103,43 @@ async def _closed_loop(
     return samples
 
 
+async def _open_loop(
+    load: StreamLoad, path: str, work: list[bytes], expected_lines: int | None
+) -> list[_Sample]:
+    """Each body of ``work`` sent at its arrival time, drawn from a Poisson process of
+    ``load.rate`` a second (seeded: the same times through every front), whatever is still in
+    flight. Each is timed from its arrival time, not from when it was written: a front that
+    falls behind is charged for it (no coordinated omission). At most ``load.concurrency`` in
+    flight; beyond that a request waits for a connection, its clock running."""
+    gaps = random.Random(load.seed)
+    arrivals = list(itertools.accumulate(gaps.expovariate(load.rate) for _ in work))
+    gate, idle, opened = asyncio.Semaphore(load.concurrency), list[Client](), list[Client]()
+
+    async def send(body: bytes, due: float) -> _Sample:
+        await asyncio.sleep(due - time.perf_counter())
+        async with gate:
+            if not idle:
+                opened.append(Client(load.urls[len(opened) % len(load.urls)]))
+                idle.append(opened[-1])
+            client = idle.pop()
+            try:
+                return await _post(client, path, body, expected_lines, due)
+            finally:
+                idle.append(client)
+
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(send(b, started + t)) for b, t in zip(work, arrivals, strict=True)]
+    try:
+        await asyncio.wait(tasks, timeout=arrivals[-1] + load.time_limit if tasks else 0)
+    finally:
+        for task in tasks:
+            task.cancel()  # past the time limit: these count as failed
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in opened:
+            client.close()
+    return [t.result() if not t.cancelled() else _Sample(ok=False, lines=0) for t in tasks]
+
+
 async def _warm_and_measure(
     load: StreamLoad | EmbedLoad, path: str, work: list[bytes], expected_lines: int | None
 ) -> tuple[list[_Sample], float, float]:
@@ -108,7 +152,10 @@ async def _warm_and_measure(
             await _closed_loop(clients, path, work[:1] * len(clients), None)
         cpu_before, started = cpu_seconds(load.watch_pids), time.perf_counter()
         stagger = load.stagger if isinstance(load, StreamLoad) else 0.0
-        samples = await _closed_loop(clients, path, work, expected_lines, stagger)
+        if isinstance(load, StreamLoad) and load.rate > 0:
+            samples = await _open_loop(load, path, work, expected_lines)
+        else:
+            samples = await _closed_loop(clients, path, work, expected_lines, stagger)
         wall, cpu = time.perf_counter() - started, cpu_seconds(load.watch_pids) - cpu_before
     finally:
         for client in clients:

@@ -299,14 +299,7 @@ def _cost_title(name: str, scale: Scale) -> str:
     if name.startswith("chats"):
         return _chats_title(scale, scale.chat_pause if name == "chats-paused" else 0.0)
     if name.startswith("unequal"):
-        speeds = ", ".join(f"{interval * 1000:g}" for interval in scale.unequal_intervals)
-        slots = scale.unequal_parallel * len(scale.unequal_intervals)
-        return (
-            f"Unequal nodes: {len(scale.unequal_intervals)} nodes at {speeds} ms per token, "
-            f"{scale.unequal_parallel} parallel each, {CHAT_MODEL} in memory on all; "
-            f"{unequal_clients(name, scale)} clients for their {slots} slots, "
-            f"{scale.unequal_requests} streams of {scale.unequal_tokens} tokens."
-        )
+        return _unequal_title(name, scale)
     if name == "idle":
         return (
             f"Idle capacity: one node holds {CHAT_MODEL}, {scale.idle_nodes - 1} idle ones "
@@ -316,6 +309,22 @@ def _cost_title(name: str, scale: Scale) -> str:
             f"{scale.idle_tokens} tokens. Cold loads per node, the warm one first."
         )
     return f"Unknown scenario {name}"
+
+
+def _unequal_title(name: str, scale: Scale) -> str:
+    speeds = ", ".join(f"{interval * 1000:g}" for interval in scale.unequal_intervals)
+    slots = scale.unequal_parallel * len(scale.unequal_intervals)
+    load = f"{unequal_clients(name, scale)} clients for their {slots} slots"
+    if name == "unequal-open":
+        load = (
+            f"Poisson arrivals at {scale.unequal_open_rate:g} a second whatever is in flight "
+            f"(at most {scale.unequal_open_in_flight}), times from each one's arrival"
+        )
+    return (
+        f"Unequal nodes: {len(scale.unequal_intervals)} nodes at {speeds} ms per token, "
+        f"{scale.unequal_parallel} parallel each, {CHAT_MODEL} in memory on all; "
+        f"{load}, {scale.unequal_requests} streams of {scale.unequal_tokens} tokens."
+    )
 
 
 def _chats_title(scale: Scale, pause: float) -> str:

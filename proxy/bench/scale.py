@@ -56,6 +56,11 @@ class Scale:
     unequal_heavy_clients: int = 24  # "unequal-heavy": twice the slots
     unequal_requests: int = 300
     unequal_tokens: int = 40
+    # "unequal-open": the same streams arriving at this rate (Poisson) whatever the latency:
+    # half the fleet's capacity (4 / 0.08 + 4 / 0.24 + 4 / 1.0 = 71 a second), 72 % of the
+    # fast node's alone (docs/performance.md, "After the simulated node measured its own speed").
+    unequal_open_rate: float = 36.0
+    unequal_open_in_flight: int = 200  # at most; beyond, an arrival waits, its clock running
     # Idle capacity: the first node holds the model, the others load it in idle_load_delay;
     # a closed loop of clients for every slot of the fleet (the warm node's alone queue).
     idle_nodes: int = 3
@@ -108,6 +113,8 @@ SMOKE = Scale(
     unequal_heavy_clients=6,
     unequal_requests=12,
     unequal_tokens=5,
+    unequal_open_rate=200.0,
+    unequal_open_in_flight=20,
     idle_parallel=2,
     idle_clients=6,
     idle_requests=12,

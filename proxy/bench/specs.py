@@ -16,10 +16,12 @@ Outcome = TypeVar("Outcome", "StreamOutcome", "HoldOutcome", "EmbedOutcome", "Ch
 
 @dataclass(frozen=True)
 class StreamLoad:
-    """A closed loop of streamed generations: ``concurrency`` clients share ``requests``."""
+    """A closed loop of streamed generations: ``concurrency`` clients share ``requests``; or,
+    with a ``rate``, an open loop: each request sent when a seeded Poisson process says, up to
+    ``concurrency`` in flight, its times counted from then (see ``loadgen._open_loop``)."""
 
     urls: list[str]  # client i talks to urls[i % len(urls)]
-    concurrency: int
+    concurrency: int  # clients of the closed loop; the open loop's connections at most
     requests: int  # measured generations in all, after the warm-up
     tokens: int  # per generation (Ollama's options.num_predict)
     models: list[str]  # each request names one, drawn with a seeded random generator
@@ -30,6 +32,9 @@ class StreamLoad:
     # i / concurrency of it): streams of equal length started together stay in step, and
     # every new request would arrive in a burst with all the others.
     stagger: float = 0.0
+    rate: float = 0.0  # requests a second of the open loop; 0: a closed loop
+    # Seconds the open loop waits after its last arrival; what has not ended by then failed.
+    time_limit: float = 60.0
     kind: Literal["stream"] = "stream"
 
 
